@@ -1,0 +1,18 @@
+"""l2l_zoo: learned optimizers, smoothness regularization and learning-rate schedules for PyTorch.
+
+    import l2l_zoo
+    lopt = l2l_zoo.create("simple")                 # a LearnedOptimizer (nn.Module)
+    opt = l2l_zoo.LearnedOptimizerAdapter(model.parameters(), lopt)   # a torch.optim.Optimizer
+    l2l_zoo.save(lopt, "simple.pt"); lopt = l2l_zoo.load("simple.pt")
+"""
+from .base import LearnedOptimizer, MetaDefaults, OptState
+from .optimizers import REGISTRY, DMOptimizer, RNNProp, SimpleOptimizer, register
+from .registry import create, load, save, available
+from .torch_optim import LearnedOptimizerAdapter
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "LearnedOptimizer", "OptState", "MetaDefaults", "REGISTRY", "register", "create", "load", "save",
+    "available", "DMOptimizer", "RNNProp", "SimpleOptimizer", "LearnedOptimizerAdapter",
+]

@@ -1,0 +1,130 @@
+"""The LearnedOptimizer contract shared by every optimizer, regularizer, trainer and the adapter.
+
+A learned optimizer is an ``nn.Module`` whose parameters are its meta-parameters (``theta``). It works
+on a *flat* vector of ``n`` optimizee coordinates and splits one step into two pure functions:
+
+* ``features(grads, state, params=, loss=) -> (feats, stats)``: the optimizer's *input state* ``s_t``
+  (shape ``(n, d_in)``; one row for optimizers that see a global quantity, such as MLR-SNet's loss)
+  and the updated feature statistics (running moments and the like);
+* ``network(feats, hidden) -> (updates, hidden)``: the learned map from input state and recurrent
+  hidden state to per-coordinate updates ``u_t`` (shape ``(n,)``), applied as ``params + updates``.
+
+``update`` composes the two. Nothing is mutated: the state is an explicit :class:`OptState` that the
+caller threads through and may :meth:`~OptState.detach` at truncation boundaries. The smoothness
+regularizer (``l2l_zoo.regularizers``) perturbs ``feats`` with ``hidden`` held fixed, which is why the
+split exists: it works for every optimizer without any code inside them.
+"""
+from __future__ import annotations
+
+import inspect
+from typing import Any, ClassVar, NamedTuple
+
+import torch
+from torch import nn
+
+__all__ = ["OptState", "LearnedOptimizer", "MetaDefaults"]
+
+
+class OptState(NamedTuple):
+    """State of a learned optimizer over ``n`` coordinates.
+
+    ``step``: number of updates taken so far (a Python int).
+    ``stats``: feature statistics, e.g. RNNProp's moments; tensors of shape ``(n,)``.
+    ``hidden``: the network's recurrent state, e.g. ``(h1, c1, h2, c2)`` each ``(n, hidden_size)``.
+    """
+
+    step: int
+    stats: tuple
+    hidden: tuple
+
+    def detach(self) -> "OptState":
+        """Cut the graph at a truncation boundary (values kept)."""
+        return OptState(self.step, tuple(t.detach() for t in self.stats),
+                        tuple(t.detach() for t in self.hidden))
+
+    def to(self, device=None, dtype=None) -> "OptState":
+        def mv(t):
+            return t.to(device=device, dtype=dtype if t.is_floating_point() else None)
+        return OptState(self.step, tuple(mv(t) for t in self.stats), tuple(mv(t) for t in self.hidden))
+
+    def is_finite(self) -> bool:
+        return all(bool(torch.isfinite(t).all()) for t in (*self.stats, *self.hidden))
+
+
+class MetaDefaults(NamedTuple):
+    """Meta-training settings each optimizer's paper used (overridable by the trainer's config).
+
+    ``meta_loss``: name in ``l2l_zoo.meta.losses.META_LOSSES``; ``lr``: Adam meta learning rate;
+    ``random_scale``: r of RNNProp's random scaling c = exp(U(-r, r)) (0 disables it).
+    """
+
+    meta_loss: str = "sum"
+    lr: float = 1e-3
+    random_scale: float = 0.0
+
+
+class LearnedOptimizer(nn.Module):
+    """Base class. Subclasses set ``name`` and ``meta_defaults``, implement ``init_state``,
+    ``features`` and ``network``, and accept only keyword arguments in ``__init__`` (their
+    values are recorded as :attr:`config` so that ``l2l_zoo.load`` rebuilds an identical object).
+
+    ``coordinatewise`` is True when row ``i`` of the features and hidden state belongs to
+    coordinate ``i`` (so that subsets of coordinates can be processed independently up to any
+    cross-coordinate aggregation the network does).
+    """
+
+    name: ClassVar[str] = "base"
+    meta_defaults: ClassVar[MetaDefaults] = MetaDefaults()
+    coordinatewise: ClassVar[bool] = True
+    needs_loss: ClassVar[bool] = False
+    needs_params: ClassVar[bool] = False
+
+    def __init__(self, **config: Any):
+        super().__init__()
+        self._config = dict(config)
+
+    # ------------------------------------------------------------------ configuration
+    @property
+    def config(self) -> dict:
+        """Constructor keyword arguments, enough to rebuild this optimizer (without weights)."""
+        return dict(self._config)
+
+    @classmethod
+    def option_names(cls) -> list[str]:
+        sig = inspect.signature(cls.__init__)
+        return [p for p, v in sig.parameters.items()
+                if p != "self" and v.kind is inspect.Parameter.KEYWORD_ONLY]
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v!r}" for k, v in self._config.items())
+
+    def num_meta_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    # ------------------------------------------------------------------ the contract
+    def init_state(self, n: int, *, device=None, dtype=None) -> OptState:
+        """Fresh state for ``n`` coordinates (hidden state and statistics zero)."""
+        raise NotImplementedError
+
+    def features(self, grads: torch.Tensor, state: OptState, *, params: torch.Tensor | None = None,
+                 loss: torch.Tensor | None = None) -> tuple[torch.Tensor, tuple]:
+        """Input state ``s_t`` of shape ``(n, d_in)`` (or ``(1, d_in)``) and new statistics."""
+        raise NotImplementedError
+
+    def network(self, feats: torch.Tensor, hidden: tuple) -> tuple[torch.Tensor, tuple]:
+        """Updates ``u_t`` of shape ``(n,)`` and the new hidden state."""
+        raise NotImplementedError
+
+    def update(self, grads: torch.Tensor, state: OptState, *, params: torch.Tensor | None = None,
+               loss: torch.Tensor | None = None) -> tuple[torch.Tensor, OptState]:
+        """One pure step: ``updates, state = lopt.update(grads, state)``; apply as ``params + updates``.
+
+        ``grads``: flat gradient of shape ``(n,)``. Differentiable with respect to the
+        meta-parameters; nothing is modified in place.
+        """
+        feats, stats = self.features(grads, state, params=params, loss=loss)
+        updates, hidden = self.network(feats, state.hidden)
+        return updates, OptState(state.step + 1, stats, hidden)
+
+    def forward(self, grads, state, **kw):  # so that nn.Module hooks and __call__ work
+        return self.update(grads, state, **kw)

@@ -1,0 +1,373 @@
+"""Meta-training of a learned optimizer by truncated backpropagation through unrolled optimizee
+training (Andrychowicz et al. 2016 §2; Lv et al. 2017 §3; Chen et al. 2020 §3-4; smoothness paper
+Algorithm 1).
+
+One *run* trains a freshly initialised optimizee for ``horizon`` steps (paper default 200). It is cut
+into truncations of ``unroll`` steps (20); after each truncation the meta-loss of that truncation is
+back-propagated into the optimizer's meta-parameters and Adam takes one *meta-step*. The optimizee
+parameters and the optimizer's hidden state are carried to the next truncation, detached.
+
+Reliability: the trainer checkpoints every ``checkpoint_every`` meta-steps (atomically) and
+:meth:`MetaTrainer.train` with ``resume=True`` continues a killed run bit-for-bit (all random
+generators, the optimizee, hidden states and Adam's moments are in the checkpoint). A non-finite
+meta-loss or meta-gradient skips that meta-step, restores the last good meta-parameters (and Adam
+state), restarts the optimizee run and logs it; ``max_failures`` consecutive failures abort with
+:class:`MetaTrainingDiverged`.
+"""
+from __future__ import annotations
+
+import copy
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable
+
+import torch
+from tqdm.auto import tqdm
+
+from ..base import LearnedOptimizer, OptState
+from ..regularizers.smoothness import SmoothnessConfig, SmoothnessRegularizer
+from ..tasks.task import Task
+from .losses import META_LOSSES, meta_loss
+from .unroll import BACKENDS, make_backend
+
+__all__ = ["MetaTrainConfig", "MetaTrainer", "MetaTrainingDiverged"]
+
+
+class MetaTrainingDiverged(RuntimeError):
+    """Raised after ``max_failures`` consecutive non-finite meta-losses or meta-gradients."""
+
+
+@dataclass
+class MetaTrainConfig:
+    """Meta-training settings. ``None`` means "the optimizer's paper default"
+    (``lopt.meta_defaults``): meta-loss, meta learning rate and random scaling.
+
+    ``meta_steps``: number of meta-updates (one per truncation). ``horizon``: optimizee steps per
+    run (T_total). ``unroll``: truncation length T. ``second_order``: back-propagate through the
+    optimizee gradients (off: gradients fed to the optimizer are treated as constants, as
+    Andrychowicz et al. do). ``meta_grad_clip``: clamp each meta-gradient entry to ±value (None: off).
+    """
+
+    meta_steps: int = 100
+    horizon: int = 200
+    unroll: int = 20
+    meta_lr: float | None = None
+    meta_loss: str | None = None
+    random_scale: float | None = None
+    second_order: bool = False
+    backend: str = "func"
+    meta_grad_clip: float | None = None
+    checkpoint_every: int = 10
+    max_failures: int = 5
+    seed: int = 0
+    smooth: SmoothnessConfig | None = None
+
+    def __post_init__(self):
+        for k in ("meta_steps", "horizon", "unroll", "checkpoint_every", "max_failures"):
+            if getattr(self, k) < 1:
+                raise ValueError(f"{k} must be >= 1, got {getattr(self, k)!r}")
+        if self.meta_loss is not None and self.meta_loss not in META_LOSSES:
+            raise ValueError(f"meta_loss must be one of {list(META_LOSSES)}, got {self.meta_loss!r}")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {sorted(BACKENDS)}, got {self.backend!r}")
+        if self.meta_lr is not None and not self.meta_lr > 0:
+            raise ValueError(f"meta_lr must be > 0, got {self.meta_lr!r}")
+        if self.random_scale is not None and self.random_scale < 0:
+            raise ValueError(f"random_scale must be >= 0, got {self.random_scale!r}")
+
+    def resolved(self, lopt: LearnedOptimizer) -> "MetaTrainConfig":
+        """A copy with the ``None`` fields filled from ``lopt.meta_defaults``."""
+        md = lopt.meta_defaults
+        d = {k: getattr(self, k) for k in self.__dataclass_fields__}
+        d["meta_lr"] = md.lr if self.meta_lr is None else self.meta_lr
+        d["meta_loss"] = md.meta_loss if self.meta_loss is None else self.meta_loss
+        d["random_scale"] = md.random_scale if self.random_scale is None else self.random_scale
+        return MetaTrainConfig(**d)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["smooth"] = None if self.smooth is None else self.smooth.to_dict()
+        return d
+
+
+@dataclass
+class _Run:
+    """One optimizee run in progress (everything needed to continue it exactly)."""
+
+    index: int
+    step: int
+    x: torch.Tensor           # optimizer-visible flat coordinates (θ = scale·x)
+    state: OptState
+    loss: torch.Tensor        # minibatch loss at x (detached)
+    grad: torch.Tensor        # flat gradient at x (detached)
+    scale: torch.Tensor | None
+    initial_loss: float = float("nan")
+    losses: list = field(default_factory=list)
+
+
+class MetaTrainer:
+    """Meta-train ``lopt`` on ``task``; see the module docstring.
+
+    ``checkpoint_path``: where checkpoints go (None: no checkpoints). ``log``: a callable for
+    one-line messages (default ``tqdm.write``).
+    """
+
+    def __init__(self, lopt: LearnedOptimizer, task: Task, config: MetaTrainConfig | None = None, *,
+                 checkpoint_path: str | os.PathLike | None = None, log: Callable[[str], None] | None = None):
+        self.lopt = lopt
+        self.task = task
+        self.cfg = (config or MetaTrainConfig()).resolved(lopt)
+        self.checkpoint_path = None if checkpoint_path is None else os.fspath(checkpoint_path)
+        self.log = log or tqdm.write
+        dev = task.device
+        self.lopt.to(dev)
+        self.dtype = next(iter(lopt.parameters())).dtype
+        self.meta_opt = torch.optim.Adam(self.lopt.parameters(), lr=self.cfg.meta_lr)
+        self.backend = make_backend(self.cfg.backend, task)
+        self.reg = SmoothnessRegularizer(self.cfg.smooth) if self.cfg.smooth is not None else None
+        s = self.cfg.seed
+        self.gens = {"data": torch.Generator().manual_seed(s),
+                     "init": torch.Generator().manual_seed(s + 1_000_003),
+                     "reg": torch.Generator().manual_seed(s + 2_000_003)}
+        self.meta_step = 0
+        self.run: _Run | None = None
+        self.runs_started = 0
+        self.history: list[dict] = []
+        self.failures = 0
+        self.total_failures = 0
+        self.elapsed = 0.0
+        self._good = self._snapshot()
+
+    # ------------------------------------------------------------------ runs and truncations
+    def _new_run(self, task: Task | None = None) -> _Run:
+        task = task or self.task
+        seed = int(torch.randint(0, 2**31 - 1, (1,), generator=self.gens["init"]))
+        theta0 = task.flatten(task.init_params(seed)).to(self.dtype)
+        r = self.cfg.random_scale
+        scale = None
+        if r > 0:  # Lv et al. §3.1: f_c(x) = f(c·x), c = exp(U(-r, r)) per coordinate, start x0 = θ0/c
+            u = torch.rand(theta0.shape, generator=self.gens["init"], dtype=self.dtype)
+            scale = torch.exp((2 * u - 1) * r).to(theta0.device)
+        x0 = theta0 if scale is None else theta0 / scale
+        self.backend.set_scale(scale)
+        P = self.backend.start(x0)
+        loss, grad = self.backend.loss_and_grad(P, task.sample_batch(self.gens["data"]))
+        self.runs_started += 1
+        state = self.lopt.init_state(x0.numel(), device=x0.device, dtype=self.dtype)
+        return _Run(self.runs_started - 1, 0, x0.detach(), state, loss.detach(), grad.detach(), scale,
+                    initial_loss=float(loss.detach()))
+
+    def _truncation(self, run: _Run, steps: int, task: Task | None = None):
+        """Unroll ``steps`` optimizee steps from ``run``; returns (meta_loss, losses, penalties, P,
+        state, last loss, last grad). The graph reaches the meta-parameters."""
+        task = task or self.task
+        lopt, be = self.lopt, self.backend
+        be.set_scale(run.scale)
+        P = be.start(run.x)
+        state = run.state.detach()
+        loss, grad = run.loss, run.grad
+        losses, penalties = [loss], []
+        for _ in range(steps):
+            kw = {}
+            if lopt.needs_params:
+                kw["params"] = be.flat(P)
+            if lopt.needs_loss:
+                kw["loss"] = loss.detach()
+            feats, stats = lopt.features(grad, state, **kw)
+            updates, hidden = lopt.network(feats, state.hidden)
+            if self.reg is not None:
+                penalties.append(self.reg(lopt, feats, state.hidden, self.gens["reg"]))
+            state = OptState(state.step + 1, stats, hidden)
+            P = be.apply(P, updates)
+            loss, grad = be.loss_and_grad(P, task.sample_batch(self.gens["data"]),
+                                          create_graph=self.cfg.second_order)
+            if not self.cfg.second_order:
+                grad = grad.detach()
+            losses.append(loss)
+        lam = self.reg.config.lam if self.reg is not None else 0.0
+        ml = meta_loss(self.cfg.meta_loss, losses, penalties, lam)
+        return ml, losses, penalties, P, state, loss, grad
+
+    def meta_gradient(self, run: _Run | None = None, steps: int | None = None) -> tuple[torch.Tensor, list]:
+        """Meta-loss of one truncation and its gradient w.r.t. the meta-parameters, without taking a
+        step (used by tests and diagnostics)."""
+        run = run or self._new_run()
+        ml, *_ = self._truncation(run, steps or self.cfg.unroll)
+        grads = torch.autograd.grad(ml, list(self.lopt.parameters()), allow_unused=True)
+        grads = [torch.zeros_like(p) if g is None else g for g, p in zip(grads, self.lopt.parameters())]
+        return ml.detach(), grads
+
+    # ------------------------------------------------------------------ failure handling
+    def _snapshot(self):
+        return (copy.deepcopy(self.lopt.state_dict()), copy.deepcopy(self.meta_opt.state_dict()))
+
+    def _restore(self, snap):
+        self.lopt.load_state_dict(snap[0])
+        self.meta_opt.load_state_dict(snap[1])
+
+    def _fail(self, what: str):
+        self.failures += 1
+        self.total_failures += 1
+        where = f"meta-step {self.meta_step + 1}, run {self.run.index if self.run else '?'}, " \
+                f"optimizee step {self.run.step if self.run else '?'}"
+        self._restore(self._good)
+        self.run = None
+        self.log(f"[meta-train] non-finite {what} at {where}: meta-update skipped, last good "
+                 f"meta-parameters restored, optimizee run restarted "
+                 f"({self.failures}/{self.cfg.max_failures} consecutive)")
+        if self.failures >= self.cfg.max_failures:
+            self.save_checkpoint()
+            raise MetaTrainingDiverged(
+                f"meta-training aborted: {self.failures} consecutive non-finite meta-updates "
+                f"(last: {what} at {where}); try a smaller meta learning rate, --meta-grad-clip, or "
+                f"a shorter unroll")
+
+    def _meta_update(self, ml: torch.Tensor) -> bool:
+        """Back-propagate and step; False (and nothing changed) if anything is non-finite."""
+        if not torch.isfinite(ml):
+            self._fail("meta-loss")
+            return False
+        snap = self._snapshot()
+        self.meta_opt.zero_grad(set_to_none=True)
+        ml.backward()
+        params = list(self.lopt.parameters())
+        if not all(p.grad is None or bool(torch.isfinite(p.grad).all()) for p in params):
+            self._fail("meta-gradient")
+            return False
+        if self.cfg.meta_grad_clip is not None:
+            for p in params:
+                if p.grad is not None:
+                    p.grad.clamp_(-self.cfg.meta_grad_clip, self.cfg.meta_grad_clip)
+        self._good = snap
+        self.meta_opt.step()
+        self.failures = 0
+        return True
+
+    # ------------------------------------------------------------------ main loop
+    def train(self, *, resume: bool = False, progress: bool = True,
+              callback: Callable[[int, dict], None] | None = None) -> list[dict]:
+        """Run until ``meta_steps`` meta-updates are done; returns the per-meta-step history.
+
+        ``resume``: continue from ``checkpoint_path`` if it exists. ``callback(meta_step, record)`` is
+        called after every meta-step (tests use it to simulate a kill)."""
+        if resume and self.checkpoint_path and os.path.exists(self.checkpoint_path):
+            self.load_checkpoint()
+            self.log(f"[meta-train] resumed from {self.checkpoint_path} at meta-step {self.meta_step}")
+        cfg = self.cfg
+        bar = tqdm(total=cfg.meta_steps, initial=self.meta_step, desc=f"meta-train {self.lopt.name}",
+                   disable=not progress, dynamic_ncols=True)
+        try:
+            while self.meta_step < cfg.meta_steps:
+                t0 = time.perf_counter()
+                if self.run is None:
+                    self.run = self._new_run()
+                run = self.run
+                steps = min(cfg.unroll, cfg.horizon - run.step)
+                ml, losses, pens, P, state, loss, grad = self._truncation(run, steps)
+                if not self._meta_update(ml):
+                    continue
+                self.meta_step += 1
+                run.x = self.backend.flat(P).detach()
+                run.state, run.loss, run.grad = state.detach(), loss.detach(), grad.detach()
+                run.step += steps
+                rec = {"meta_step": self.meta_step, "run": run.index, "run_step": run.step,
+                       "meta_loss": float(ml.detach()), "loss_start": float(losses[0]),
+                       "loss_end": float(losses[-1].detach()),
+                       "penalty": float(torch.stack(pens).mean()) if pens else None}
+                if run.step >= cfg.horizon:
+                    self.run = None
+                self.elapsed += time.perf_counter() - t0
+                rec["elapsed_s"] = self.elapsed
+                self.history.append(rec)
+                bar.update(1)
+                bar.set_postfix(meta_loss=f"{rec['meta_loss']:.4g}", loss=f"{rec['loss_end']:.4g}")
+                if self.checkpoint_path and (self.meta_step % cfg.checkpoint_every == 0
+                                             or self.meta_step == cfg.meta_steps):
+                    self.save_checkpoint()
+                if callback is not None:
+                    callback(self.meta_step, rec)
+        finally:
+            bar.close()
+        return self.history
+
+    # ------------------------------------------------------------------ fine-tuning (Chen et al. §3.4)
+    def finetune(self, *, fraction: float = 0.05, repeats: int = 5, threshold: float = 0.5,
+                 max_steps: int = 2000, seed: int = 0, progress: bool = True) -> list[dict]:
+        """Fine-tune on a new task: subsample ``fraction`` of its training set; ``repeats`` times,
+        train a fresh optimizee with meta-updates every ``unroll`` steps until the mean minibatch loss
+        of a truncation is below ``threshold`` × the initial loss (or ``max_steps``)."""
+        sub = self.task.subsample(fraction, seed)
+        self.backend.task = sub
+        records = []
+        try:
+            for rep in tqdm(range(repeats), desc="fine-tune", disable=not progress):
+                run = self._new_run(sub)
+                while run.step < max_steps:
+                    ml, losses, _, P, state, loss, grad = self._truncation(run, self.cfg.unroll, sub)
+                    mean_loss = float(torch.stack([torch.as_tensor(x).detach() for x in losses[1:]]).mean())
+                    if not self._meta_update(ml):
+                        break
+                    run.x = self.backend.flat(P).detach()
+                    run.state, run.loss, run.grad = state.detach(), loss.detach(), grad.detach()
+                    run.step += self.cfg.unroll
+                    if mean_loss < threshold * run.initial_loss:
+                        break
+                records.append({"repeat": rep, "steps": run.step, "initial_loss": run.initial_loss,
+                                "final_mean_loss": mean_loss})
+                self.failures = 0
+        finally:
+            self.backend.task = self.task
+            self.run = None
+        return records
+
+    # ------------------------------------------------------------------ checkpoints
+    def _identity(self) -> dict:
+        return {"lopt": self.lopt.name, "lopt_config": self.lopt.config,
+                "trainer": {k: v for k, v in self.cfg.to_dict().items()
+                            if k not in ("meta_steps", "checkpoint_every", "max_failures")},
+                "task": self.task.name, "num_params": self.task.num_params}
+
+    def save_checkpoint(self, path: str | None = None) -> None:
+        path = path or self.checkpoint_path
+        if path is None:
+            return
+        run = None
+        if self.run is not None:
+            r = self.run
+            run = {"index": r.index, "step": r.step, "x": r.x, "state_step": r.state.step,
+                   "stats": list(r.state.stats), "hidden": list(r.state.hidden), "loss": r.loss,
+                   "grad": r.grad, "scale": r.scale, "initial_loss": r.initial_loss}
+        payload = {"identity": self._identity(), "meta_step": self.meta_step,
+                   "lopt": self.lopt.state_dict(), "meta_opt": self.meta_opt.state_dict(),
+                   "good": self._good, "gens": {k: g.get_state() for k, g in self.gens.items()},
+                   "run": run, "runs_started": self.runs_started, "history": self.history,
+                   "failures": self.failures, "total_failures": self.total_failures,
+                   "elapsed": self.elapsed}
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        tmp = f"{path}.tmp"
+        torch.save(payload, tmp)
+        os.replace(tmp, path)
+
+    def load_checkpoint(self, path: str | None = None) -> None:
+        path = path or self.checkpoint_path
+        ck = torch.load(path, map_location=self.task.device, weights_only=False)
+        if ck["identity"] != self._identity():
+            raise ValueError(f"checkpoint {path} was written by a different setup "
+                             f"({ck['identity']}); refusing to resume with {self._identity()}")
+        self.meta_step = ck["meta_step"]
+        self.lopt.load_state_dict(ck["lopt"])
+        self.meta_opt.load_state_dict(ck["meta_opt"])
+        self._good = ck["good"]
+        for k, s in ck["gens"].items():
+            self.gens[k].set_state(s.cpu())
+        r = ck["run"]
+        self.run = None if r is None else _Run(
+            r["index"], r["step"], r["x"], OptState(r["state_step"], tuple(r["stats"]), tuple(r["hidden"])),
+            r["loss"], r["grad"], r["scale"], r["initial_loss"])
+        self.runs_started = ck["runs_started"]
+        self.history = ck["history"]
+        self.failures = ck["failures"]
+        self.total_failures = ck["total_failures"]
+        self.elapsed = ck["elapsed"]
+

@@ -1,0 +1,123 @@
+"""Differentiable unrolling of optimizee training: two interchangeable backends.
+
+A backend owns the optimizee's parameters during one truncation and offers three operations:
+
+    P = backend.start(flat_params)                # cut the graph, begin a truncation
+    loss, grad = backend.loss_and_grad(P, batch)  # minibatch loss f(θ) and flat ∇f, graph kept
+    P = backend.apply(P, updates)                 # θ + u, differentiable in the meta-parameters
+
+* ``func`` keeps the parameters as one flat vector and evaluates the model with
+  ``torch.func.functional_call`` on views of it (no copies, no per-tensor bookkeeping).
+* ``higher`` keeps a list of per-tensor fast weights in a ``higher.monkeypatch``-ed model (a new one
+  per truncation, since ``higher`` stores every version of the fast weights it has seen).
+
+Both compute the same function; ``tests/test_meta.py`` checks that their meta-gradients agree in
+float64. Random scaling (Lv et al. 2017, §3.1) is a property of the backend: with a per-coordinate
+scale c the optimizer sees x and the model is evaluated at θ = c·x.
+"""
+from __future__ import annotations
+
+import torch
+from torch.func import functional_call
+
+from ..tasks.task import Task
+
+__all__ = ["BACKENDS", "FuncBackend", "HigherBackend", "make_backend"]
+
+
+class _Backend:
+    name = "base"
+
+    def __init__(self, task: Task, scale: torch.Tensor | None = None):
+        self.task = task
+        self.scale = scale  # flat (n,) or None
+
+    def set_scale(self, scale: torch.Tensor | None) -> None:
+        self.scale = scale
+
+    def flat(self, P) -> torch.Tensor:
+        """The optimizer-visible coordinates x as one flat vector."""
+        raise NotImplementedError
+
+    def start(self, flat: torch.Tensor):
+        raise NotImplementedError
+
+    def loss_and_grad(self, P, batch, *, create_graph: bool = False):
+        raise NotImplementedError
+
+    def apply(self, P, updates: torch.Tensor):
+        raise NotImplementedError
+
+    def theta(self, flat_x: torch.Tensor) -> torch.Tensor:
+        """Model parameters θ = c·x for optimizer coordinates x."""
+        return flat_x if self.scale is None else flat_x * self.scale
+
+
+class FuncBackend(_Backend):
+    """Flat parameter vector + ``torch.func.functional_call``."""
+
+    name = "func"
+
+    def flat(self, P):
+        return P
+
+    def start(self, flat):
+        return flat.detach().requires_grad_(True)
+
+    def loss_and_grad(self, P, batch, *, create_graph=False):
+        x, y = batch
+        out = functional_call(self.task.model, self.task.unflatten(self.theta(P)), (x,))
+        loss = self.task.loss(out, y)
+        (grad,) = torch.autograd.grad(loss, P, create_graph=create_graph, retain_graph=True)
+        return loss, grad
+
+    def apply(self, P, updates):
+        return P + updates
+
+
+class HigherBackend(_Backend):
+    """Per-tensor fast weights in a ``higher.monkeypatch``-ed copy of the model."""
+
+    name = "higher"
+
+    def __init__(self, task, scale=None):
+        super().__init__(task, scale)
+        import higher  # imported here so that the library works without it installed
+
+        self._higher = higher
+        self._fmodel = None
+
+    def flat(self, P):
+        return torch.cat([p.reshape(-1) for p in P])
+
+    def _scales(self):
+        if self.scale is None:
+            return None
+        return [s.view(shape) for s, shape in zip(self.scale.split(self.task.numels), self.task.param_shapes)]
+
+    def start(self, flat):
+        # A fresh patched module per truncation drops higher's history of earlier fast weights.
+        self._fmodel = self._higher.monkeypatch(self.task.model, copy_initial_weights=True,
+                                                track_higher_grads=True)
+        return [t.view(s).detach().requires_grad_(True)
+                for t, s in zip(flat.split(self.task.numels), self.task.param_shapes)]
+
+    def loss_and_grad(self, P, batch, *, create_graph=False):
+        x, y = batch
+        scales = self._scales()
+        params = P if scales is None else [p * s for p, s in zip(P, scales)]
+        loss = self.task.loss(self._fmodel(x, params=params), y)
+        grads = torch.autograd.grad(loss, P, create_graph=create_graph, retain_graph=True)
+        return loss, torch.cat([g.reshape(-1) for g in grads])
+
+    def apply(self, P, updates):
+        return [p + u.view_as(p) for p, u in zip(P, updates.split(self.task.numels))]
+
+
+BACKENDS = {"func": FuncBackend, "higher": HigherBackend}
+
+
+def make_backend(name: str, task: Task, scale: torch.Tensor | None = None) -> _Backend:
+    if name not in BACKENDS:
+        raise KeyError(f"unknown unroll backend {name!r}; choose from {sorted(BACKENDS)}")
+    return BACKENDS[name](task, scale)

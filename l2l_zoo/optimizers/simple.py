@@ -1,0 +1,95 @@
+"""SimpleOptimizer of Chen et al. (2020), "Learning to learn with better convergence".
+
+A bias-free vanilla RNN per coordinate fed the raw gradient (§3.1, eqs. 4-5 without b), with mean
+embedding sharing across coordinates (§3.3):
+
+    h_t   = tanh(W_ih g_t + W_hh h_{t-1})                       (n, 10)
+    e_t   = [α · h_t, β · mean_i(h_t)]                           (n, 20)
+    u_t   = W_out e_t,   θ_{t+1} = θ_t + u_t   (eq. 1)
+
+Meta-parameters: W_ih 10 + W_hh 100 + W_out 20 + α + β = 132 (§4, Table 1). ``h_t`` (10-d) is
+carried to the next step; the 20-d embedding feeds the output layer. With no bias anywhere a zero
+gradient and zero state give a zero update, the property §3.1 argues long-horizon convergence needs.
+
+Ablation options (Fig. 3): ``bias=True`` adds a bias to the RNN (one vector, as b in eq. 4) and to
+the output layer (143 parameters); ``aggregation=False`` drops the shared embedding (W_out 10→1, no
+α, β: 120 parameters). ``input_norm="rms"`` divides the gradient by √(mean(g²)+1e-5), the input used
+by a public smoothed-optimizer code base (off by default: Chen et al. feed the raw gradient).
+
+Initialisation (the paper is silent): nn.RNN/nn.Linear's uniform initialisation, α = β = 1. With
+``init="descent"`` (default) the sign of W_out is then chosen so that the initial optimizer's
+immediate response to a gradient, α·W_out[:H]·W_ih, is negative, i.e. it starts as a (random)
+descent method rather than, with probability 1/2, as gradient *ascent*, which makes short
+meta-training budgets far less seed-dependent. ``init="random"`` skips the sign choice.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from ..base import LearnedOptimizer, MetaDefaults, OptState
+from .features import fast_tanh
+
+__all__ = ["SimpleOptimizer"]
+
+INPUT_NORMS = ("none", "rms")
+INITS = ("descent", "random")
+
+
+class SimpleOptimizer(LearnedOptimizer):
+    name = "simple"
+    meta_defaults = MetaDefaults(meta_loss="wdiff", lr=1e-3, random_scale=0.0)
+
+    def __init__(self, *, hidden_size: int = 10, bias: bool = False, aggregation: bool = True,
+                 input_norm: str = "none", init: str = "descent"):
+        if hidden_size < 1:
+            raise ValueError(f"hidden_size must be >= 1, got {hidden_size!r}")
+        if input_norm not in INPUT_NORMS:
+            raise ValueError(f"input_norm must be one of {INPUT_NORMS}, got {input_norm!r}")
+        if init not in INITS:
+            raise ValueError(f"init must be one of {INITS}, got {init!r}")
+        super().__init__(hidden_size=hidden_size, bias=bias, aggregation=aggregation,
+                         input_norm=input_norm, init=init)
+        H = hidden_size
+        bound = 1.0 / math.sqrt(H)  # nn.RNN's initialisation
+        self.weight_ih = nn.Parameter(torch.empty(H, 1).uniform_(-bound, bound))
+        self.weight_hh = nn.Parameter(torch.empty(H, H).uniform_(-bound, bound))
+        self.bias_h = nn.Parameter(torch.empty(H).uniform_(-bound, bound)) if bias else None
+        if aggregation:
+            self.alpha = nn.Parameter(torch.ones(()))
+            self.beta = nn.Parameter(torch.ones(()))
+        self.out = nn.Linear(2 * H if aggregation else H, 1, bias=bias)
+        if init == "descent":
+            with torch.no_grad():
+                if torch.dot(self.out.weight[0, :H], self.weight_ih[:, 0]) > 0:
+                    self.out.weight.neg_()
+
+    def init_state(self, n, *, device=None, dtype=None) -> OptState:
+        return OptState(0, (), (torch.zeros(n, self._config["hidden_size"], device=device, dtype=dtype),))
+
+    def features(self, grads, state, *, params=None, loss=None):
+        """The gradient itself (optionally RMS-normalised), shape (n, 1)."""
+        g = grads.reshape(-1, 1)
+        if self._config["input_norm"] == "rms":
+            g = g / torch.sqrt(g.pow(2).mean() + 1e-5)
+        return g, ()
+
+    def network(self, feats, hidden):
+        (h,) = hidden
+        # feats @ W_ih^T with a (n, 1) input is a broadcast product; addmm keeps it one kernel.
+        pre = torch.addmm(feats * self.weight_ih[:, 0], h, self.weight_hh.t())
+        if self.bias_h is not None:
+            pre = pre + self.bias_h
+        h = fast_tanh(pre)
+        # Same as out([α h, β mean(h)]) without materialising the (n, 2H) embedding.
+        w = self.out.weight[0]
+        H = h.shape[1]
+        if self._config["aggregation"]:
+            u = torch.mv(h, self.alpha * w[:H]) + self.beta * torch.dot(h.mean(0), w[H:])
+        else:
+            u = torch.mv(h, w)
+        if self.out.bias is not None:
+            u = u + self.out.bias
+        return u, (h,)

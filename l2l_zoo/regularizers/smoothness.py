@@ -1,0 +1,139 @@
+"""Smoothness-inducing regularizer for learned optimizers ("Learning to learn with smooth
+regularization", §4.2-4.3, eqs. 3-7, Algorithm 1).
+
+    R(s) = max_{s' ∈ B∞(s, ε)} ‖u(s) − u(s')‖²,   hidden state h held fixed,
+
+approximated by projected sign-gradient ascent (eq. 7): s' ← s + noise·N(0, I) (Alg. 1 line 8),
+then K times s' ← Π_{B∞(s,ε)}(s' + η sign ∇_{s'} ‖u(s) − u(s')‖²). The per-step meta-loss becomes
+ℓ_t + λ R_t (eq. 4).
+
+The regularizer only uses the ``LearnedOptimizer`` contract (``network(feats, hidden)``), so it applies
+to every optimizer unchanged. Design choices (documented because the paper is silent):
+
+* ‖·‖² is averaged over coordinates (not summed), so λ does not depend on the optimizee's size.
+* The input state s and hidden state h enter as data (detached): R is a property of the map
+  (s, h) ↦ u, and its gradient reaches the meta-parameters through the network weights only.
+* For coordinate-wise optimizers the ball is a product of per-coordinate intervals, so the maximisation
+  decouples by coordinate and R is a mean over coordinates: a uniform random subsample of
+  ``subsample`` coordinates per step estimates it without bias (DM, RNNProp). With cross-coordinate
+  terms (SimpleOptimizer's mean embedding) the embedding is recomputed on the subsample, an
+  approximation. ``subsample=0`` uses every coordinate. ``benchmarks/smooth_subsample.py`` measures
+  the effect of the default.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+
+from ..base import LearnedOptimizer
+
+__all__ = ["SmoothnessConfig", "SmoothnessRegularizer", "parse_smooth"]
+
+
+@dataclass(frozen=True)
+class SmoothnessConfig:
+    """``eps``: ball radius ε (L∞). ``lam``: λ. ``steps``: K PGD steps (public code: 10).
+    ``step_size``: η1 (default ε/5, public code). ``noise``: std of the random start (paper 0.05).
+    ``subsample``: coordinates per step (0: all)."""
+
+    eps: float = 0.1
+    lam: float = 1.0
+    steps: int = 10
+    step_size: float | None = None
+    noise: float = 0.05
+    subsample: int = 4096
+
+    def __post_init__(self):
+        checks = {"eps": self.eps > 0, "lam": self.lam >= 0, "steps": self.steps >= 0,
+                  "noise": self.noise >= 0, "subsample": self.subsample >= 0,
+                  "step_size": self.step_size is None or self.step_size > 0}
+        allowed = {"eps": "> 0", "lam": ">= 0", "steps": "an integer >= 0", "noise": ">= 0",
+                   "subsample": "an integer >= 0", "step_size": "> 0"}
+        for k, ok in checks.items():
+            v = getattr(self, k)
+            if not ok or (isinstance(v, float) and v != v):
+                raise ValueError(f"smooth: {k} must be {allowed[k]}, got {v!r}")
+
+    @property
+    def eta(self) -> float:
+        return self.eps / 5.0 if self.step_size is None else self.step_size
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "step_size": self.eta}
+
+
+_TYPES = {"eps": float, "lam": float, "steps": int, "step_size": float, "noise": float, "subsample": int}
+
+
+def parse_smooth(spec: str) -> SmoothnessConfig:
+    """Parse ``"eps=0.1[,lam=1,steps=10,step_size=0.02,noise=0.05,subsample=4096]"``.
+
+    Raises ``ValueError`` with a one-line message naming the bad key or value and what is allowed.
+    """
+    kwargs = {}
+    for item in filter(None, (s.strip() for s in spec.split(","))):
+        if "=" not in item:
+            raise ValueError(f"--smooth: expected key=value, got {item!r}; keys: {sorted(_TYPES)}")
+        key, val = (s.strip() for s in item.split("=", 1))
+        if key not in _TYPES:
+            raise ValueError(f"--smooth: unknown key {key!r}; allowed: {sorted(_TYPES)}")
+        try:
+            num = float(val)
+            if _TYPES[key] is int:
+                if num != int(num):
+                    raise ValueError
+                num = int(num)
+        except ValueError:
+            kind = "an integer" if _TYPES[key] is int else "a number"
+            raise ValueError(f"--smooth: {key} must be {kind}, got {val!r}") from None
+        kwargs[key] = num
+    if "eps" not in kwargs:
+        raise ValueError(f"--smooth: eps is required (e.g. eps=0.1), got {spec!r}")
+    return SmoothnessConfig(**kwargs)
+
+
+class SmoothnessRegularizer:
+    """Computes R_t for one optimizer step; see the module docstring."""
+
+    def __init__(self, config: SmoothnessConfig | None = None, **kwargs):
+        self.config = config if config is not None else SmoothnessConfig(**kwargs)
+
+    def select(self, lopt: LearnedOptimizer, feats: torch.Tensor, hidden: tuple,
+               generator: torch.Generator | None = None):
+        """The (sub)sample of coordinates the penalty is evaluated on: (feats, hidden) detached."""
+        k = self.config.subsample
+        n = feats.shape[0]
+        feats, hidden = feats.detach(), tuple(h.detach() for h in hidden)
+        if lopt.coordinatewise and 0 < k < n:
+            idx = torch.randperm(n, generator=generator)[:k].to(feats.device)
+            feats = feats[idx]
+            hidden = tuple(h[idx] if h.dim() > 0 and h.shape[0] == n else h for h in hidden)
+        return feats, hidden
+
+    def perturb(self, lopt: LearnedOptimizer, feats: torch.Tensor, hidden: tuple, u_ref: torch.Tensor,
+                generator: torch.Generator | None = None) -> torch.Tensor:
+        """PGD (eq. 7) from a noisy start: the worst-case s' in B∞(feats, ε), detached."""
+        c = self.config
+        lo, hi = feats - c.eps, feats + c.eps
+        noise = torch.randn(feats.shape, generator=generator, dtype=feats.dtype).to(feats.device)
+        s_adv = torch.maximum(torch.minimum(feats + c.noise * noise, hi), lo)
+        u_ref = u_ref.detach()
+        for _ in range(c.steps):
+            s_adv = s_adv.detach().requires_grad_(True)
+            with torch.enable_grad():
+                d = (lopt.network(s_adv, hidden)[0] - u_ref).pow(2).sum()
+                (grad,) = torch.autograd.grad(d, s_adv)
+            s_adv = torch.maximum(torch.minimum(s_adv.detach() + c.eta * grad.sign(), hi), lo)
+        return s_adv.detach()
+
+    def __call__(self, lopt: LearnedOptimizer, feats: torch.Tensor, hidden: tuple,
+                 generator: torch.Generator | None = None) -> torch.Tensor:
+        """R = mean over (sampled) coordinates of (u(s) − u(s'))², differentiable in the
+        meta-parameters. ``feats``/``hidden`` are the step's input state and the hidden state
+        *before* the step."""
+        feats, hidden = self.select(lopt, feats, hidden, generator)
+        u = lopt.network(feats, hidden)[0]
+        s_adv = self.perturb(lopt, feats, hidden, u, generator)
+        u_adv = lopt.network(s_adv, hidden)[0]
+        return (u - u_adv).pow(2).mean()
