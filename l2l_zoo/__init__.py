@@ -6,7 +6,7 @@
     l2l_zoo.save(lopt, "simple.pt"); lopt = l2l_zoo.load("simple.pt")
 """
 from .base import LearnedOptimizer, MetaDefaults, OptState
-from .optimizers import REGISTRY, DMOptimizer, RNNProp, SimpleOptimizer, register
+from .optimizers import REGISTRY, DMOptimizer, MLRSNet, RNNProp, SimpleOptimizer, register
 from .registry import create, load, save, available
 from .torch_optim import LearnedOptimizerAdapter
 
@@ -14,5 +14,5 @@ __version__ = "0.1.0"
 
 __all__ = [
     "LearnedOptimizer", "OptState", "MetaDefaults", "REGISTRY", "register", "create", "load", "save",
-    "available", "DMOptimizer", "RNNProp", "SimpleOptimizer", "LearnedOptimizerAdapter",
+    "available", "DMOptimizer", "RNNProp", "SimpleOptimizer", "MLRSNet", "LearnedOptimizerAdapter",
 ]

@@ -274,7 +274,7 @@ class MetaTrainer:
                 rec = {"meta_step": self.meta_step, "run": run.index, "run_step": run.step,
                        "meta_loss": float(ml.detach()), "loss_start": float(losses[0]),
                        "loss_end": float(losses[-1].detach()),
-                       "penalty": float(torch.stack(pens).mean()) if pens else None}
+                       "penalty": float(torch.stack(pens).detach().mean()) if pens else None}
                 if run.step >= cfg.horizon:
                     self.run = None
                 self.elapsed += time.perf_counter() - t0

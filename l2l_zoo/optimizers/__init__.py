@@ -1,9 +1,10 @@
 """Learned optimizers and their registry (``l2l_zoo.create`` builds them by name)."""
 from .dm import DMOptimizer
+from .mlrsnet import MLRSNet
 from .rnnprop import RNNProp
 from .simple import SimpleOptimizer
 
-REGISTRY = {cls.name: cls for cls in (SimpleOptimizer, DMOptimizer, RNNProp)}
+REGISTRY = {cls.name: cls for cls in (SimpleOptimizer, DMOptimizer, RNNProp, MLRSNet)}
 
 
 def register(cls):
@@ -14,4 +15,4 @@ def register(cls):
     return cls
 
 
-__all__ = ["DMOptimizer", "RNNProp", "SimpleOptimizer", "REGISTRY", "register"]
+__all__ = ["DMOptimizer", "RNNProp", "SimpleOptimizer", "MLRSNet", "REGISTRY", "register"]

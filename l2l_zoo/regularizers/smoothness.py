@@ -45,6 +45,9 @@ class SmoothnessConfig:
     subsample: int = 4096
 
     def __post_init__(self):
+        if self.steps > 0 and self.noise == 0:
+            raise ValueError("smooth: noise must be > 0 when steps > 0 (the gradient of "
+                             "|u(s) - u(s')|^2 vanishes at s' = s, so PGD cannot leave a zero-noise start)")
         checks = {"eps": self.eps > 0, "lam": self.lam >= 0, "steps": self.steps >= 0,
                   "noise": self.noise >= 0, "subsample": self.subsample >= 0,
                   "step_size": self.step_size is None or self.step_size > 0}
@@ -112,12 +115,15 @@ class SmoothnessRegularizer:
         return feats, hidden
 
     def perturb(self, lopt: LearnedOptimizer, feats: torch.Tensor, hidden: tuple, u_ref: torch.Tensor,
-                generator: torch.Generator | None = None) -> torch.Tensor:
-        """PGD (eq. 7) from a noisy start: the worst-case s' in B∞(feats, ε), detached."""
+                generator: torch.Generator | None = None, start: torch.Tensor | None = None) -> torch.Tensor:
+        """PGD (eq. 7): the worst-case s' in B∞(feats, ε), detached. Starts from ``start`` if given,
+        else from s + noise·N(0, I) (Alg. 1 line 8), projected into the ball."""
         c = self.config
         lo, hi = feats - c.eps, feats + c.eps
-        noise = torch.randn(feats.shape, generator=generator, dtype=feats.dtype).to(feats.device)
-        s_adv = torch.maximum(torch.minimum(feats + c.noise * noise, hi), lo)
+        if start is None:
+            noise = torch.randn(feats.shape, generator=generator, dtype=feats.dtype).to(feats.device)
+            start = feats + c.noise * noise
+        s_adv = torch.maximum(torch.minimum(start, hi), lo)
         u_ref = u_ref.detach()
         for _ in range(c.steps):
             s_adv = s_adv.detach().requires_grad_(True)

@@ -115,17 +115,21 @@ def stratified_split(labels: torch.Tensor, sizes: list[int], seed: int) -> list[
     offsets = {c: 0 for c in per_class}
     out = []
     for size in sizes:
-        # Largest-remainder allocation of `size` over classes, proportional to class frequency.
-        quotas = {c: size * len(idx) / n for c, idx in per_class.items()}
-        alloc = {c: int(np.floor(q)) for c, q in quotas.items()}
-        rest = size - sum(alloc.values())
-        for c in sorted(quotas, key=lambda c: (alloc[c] - quotas[c], c))[:rest]:
-            alloc[c] += 1
+        # Largest-remainder allocation of `size` proportional to what is left of each class (so a
+        # final split that takes everything that remains is always feasible).
+        rem = {c: len(idx) - offsets[c] for c, idx in per_class.items()}
+        total = sum(rem.values())
+        quotas = {c: size * r / total for c, r in rem.items()}
+        alloc = {c: min(rem[c], int(np.floor(q))) for c, q in quotas.items()}
+        short = size - sum(alloc.values())
+        order = sorted(quotas, key=lambda c: (alloc[c] - quotas[c], c))
+        while short > 0:
+            for c in order:
+                if short > 0 and alloc[c] < rem[c]:
+                    alloc[c] += 1
+                    short -= 1
         chosen = []
         for c, k in alloc.items():
-            avail = len(per_class[c]) - offsets[c]
-            if k > avail:
-                raise ValueError(f"stratified_split: class {c} has too few examples for sizes {sizes}")
             chosen.append(per_class[c][offsets[c]:offsets[c] + k])
             offsets[c] += k
         idx = torch.cat(chosen)

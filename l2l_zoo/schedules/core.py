@@ -1,0 +1,253 @@
+"""Functional core of the hypergradient learning-rate schedules: the optimizer dynamics Φ, their
+tangents, and the scalar update rules of HD, RTHO and MARTHE.
+
+Source: "Scheduling the learning rate via hypergradients: new insights and a new algorithm"
+(Donini et al., the MARTHE paper; ``papers/marthe-hypergradient-lr-schedules.txt``). Notation of
+its §2 and Table 1: parameters ``w_t``, learning rate ``η_t``, update ``w_{t+1} = Φ_t(w_t, η_t)``,
+``A_t = ∂Φ_t/∂w_t``, ``B_t = ∂Φ_t/∂η_t``.
+
+Every dynamics here has the form ``Φ_t(w, η) = w − η·d_t`` where the *direction* ``d_t`` depends on
+the minibatch gradient ``g_t = ∇L_t(w_t)`` and on optimizer state ``s_t`` (momentum buffer, Adam
+moments) but not on ``η``. So ``B_t = −d_t`` (Table 1: SGD ``[B_t]_t = −∇L_t``), and the dynamics
+acts on the pair ``(w, s)``; its tangent therefore has one component per state tensor (SGD: one,
+SGD with momentum: two, Adam: three).
+
+Everything in this module is pure: flat tensors (or Python floats) in, new ones out, nothing
+mutated, nothing detached. The same ``direction`` is used by the online controllers (on detached
+values) and by LRS-OPT (differentiated by reverse mode through a whole unroll).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Union
+
+import torch
+
+__all__ = ["SGDDynamics", "AdamDynamics", "Dynamics", "dynamics_from_optimizer", "read_state",
+           "lr_update", "mu_heuristic", "beta_update", "BETA_RULES"]
+
+
+def _safe_sqrt(v: torch.Tensor) -> torch.Tensor:
+    """sqrt(v) with a zero (instead of infinite) derivative at v = 0.
+
+    Adam's second moment is exactly 0 on coordinates whose gradient has always been 0 (e.g. the
+    weights of MNIST's always-black border pixels); a plain sqrt would turn 0·∞ into NaN in both
+    the tangent and reverse-mode hypergradients."""
+    pos = v > 0
+    return torch.where(pos, torch.where(pos, v, torch.ones_like(v)).sqrt(), torch.zeros_like(v))
+
+
+@dataclass(frozen=True)
+class SGDDynamics:
+    """``torch.optim.SGD``: with ``gg = g + weight_decay·w``,
+    ``buf_t = gg`` (first step) or ``momentum·buf_{t−1} + (1 − dampening)·gg``;
+    ``d = gg + momentum·buf_t`` (Nesterov) or ``buf_t``; without momentum ``d = gg``.
+    State: ``(buf,)`` with momentum, ``()`` without."""
+
+    momentum: float = 0.0
+    dampening: float = 0.0
+    nesterov: bool = False
+    weight_decay: float = 0.0
+
+    @property
+    def n_state(self) -> int:
+        return 1 if self.momentum != 0 else 0
+
+    def init_state(self, w: torch.Tensor) -> tuple:
+        return tuple(torch.zeros_like(w) for _ in range(self.n_state))
+
+    def objective_grad(self, g: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """Gradient of the regularised training loss L + weight_decay·|w|²/2 (what SGD descends)."""
+        return g + self.weight_decay * w if self.weight_decay else g
+
+    def direction(self, g: torch.Tensor, w: torch.Tensor, state: tuple, step: int):
+        """``(d_t, s_{t+1})`` for gradient ``g`` (shape (n,)) at ``w`` (n,) with state ``s_t``;
+        ``step`` = number of updates taken before this one (only ``step == 0`` matters)."""
+        gg = self.objective_grad(g, w)
+        if self.momentum == 0:
+            return gg, ()
+        buf = gg if step == 0 else self.momentum * state[0] + (1.0 - self.dampening) * gg
+        d = gg + self.momentum * buf if self.nesterov else buf
+        return d, (buf,)
+
+    def tangent(self, g, hz, w, state, step, z_w, z_state):
+        """Directional derivative of ``direction`` along ``(z_w, z_state)``: returns
+        ``(dd, ds_{t+1})`` where ``hz = ∇²L_t(w)·z_w`` (the Hessian of the unregularised minibatch
+        loss times the weight tangent; the weight decay term is added here)."""
+        dgg = hz + self.weight_decay * z_w if self.weight_decay else hz
+        if self.momentum == 0:
+            return dgg, ()
+        dbuf = dgg if step == 0 else self.momentum * z_state[0] + (1.0 - self.dampening) * dgg
+        dd = dgg + self.momentum * dbuf if self.nesterov else dbuf
+        return dd, (dbuf,)
+
+
+@dataclass(frozen=True)
+class AdamDynamics:
+    """``torch.optim.Adam`` (L2 weight decay: ``gg = g + weight_decay·w``) and ``torch.optim.AdamW``
+    (``decoupled=True``: ``gg = g`` and ``weight_decay·w`` added to the direction):
+    ``m = β1·m + (1−β1)·gg``, ``v = β2·v + (1−β2)·gg²``, ``k = step + 1``,
+    ``u = (m/(1−β1^k)) / (sqrt(v)/sqrt(1−β2^k) + eps)``, ``d = u [+ weight_decay·w]``.
+    State: ``(m, v)``."""
+
+    betas: tuple = (0.9, 0.999)
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    decoupled: bool = False
+
+    n_state = 2
+
+    def init_state(self, w: torch.Tensor) -> tuple:
+        return torch.zeros_like(w), torch.zeros_like(w)
+
+    def objective_grad(self, g: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """Gradient of the training objective: with L2 weight decay it includes the penalty; with
+        decoupled (AdamW) decay the decay is not part of any loss, so it is ``g``."""
+        return g + self.weight_decay * w if (self.weight_decay and not self.decoupled) else g
+
+    def _coeffs(self, step: int):
+        b1, b2 = self.betas
+        k = step + 1
+        return b1, b2, 1.0 - b1 ** k, math.sqrt(1.0 - b2 ** k)
+
+    def direction(self, g, w, state, step):
+        """``(d_t, (m_{t+1}, v_{t+1}))``; shapes as :meth:`SGDDynamics.direction`."""
+        b1, b2, bc1, sbc2 = self._coeffs(step)
+        gg = self.objective_grad(g, w)
+        m = b1 * state[0] + (1.0 - b1) * gg
+        v = b2 * state[1] + (1.0 - b2) * gg * gg
+        denom = _safe_sqrt(v) / sbc2 + self.eps
+        d = (m / bc1) / denom
+        if self.decoupled and self.weight_decay:
+            d = d + self.weight_decay * w
+        return d, (m, v)
+
+    def tangent(self, g, hz, w, state, step, z_w, z_state):
+        """Directional derivative of ``direction`` (see :meth:`SGDDynamics.tangent`)."""
+        b1, b2, bc1, sbc2 = self._coeffs(step)
+        gg = self.objective_grad(g, w)
+        dgg = hz + self.weight_decay * z_w if (self.weight_decay and not self.decoupled) else hz
+        m = b1 * state[0] + (1.0 - b1) * gg
+        v = b2 * state[1] + (1.0 - b2) * gg * gg
+        dm = b1 * z_state[0] + (1.0 - b1) * dgg
+        dv = b2 * z_state[1] + 2.0 * (1.0 - b2) * gg * dgg
+        sq = _safe_sqrt(v)
+        # d sqrt(v) = dv / (2 sqrt(v)); where v = 0 the coordinate has only ever seen zero gradients,
+        # so dv = 0 there as well and the derivative is taken as 0.
+        dsq = torch.where(sq > 0, dv / (2.0 * torch.where(sq > 0, sq, torch.ones_like(sq))),
+                          torch.zeros_like(sq))
+        denom = sq / sbc2 + self.eps
+        dd = (dm / bc1) / denom - (m / bc1) / (denom * denom) * (dsq / sbc2)
+        if self.decoupled and self.weight_decay:
+            dd = dd + self.weight_decay * z_w
+        return dd, (dm, dv)
+
+
+Dynamics = Union[SGDDynamics, AdamDynamics]
+
+_SGD_KEYS = ("momentum", "dampening", "nesterov", "weight_decay", "maximize")
+_ADAM_KEYS = ("betas", "eps", "weight_decay", "amsgrad", "maximize")
+
+
+def dynamics_from_optimizer(optimizer: torch.optim.Optimizer) -> Dynamics:
+    """The dynamics of a ``torch.optim`` SGD, Adam or AdamW instance.
+
+    All param groups must share their hyperparameters (the schedules control one scalar rate);
+    ``maximize``, ``amsgrad`` and Adam's ``decoupled_weight_decay=True`` variants other than AdamW
+    are supported as documented below, everything else raises."""
+    groups = optimizer.param_groups
+    if isinstance(optimizer, torch.optim.SGD):
+        keys = _SGD_KEYS
+    elif isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)):
+        keys = _ADAM_KEYS + ("decoupled_weight_decay",)
+    else:
+        raise TypeError(f"hypergradient schedules support torch.optim.SGD, Adam and AdamW, got "
+                        f"{type(optimizer).__name__}")
+    for k in keys + ("lr",):
+        vals = {repr(g.get(k)) for g in groups}
+        if len(vals) > 1:
+            raise ValueError(f"all param groups must share {k!r} (one learning rate is controlled "
+                             f"for all of them), got {sorted(vals)}")
+    g0 = groups[0]
+    if g0.get("maximize", False):
+        raise ValueError("maximize=True is not supported (the schedules minimise the objective)")
+    if isinstance(optimizer, torch.optim.SGD):
+        return SGDDynamics(momentum=float(g0["momentum"]), dampening=float(g0["dampening"]),
+                           nesterov=bool(g0["nesterov"]), weight_decay=float(g0["weight_decay"]))
+    if g0.get("amsgrad", False):
+        raise ValueError("amsgrad=True is not supported (its max is not differentiable); use amsgrad=False")
+    decoupled = isinstance(optimizer, torch.optim.AdamW) or bool(g0.get("decoupled_weight_decay", False))
+    return AdamDynamics(betas=tuple(float(b) for b in g0["betas"]), eps=float(g0["eps"]),
+                        weight_decay=float(g0["weight_decay"]), decoupled=decoupled)
+
+
+def _flat(tensors, like) -> torch.Tensor:
+    return torch.cat([t.reshape(-1) if t is not None else torch.zeros_like(p).reshape(-1)
+                      for t, p in zip(tensors, like)])
+
+
+def read_state(optimizer: torch.optim.Optimizer, dynamics: Dynamics, params: list) -> tuple[tuple, int]:
+    """The optimizer's current state as flat tensors (shape (n,) each) and the number of updates
+    taken (SGD: 0 before the momentum buffer exists, else 1, which is all its dynamics needs)."""
+    st = [optimizer.state.get(p, {}) for p in params]
+    if isinstance(dynamics, SGDDynamics):
+        if dynamics.n_state == 0:
+            return (), 0
+        bufs = [s.get("momentum_buffer") for s in st]
+        if all(b is None for b in bufs):
+            w = torch.cat([p.detach().reshape(-1) for p in params])
+            return (torch.zeros_like(w),), 0
+        return (_flat(bufs, params),), 1
+    steps = {int(s["step"]) for s in st if "step" in s}
+    if not steps:
+        w = torch.cat([p.detach().reshape(-1) for p in params])
+        return (torch.zeros_like(w), torch.zeros_like(w)), 0
+    if len(steps) > 1:
+        raise RuntimeError(f"Adam state holds different step counts {sorted(steps)} across parameters")
+    return (_flat([s.get("exp_avg") for s in st], params),
+            _flat([s.get("exp_avg_sq") for s in st], params)), steps.pop()
+
+
+# ----------------------------------------------------------------------------- scalar rules
+
+BETA_RULES = ("descent", "as-printed", "public-code")
+
+
+def lr_update(lr: float, hypergradient: float, beta: float) -> float:
+    """Eq. (5): ``η_{t+1} = max(η_t − β·Δη_{t+1}, 0)``; the max keeps the rate non-negative."""
+    return max(lr - beta * hypergradient, 0.0)
+
+
+def mu_heuristic(q: float, g1: float, mu: float, c: float) -> tuple[float, float]:
+    """Appendix B: ``q̃ = clip(q / g'_1², 0, 1)``, ``μ_{t+1} = q̃^{1/(c_t+1)}``,
+    ``c_{t+1} = μ_t·(1 + c_t)``, with ``q = q(μ_t) = Δη_{t+1}·g'_1`` of eq. (10) and
+    ``g'_1 = [B_t]_tᵀ∇E(w_{t+1})`` the one-step (HD) hypergradient. Returns ``(μ_{t+1}, c_{t+1})``.
+    When ``g'_1 = 0`` (no one-step information) ``q̃`` is taken as 0, which forgets the history."""
+    g1sq = g1 * g1
+    q_tilde = 0.0 if g1sq == 0.0 else min(max(q / g1sq, 0.0), 1.0)
+    return q_tilde ** (1.0 / (c + 1.0)), mu * (1.0 + c)
+
+
+def beta_update(beta: float, beta_lr: float, hypergradient: float, prev_hypergradient: float,
+                lr: float, rule: str = "descent") -> float:
+    """Adaptive hyper-learning rate (§4 "Adapting μ and β online", Algorithm 1 last line).
+
+    With ``η_t = η_{t−1} − β_t·Δη_t``, the one-step hypergradient of β is
+    ``∂E(w_{t+1})/∂β_t = Δη_{t+1}·∂η_t/∂β_t = −Δη_{t+1}·Δη_t``, so
+
+    * ``"descent"`` (default): gradient descent on it, ``β_{t+1} = max(β_t + α·Δη_{t+1}·Δη_t, 0)``;
+    * ``"as-printed"``: Algorithm 1 as printed, ``β_t − α·Δη_{t+1}·Δη_t`` (the opposite sign, an
+      ascent step on the same derivative), also clamped at 0;
+    * ``"public-code"``: the authors' public code, ``max(β_t + α·Δη_{t+1}·η_t, 0)``.
+
+    ``α`` is ``beta_lr``. Returns ``β_{t+1}``."""
+    if rule == "descent":
+        new = beta + beta_lr * hypergradient * prev_hypergradient
+    elif rule == "as-printed":
+        new = beta - beta_lr * hypergradient * prev_hypergradient
+    elif rule == "public-code":
+        new = beta + beta_lr * hypergradient * lr
+    else:
+        raise ValueError(f"beta_rule must be one of {list(BETA_RULES)}, got {rule!r}")
+    return max(new, 0.0)

@@ -1,0 +1,183 @@
+"""Meta-training: backends agree, meta-gradients match float64 finite differences, meta-loss
+weightings, resume is exact, non-finite meta-updates are skipped and eventually abort."""
+import copy
+
+import pytest
+import torch
+
+import l2l_zoo
+from l2l_zoo.meta import MetaTrainConfig, MetaTrainer, MetaTrainingDiverged, meta_loss, step_weights
+from l2l_zoo.regularizers import SmoothnessConfig
+from l2l_zoo.tasks import MLP, DataSplits, QuadraticTask, Task
+
+ALL = ["simple", "dm", "rnnprop"]
+
+
+def tiny_mlp_task(dtype=torch.float64, seed=0):
+    """Synthetic 2-class problem for exact-math checks (quality claims use real data elsewhere)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(64, 6, generator=g, dtype=dtype)
+    y = (x[:, 0] + x[:, 1] > 0).long()
+    d = DataSplits("toy", x, y, x, y, x, y, 2, "synthetic")
+    return Task("toy_mlp", lambda: MLP(6, (5,), 2).to(dtype), d, batch_size=16)
+
+
+def make_lopt(name, seed=0, dtype=torch.float64):
+    torch.manual_seed(seed)
+    opts = {"dm": {"output_scale": 0.1}, "simple": {}, "rnnprop": {}}[name]
+    return l2l_zoo.create(name, **opts).to(dtype)
+
+
+def meta_grad(name, task, backend, second_order, smooth=None, seed=0, steps=4, theta=None):
+    lopt = make_lopt(name, seed)
+    if theta is not None:
+        torch.nn.utils.vector_to_parameters(theta, lopt.parameters())
+    cfg = MetaTrainConfig(backend=backend, second_order=second_order, unroll=steps, horizon=steps,
+                          seed=seed, smooth=smooth)
+    tr = MetaTrainer(lopt, task, cfg, log=lambda s: None)
+    ml, grads = tr.meta_gradient()
+    return ml, torch.cat([g.reshape(-1) for g in grads]), lopt
+
+
+@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize("second_order", [False, True])
+def test_backends_give_the_same_meta_gradient(name, second_order):
+    task = tiny_mlp_task()
+    ml_f, g_f, _ = meta_grad(name, task, "func", second_order)
+    ml_h, g_h, _ = meta_grad(name, task, "higher", second_order)
+    torch.testing.assert_close(ml_f, ml_h, rtol=1e-10, atol=0)
+    rel = (g_f - g_h).norm() / g_f.norm()
+    assert g_f.norm() > 0 and rel < 1e-6, f"relative difference {rel:.2e}"
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_meta_gradient_matches_finite_differences(name):
+    """Exact (second-order) meta-gradient vs float64 central differences along random directions."""
+    task = QuadraticTask(5, seed=3, dtype=torch.float64, noise=0.1)
+    ml, g, lopt = meta_grad(name, task, "func", second_order=True, steps=5)
+    theta = torch.nn.utils.parameters_to_vector(lopt.parameters()).detach()
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        v = torch.randn(theta.shape, generator=gen, dtype=torch.float64)
+        v /= v.norm()
+        h = 1e-6
+        fp, *_ = meta_grad(name, task, "func", True, steps=5, theta=theta + h * v)
+        fm, *_ = meta_grad(name, task, "func", True, steps=5, theta=theta - h * v)
+        fd = (fp - fm) / (2 * h)
+        an = torch.dot(g, v)
+        assert abs(fd - an) <= 1e-6 * max(1.0, abs(an)), f"{name}: FD {fd:.10g} vs autograd {an:.10g}"
+
+
+def test_first_order_meta_gradient_differs_from_exact():
+    """Detaching optimizee gradients (the default) is an approximation: it must actually differ."""
+    task = QuadraticTask(5, seed=3, dtype=torch.float64)
+    _, g1, _ = meta_grad("dm", task, "func", second_order=False, steps=5)
+    _, g2, _ = meta_grad("dm", task, "func", second_order=True, steps=5)
+    assert (g1 - g2).norm() / g2.norm() > 1e-6  # identical code paths would agree to ~1e-15
+
+
+def test_meta_loss_weightings():
+    f = [torch.tensor(v, dtype=torch.float64) for v in (4.0, 3.0, 1.0, 0.5)]
+    assert meta_loss("sum", f) == pytest.approx((3 + 1 + 0.5) / 3)
+    assert meta_loss("last", f) == pytest.approx(0.5)
+    w = [1, 4, 9]
+    assert meta_loss("wdiff", f) == pytest.approx(sum(wi * d for wi, d in zip(w, (-1, -2, -0.5))) / 14)
+    assert meta_loss("linear", f) == pytest.approx((1 * 3 + 2 * 1 + 3 * 0.5) / 6)
+    pen = [torch.tensor(1.0, dtype=torch.float64)] * 3
+    assert meta_loss("last", f, pen, lam=2.0) == pytest.approx(0.5 + 2.0)
+    torch.testing.assert_close(step_weights("wdiff", 20).sum(), torch.tensor(1.0))
+    with pytest.raises(KeyError, match="unknown meta-loss"):
+        step_weights("mean", 3)
+
+
+def test_config_validation_messages():
+    with pytest.raises(ValueError, match="meta_loss must be one of"):
+        MetaTrainConfig(meta_loss="avg")
+    with pytest.raises(ValueError, match="unroll must be >= 1, got 0"):
+        MetaTrainConfig(unroll=0)
+
+
+def test_paper_defaults_are_used():
+    tr = MetaTrainer(make_lopt("rnnprop", dtype=torch.float32), QuadraticTask(4), log=lambda s: None)
+    assert (tr.cfg.meta_loss, tr.cfg.meta_lr, tr.cfg.random_scale) == ("last", 1e-4, 3.0)
+    tr = MetaTrainer(make_lopt("simple", dtype=torch.float32), QuadraticTask(4), log=lambda s: None)
+    assert (tr.cfg.meta_loss, tr.cfg.meta_lr, tr.cfg.horizon, tr.cfg.unroll) == ("wdiff", 1e-3, 200, 20)
+
+
+def test_random_scaling_changes_the_problem_not_the_start():
+    """Lv et al. §3.1: the optimizer sees x = θ/c and the loss is f(c·x): same starting loss."""
+    task = QuadraticTask(6, seed=0)
+    a = MetaTrainer(make_lopt("rnnprop", dtype=torch.float32), task,
+                    MetaTrainConfig(random_scale=0.0), log=lambda s: None)._new_run()
+    b = MetaTrainer(make_lopt("rnnprop", dtype=torch.float32), task,
+                    MetaTrainConfig(random_scale=3.0), log=lambda s: None)._new_run()
+    assert b.scale is not None and (b.scale.log().abs() <= 3.0).all() and b.scale.std() > 0
+    torch.testing.assert_close(a.loss, b.loss)
+    torch.testing.assert_close(b.x * b.scale, a.x)
+
+
+def _trainer(tmp_path, lopt_seed=0, **kw):
+    task = QuadraticTask(8, seed=1, noise=0.5)
+    lopt = make_lopt("simple", seed=lopt_seed, dtype=torch.float32)
+    cfg = MetaTrainConfig(meta_steps=7, horizon=5, unroll=2, checkpoint_every=2, seed=0,
+                          smooth=SmoothnessConfig(eps=0.1, steps=2, subsample=4), **kw)
+    return MetaTrainer(lopt, task, cfg, checkpoint_path=tmp_path / "ck.pt", log=lambda s: None)
+
+
+def test_resume_after_kill_ends_with_identical_meta_parameters(tmp_path):
+    ref = _trainer(tmp_path / "a")
+    ref.train(progress=False)
+
+    killed = _trainer(tmp_path / "b")
+
+    def kill(step, rec):
+        if step == 5:  # last checkpoint was at meta-step 4: meta-step 5 is lost and redone
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        killed.train(progress=False, callback=kill)
+    resumed = _trainer(tmp_path / "b", lopt_seed=123)  # a fresh process: different initial weights
+    resumed.train(resume=True, progress=False)
+    assert resumed.meta_step == 7
+    for p, q in zip(ref.lopt.parameters(), resumed.lopt.parameters()):
+        assert torch.equal(p, q)
+    assert [r["meta_loss"] for r in ref.history] == [r["meta_loss"] for r in resumed.history]
+
+
+def test_resume_refuses_a_different_setup(tmp_path):
+    a = _trainer(tmp_path)
+    a.cfg.meta_steps = 2
+    a.train(progress=False)
+    b = _trainer(tmp_path, meta_loss="sum")
+    with pytest.raises(ValueError, match="different setup"):
+        b.train(resume=True, progress=False)
+
+
+def test_non_finite_meta_loss_is_skipped_and_restored(tmp_path):
+    tr = _trainer(tmp_path)
+    tr.cfg.meta_steps = 3
+    logs = []
+    tr.log = logs.append
+    real_loss = tr.task.loss
+    calls = {"n": 0}
+
+    def flaky(out, y):
+        calls["n"] += 1
+        v = real_loss(out, y)
+        return v * float("nan") if calls["n"] == 6 else v  # poison one step of the 2nd truncation
+
+    tr.task.loss = flaky
+    tr.train(progress=False)
+    assert tr.meta_step == 3 and tr.total_failures == 1
+    assert any("non-finite meta-loss" in m and "restored" in m for m in logs)
+    assert all(torch.isfinite(p).all() for p in tr.lopt.parameters())
+
+
+def test_repeated_failures_abort_with_clear_message(tmp_path):
+    tr = _trainer(tmp_path)
+    tr.task.loss = lambda out, y: ((out - y) ** 2).sum() * float("inf")
+    before = copy.deepcopy(tr.lopt.state_dict())
+    with pytest.raises(MetaTrainingDiverged, match="5 consecutive non-finite meta-updates"):
+        tr.train(progress=False)
+    for k, v in tr.lopt.state_dict().items():
+        assert torch.equal(v, before[k])
