@@ -28,12 +28,12 @@ def make_lopt(name, seed=0, dtype=torch.float64):
     return l2l_zoo.create(name, **opts).to(dtype)
 
 
-def meta_grad(name, task, backend, second_order, smooth=None, seed=0, steps=4, theta=None):
+def meta_grad(name, task, backend, second_order, smooth=None, seed=0, steps=4, theta=None, ckpt=False):
     lopt = make_lopt(name, seed)
     if theta is not None:
         torch.nn.utils.vector_to_parameters(theta, lopt.parameters())
     cfg = MetaTrainConfig(backend=backend, second_order=second_order, unroll=steps, horizon=steps,
-                          seed=seed, smooth=smooth)
+                          seed=seed, smooth=smooth, checkpoint_network=ckpt)
     tr = MetaTrainer(lopt, task, cfg, log=lambda s: None)
     ml, grads = tr.meta_gradient()
     return ml, torch.cat([g.reshape(-1) for g in grads]), lopt
@@ -48,6 +48,15 @@ def test_backends_give_the_same_meta_gradient(name, second_order):
     torch.testing.assert_close(ml_f, ml_h, rtol=1e-10, atol=0)
     rel = (g_f - g_h).norm() / g_f.norm()
     assert g_f.norm() > 0 and rel < 1e-6, f"relative difference {rel:.2e}"
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_network_checkpointing_gives_the_same_meta_gradient(name):
+    task = tiny_mlp_task()
+    ml_a, g_a, _ = meta_grad(name, task, "func", False, smooth=SmoothnessConfig(eps=0.1, steps=2))
+    ml_b, g_b, _ = meta_grad(name, task, "func", False, smooth=SmoothnessConfig(eps=0.1, steps=2), ckpt=True)
+    torch.testing.assert_close(ml_a, ml_b, rtol=1e-12, atol=0)
+    torch.testing.assert_close(g_a, g_b, rtol=1e-10, atol=1e-14)
 
 
 @pytest.mark.parametrize("name", ALL)

@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Callable
 
 import torch
+import torch.utils.checkpoint
 from tqdm.auto import tqdm
 
 from ..base import LearnedOptimizer, OptState
@@ -47,6 +48,10 @@ class MetaTrainConfig:
     run (T_total). ``unroll``: truncation length T. ``second_order``: back-propagate through the
     optimizee gradients (off: gradients fed to the optimizer are treated as constants, as
     Andrychowicz et al. do). ``meta_grad_clip``: clamp each meta-gradient entry to ±value (None: off).
+    ``checkpoint_network``: recompute the optimizer network in the backward pass instead of storing
+    its activations (``torch.utils.checkpoint``; same meta-gradient, ~1.3x the time, a fraction of
+    the memory). ``"auto"`` turns it on when the hidden state holds more than 10^7 numbers (e.g. DM
+    or RNNProp on the 397,510-coordinate MNIST MLP, whose 20-step unroll otherwise needs > 20 GB).
     """
 
     meta_steps: int = 100
@@ -58,6 +63,7 @@ class MetaTrainConfig:
     second_order: bool = False
     backend: str = "func"
     meta_grad_clip: float | None = None
+    checkpoint_network: bool | str = "auto"
     checkpoint_every: int = 10
     max_failures: int = 5
     seed: int = 0
@@ -73,6 +79,8 @@ class MetaTrainConfig:
             raise ValueError(f"backend must be one of {sorted(BACKENDS)}, got {self.backend!r}")
         if self.meta_lr is not None and not self.meta_lr > 0:
             raise ValueError(f"meta_lr must be > 0, got {self.meta_lr!r}")
+        if self.checkpoint_network not in (True, False, "auto"):
+            raise ValueError(f"checkpoint_network must be True, False or 'auto', got {self.checkpoint_network!r}")
         if self.random_scale is not None and self.random_scale < 0:
             raise ValueError(f"random_scale must be >= 0, got {self.random_scale!r}")
 
@@ -175,7 +183,7 @@ class MetaTrainer:
             if lopt.needs_loss:
                 kw["loss"] = loss.detach()
             feats, stats = lopt.features(grad, state, **kw)
-            updates, hidden = lopt.network(feats, state.hidden)
+            updates, hidden = self._network(feats, state.hidden)
             if self.reg is not None:
                 penalties.append(self.reg(lopt, feats, state.hidden, self.gens["reg"]))
             state = OptState(state.step + 1, stats, hidden)
@@ -188,6 +196,21 @@ class MetaTrainer:
         lam = self.reg.config.lam if self.reg is not None else 0.0
         ml = meta_loss(self.cfg.meta_loss, losses, penalties, lam)
         return ml, losses, penalties, P, state, loss, grad
+
+    def _network(self, feats, hidden):
+        """``lopt.network``, recomputed in the backward pass when checkpointing is on."""
+        use = self.cfg.checkpoint_network
+        if use == "auto":
+            use = sum(h.numel() for h in hidden) > 10_000_000
+        if not use:
+            return self.lopt.network(feats, hidden)
+
+        def flat_fn(f, *h):
+            u, new = self.lopt.network(f, h)
+            return (u, *new)
+
+        out = torch.utils.checkpoint.checkpoint(flat_fn, feats, *hidden, use_reentrant=False)
+        return out[0], tuple(out[1:])
 
     def meta_gradient(self, run: _Run | None = None, steps: int | None = None) -> tuple[torch.Tensor, list]:
         """Meta-loss of one truncation and its gradient w.r.t. the meta-parameters, without taking a
