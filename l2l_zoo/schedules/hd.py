@@ -1,0 +1,72 @@
+"""HD: hypergradient descent on the learning rate (Baydin et al. 2018), as analysed in §3 of the
+MARTHE paper.
+
+HD greedily minimises the objective one step ahead. With ``Φ_t(w, η) = w − η·d_t``
+(:mod:`~l2l_zoo.schedules.core`), ``B_t = −d_t`` and eq. (6) gives
+
+    Δ^HD η_{t+1} = B_tᵀ ∇E(w_{t+1}) = −d_t · ∇E(w_{t+1}),     η_{t+1} = max(η_t − β·Δη_{t+1}, 0)  (5)
+
+* ``val_loss_fn`` given: ``E`` is the held-out objective (the MARTHE paper's choice, footnote 4);
+  this equals MARTHE with μ = 0. One extra gradient of ``E`` per step, no Hessian.
+* ``val_loss_fn=None``: Baydin et al.'s original, ``E = L`` the (regularised) training loss,
+  with ``∇L(w_{t+1})`` taken from the *next* minibatch, i.e. at step ``t+1`` before its update:
+  ``Δη = −(g_{t+1} + weight_decay·w_{t+1})·d_t``. No extra gradient at all. For SGD with momentum
+  ``d_t`` is the momentum buffer (as in their code), for Adam the Adam step direction.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+
+from .controller import HypergradientController
+from .core import lr_update
+
+__all__ = ["HD"]
+
+
+class HD(HypergradientController):
+    """HD controller (see the module docstring for the equations).
+
+    ``beta`` is the hyper-learning rate. Public-code defaults (REFERENCE.md): 1e-6 for SGD and
+    1e-8 for Adam on CIFAR-sized networks; it scales with 1/|g|², so tune it per problem.
+    """
+
+    _tensor_keys = ("_prev_direction",)
+
+    def __init__(self, optimizer: torch.optim.Optimizer, val_loss_fn: Callable[[], torch.Tensor] | None = None,
+                 *, beta: float, divergence_loss: float = math.inf):
+        super().__init__(optimizer, val_loss_fn, beta=beta, divergence_loss=divergence_loss)
+        self._prev_direction: torch.Tensor | None = None
+
+    def step(self, loss: torch.Tensor) -> float:
+        """One training step with the current rate, then the rate update. ``loss``: the scalar
+        minibatch training loss at the current weights (its graph is consumed). Returns its value."""
+        value = self._check_loss(loss)
+        grads = self._train_grads(loss, create_graph=False)
+        g = self._flat(grads).detach()
+        w = self._weights()
+        state, k = self._state()
+        hg = None
+        if self.val_loss_fn is None and self._prev_direction is not None:
+            # Baydin et al.: the gradient of this minibatch is ∇L at w_t = Φ_{t−1}(w_{t−1}, η_{t−1}).
+            hg = -float(torch.dot(self.dynamics.objective_grad(g, w), self._prev_direction))
+            self._update_lr(hg)
+        lr_used = self.lr
+        d, _ = self.dynamics.direction(g, w, state, k)
+        self._apply(grads, lr_used)
+        if self.val_loss_fn is None:
+            self._prev_direction = d
+        else:
+            hg = -float(torch.dot(d, self._val_grad()))
+            self._update_lr(hg)
+        self.last = {"loss": value, "lr": lr_used, "hypergradient": hg, "beta": self.beta}
+        self.t += 1
+        return value
+
+    def _update_lr(self, hg: float) -> None:
+        if not math.isfinite(hg):
+            self._skip("hypergradient")
+            return
+        self._set_lr(lr_update(self.lr, hg, self.beta))

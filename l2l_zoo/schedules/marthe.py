@@ -1,0 +1,158 @@
+"""MARTHE (Algorithm 1 of the MARTHE paper) and RTHO (Franceschi et al. 2017) = MARTHE with μ = 1.
+
+Per step t (the paper's Algorithm 1, with the rate update moved to the end of the previous step,
+which is the same sequence of operations):
+
+    Z_{t+1} = μ_t·A_t Z_t + [B_t]_t                        tangent system, eq. (9)
+    w_{t+1} = Φ_t(w_t, η_t)                                parameter update
+    Δη_{t+1} = Z_{t+1}ᵀ ∇E(w_{t+1})                        = S_{t+1,μ}, eq. (11)
+    μ_{t+1} = h_μ(q(μ_t)),  q = Δη_{t+1}·g'_1              eq. (10), appendix B (adaptive μ only)
+    β_{t+1} from Δη_{t+1}·Δη_t                              §4 (adaptive β only, see core.beta_update)
+    η_{t+1} = max(η_t − β_{t+1}·Δη_{t+1}, 0)               eq. (5)
+
+with ``g'_1 = [B_t]_tᵀ∇E(w_{t+1})`` the HD hypergradient, ``Z_0 = 0`` and ``μ_0 = 0``.
+For dynamics with state ``s`` (momentum buffer, Adam moments) ``Z = (Z_w, Z_s)`` and
+``A_t Z = (Z_w − η_t·∂d_t[Z], ∂s_{t+1}[Z])``, ``[B_t]_t = (−d_t, 0)``; ``∂d_t[Z]`` needs
+``H_t Z_w`` (Hessian of the minibatch loss), computed by double backward (Pearlmutter 1994).
+
+Unrolled, ``Δη_T = Σ_t (Π_{j=t}^{T−2} μ_j)·∂E(w_T)/∂η_t`` restricted to the past trajectory:
+μ = 0 gives HD on E, μ = 1 gives RTHO, whose ``Z_T`` is the forward-mode total derivative
+``dw_T/dη`` for a perturbation of every past rate (eq. 3 summed over columns).
+
+Differences from the authors' public code (REFERENCE.md, "known defects"), on purpose: the tangent
+uses the current rate ``η_t`` (not the initial one), ``E`` is whatever held-out objective the caller
+passes (the benchmarks use a validation split, never the test set), and the hypergradient is one dot
+product over all parameters (one rate update per step, not one per tensor).
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+
+from .controller import HypergradientController
+from .core import BETA_RULES, beta_update, lr_update, mu_heuristic
+
+__all__ = ["MARTHE", "RTHO"]
+
+
+class MARTHE(HypergradientController):
+    """MARTHE learning-rate controller.
+
+    Args:
+        optimizer: a ``torch.optim`` SGD (any momentum / Nesterov / weight decay), Adam or AdamW;
+            its ``lr`` is the initial rate ``η_0`` (the paper suggests 0 without prior knowledge).
+        val_loss_fn: ``() -> scalar tensor``, the objective ``E`` at the current weights
+            (validation loss on held-out data).
+        beta: the hyper-learning rate β, or its initial value ``β_0`` when ``beta_lr`` is set
+            (the paper's Algorithm 1 uses ``β_0 = 0``).
+        mu: the discount μ in [0, 1], or ``"adaptive"`` for the heuristic h_μ of appendix B.
+        beta_lr: step size α for adapting β online (§4); ``None`` keeps β fixed.
+        beta_rule: the sign convention of the β update, see :func:`core.beta_update`.
+        divergence_loss: a training loss above this (or non-finite) raises ``ScheduleDiverged``.
+    """
+
+    _scalar_keys = HypergradientController._scalar_keys + ("mu", "_c", "_prev_hg", "_z_zero")
+    _tensor_keys = ("_z_w", "_z_s")
+
+    def __init__(self, optimizer: torch.optim.Optimizer, val_loss_fn: Callable[[], torch.Tensor], *,
+                 beta: float, mu: float | str = "adaptive", beta_lr: float | None = None,
+                 beta_rule: str = "descent", divergence_loss: float = math.inf):
+        if val_loss_fn is None:
+            raise TypeError("MARTHE needs val_loss_fn, the objective E (e.g. a validation loss)")
+        super().__init__(optimizer, val_loss_fn, beta=beta, divergence_loss=divergence_loss)
+        if mu == "adaptive":
+            self.adaptive_mu = True
+            self.mu = 0.0  # μ_0 = 0 (Algorithm 1)
+        elif isinstance(mu, (int, float)) and not isinstance(mu, bool) and 0.0 <= mu <= 1.0:
+            self.adaptive_mu = False
+            self.mu = float(mu)
+        else:
+            raise ValueError(f"mu must be a number in [0, 1] or 'adaptive', got {mu!r}")
+        if beta_lr is not None and not (isinstance(beta_lr, (int, float)) and math.isfinite(beta_lr)
+                                        and beta_lr >= 0):
+            raise ValueError(f"beta_lr must be None or a finite number >= 0, got {beta_lr!r}")
+        if beta_rule not in BETA_RULES:
+            raise ValueError(f"beta_rule must be one of {list(BETA_RULES)}, got {beta_rule!r}")
+        self.beta_lr = None if beta_lr is None else float(beta_lr)
+        self.beta_rule = beta_rule
+        self._c = 0.0           # c_t of appendix B (effective horizon counter)
+        self._prev_hg = 0.0     # Δη_t (0 before the first step)
+        self._z_zero = True     # Z_t = 0: the Hessian-vector product can be skipped
+        self._z_w: torch.Tensor | None = None
+        self._z_s: tuple = ()
+
+    @property
+    def tangent(self) -> tuple[torch.Tensor | None, tuple]:
+        """``(Z_w, Z_s)``: the weight tangent (n,) and one (n,) tensor per optimizer-state tensor."""
+        return self._z_w, self._z_s
+
+    def step(self, loss: torch.Tensor) -> float:
+        """One training step with rate η_t and the update to η_{t+1} (module docstring).
+        ``loss``: the scalar minibatch training loss at the current weights. Returns its value."""
+        value = self._check_loss(loss)
+        mu, lr = self.mu, self.lr
+        need_hvp = mu != 0.0 and not self._z_zero
+        grads = self._train_grads(loss, create_graph=need_hvp)
+        g = self._flat(grads).detach()
+        w = self._weights()
+        state, k = self._state()
+        d, _ = self.dynamics.direction(g, w, state, k)
+        if need_hvp:
+            hz = self._hvp(grads, self._z_w)
+            dd, ds = self.dynamics.tangent(g, hz, w, state, k, self._z_w, self._z_s)
+            # μ·(Z_w − η_t·dd) − d_t; the in-place ops act on the new tensor made by add
+            z_w = torch.add(self._z_w, dd, alpha=-lr).mul_(mu).sub_(d)
+            z_s = ds if mu == 1.0 else tuple(mu * x for x in ds)
+        else:  # μ_t A_t Z_t = 0: Z_{t+1} = [B_t]_t
+            z_w = -d
+            z_s = tuple(torch.zeros_like(w) for _ in range(self.dynamics.n_state))
+        self._apply(grads, lr)
+
+        g_e = self._val_grad()
+        hg, g1 = (float(v) for v in torch.stack([torch.dot(z_w, g_e), -torch.dot(d, g_e)]).tolist())
+        info = {"loss": value, "lr": lr, "mu": mu, "hypergradient": hg, "hd_hypergradient": g1}
+        # A non-finite entry of Z_w or ∇E makes the dot products non-finite (0·inf = nan), so
+        # checking the two scalars covers the tangent as well.
+        if not (math.isfinite(hg) and math.isfinite(g1)):
+            # Keep η; restart the tangent system from Z = 0 (as at t = 0) so that one overflow
+            # does not poison every later step.
+            self._skip("hypergradient")
+            self._z_w, self._z_s, self._z_zero = None, (), True
+            self._prev_hg = 0.0
+            if self.adaptive_mu:
+                self.mu, self._c = 0.0, 0.0
+        else:
+            self._z_w, self._z_s, self._z_zero = z_w, z_s, False
+            if self.adaptive_mu:
+                self.mu, self._c = mu_heuristic(hg * g1, g1, mu, self._c)
+            if self.beta_lr is not None:
+                self.beta = beta_update(self.beta, self.beta_lr, hg, self._prev_hg, lr, self.beta_rule)
+            self._prev_hg = hg
+            self._set_lr(lr_update(lr, hg, self.beta))
+        info["beta"] = self.beta
+        self.last = info
+        self.t += 1
+        return value
+
+
+    def _hvp(self, grads: tuple, z: torch.Tensor) -> torch.Tensor:
+        """``H_t z`` (flat (n,)) by double backward through ``grads`` (created with a graph)."""
+        pairs = [(g, p, v) for g, p, v in zip(grads, self.params, self._views(z)) if g.requires_grad]
+        out = torch.autograd.grad([g for g, _, _ in pairs], [p for _, p, _ in pairs],
+                                  grad_outputs=[v for _, _, v in pairs], allow_unused=True)
+        by_param = {id(p): h for (_, p, _), h in zip(pairs, out)}
+        return self._flat([by_param.get(id(p)) for p in self.params])
+
+
+class RTHO(MARTHE):
+    """RTHO (Franceschi et al. 2017, with hyperparameter updates every step, footnote 4):
+    MARTHE with μ = 1, i.e. the undiscounted tangent ``Z_t = dw_t/dη`` and
+    ``Δη_t = Z_tᵀ∇E(w_t)`` (eq. 6). Arguments as :class:`MARTHE` without ``mu``."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, val_loss_fn: Callable[[], torch.Tensor], *,
+                 beta: float, beta_lr: float | None = None, beta_rule: str = "descent",
+                 divergence_loss: float = math.inf):
+        super().__init__(optimizer, val_loss_fn, beta=beta, mu=1.0, beta_lr=beta_lr,
+                         beta_rule=beta_rule, divergence_loss=divergence_loss)

@@ -1,0 +1,551 @@
+"""Tests of the hypergradient schedules (HD, RTHO, MARTHE, LRS-OPT) and the baselines.
+
+Truth tests, each against an independent reference (all in float64, seeds fixed):
+* the dynamics equal torch.optim (SGD, momentum, Nesterov, Adam, AdamW) to 1e-12;
+* HD's update is the autograd derivative of the one-step-ahead objective (rel. 1e-9);
+* MARTHE with μ = 0 reproduces HD and with μ = 1 RTHO; RTHO and MARTHE with adaptive μ and β
+  reproduce a dense reference implementation of Algorithm 1 with explicit Hessians (rel. 1e-9);
+* RTHO's tangent equals forward-mode dw_t/dη (torch.func.jvp through the unroll) (rel. 1e-9);
+* LRS-OPT's hypergradient equals float64 central differences (rel. 1e-6) and the μ-discounted sum
+  of its entries equals MARTHE's Δη_T (rel. 1e-9);
+* rates stay >= 0, non-finite hypergradients are skipped with one warning, divergence raises.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from l2l_zoo.schedules import (HD, MARTHE, RTHO, BASELINES, HypergradientWarning, LRSOpt,
+                               ScheduleDiverged, baseline_lrs, beta_update, dynamics_from_optimizer,
+                               make_baseline, mu_heuristic, schedule_hypergradient, unroll)
+
+DT = torch.float64
+KINDS = ("sgd", "sgdm", "nesterov", "adam", "adamw")
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """The problems here have at most 43 parameters: extra threads only add synchronisation (which
+    is very costly on a shared machine), so run each test on one thread and restore the setting."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def make_opt(kind, params, lr):
+    if kind == "sgd":
+        return torch.optim.SGD(params, lr=lr)
+    if kind == "sgdm":
+        return torch.optim.SGD(params, lr=lr, momentum=0.9, dampening=0.1, weight_decay=1e-2)
+    if kind == "nesterov":
+        return torch.optim.SGD(params, lr=lr, momentum=0.8, nesterov=True, weight_decay=1e-2)
+    if kind == "adam":
+        return torch.optim.Adam(params, lr=lr, betas=(0.8, 0.9), weight_decay=1e-2)
+    if kind == "adamw":
+        return torch.optim.AdamW(params, lr=lr, betas=(0.8, 0.9), weight_decay=1e-1)
+    raise AssertionError(kind)
+
+
+# ----------------------------------------------------------------------------- problems
+
+class TinyMLP(nn.Module):
+    """4 → 5 → 3 tanh MLP (43 parameters): smooth, so Hessians and finite differences are clean."""
+
+    def __init__(self, seed=0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.net = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).to(DT)
+
+    def forward(self, x):
+        return self.net(x)
+
+
+def mlp_functional(w, x):
+    """The same network written by hand on a flat vector (order W1, b1, W2, b2)."""
+    w1, b1, w2, b2 = w[:20].view(5, 4), w[20:25], w[25:40].view(3, 5), w[40:43]
+    return torch.tanh(x @ w1.T + b1) @ w2.T + b2
+
+
+def mlp_data(seed=0, steps=20, batch=8):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(64, 4, generator=g, dtype=DT)
+    y = torch.randint(0, 3, (64,), generator=g)
+    xv = torch.randn(32, 4, generator=g, dtype=DT)
+    yv = torch.randint(0, 3, (32,), generator=g)
+    idx = [torch.randperm(64, generator=g)[:batch] for _ in range(steps)]
+    return [(x[i], y[i]) for i in idx], (xv, yv)
+
+
+def ce(out, y):
+    return nn.functional.cross_entropy(out, y)
+
+
+def flat(model):
+    return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+
+class Quad(nn.Module):
+    """Two parameter tensors (shapes (3,) and (2, 2)), flat n = 7."""
+
+    def __init__(self, seed=0):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.a = nn.Parameter(torch.randn(3, generator=g, dtype=DT))
+        self.b = nn.Parameter(torch.randn(2, 2, generator=g, dtype=DT))
+
+
+def quad_batches(seed=0, steps=8, n=7):
+    """Minibatch quadratics L_t(w) = ½ (w − c_t)ᵀ Q_t (w − c_t) with random SPD Q_t."""
+    g = torch.Generator().manual_seed(seed + 1)
+    out = []
+    for _ in range(steps):
+        m = torch.randn(n, n, generator=g, dtype=DT)
+        out.append((m @ m.T / n + 0.1 * torch.eye(n, dtype=DT), torch.randn(n, generator=g, dtype=DT)))
+    return out
+
+
+def quad_loss(w, batch):
+    q, c = batch
+    r = w - c
+    return 0.5 * r @ q @ r
+
+
+QUAD_VAL = torch.linspace(-1, 1, 7, dtype=DT)
+
+
+def quad_val(w):
+    return 0.5 * ((w - QUAD_VAL) ** 2).sum() + 0.1 * (w ** 4).sum()
+
+
+# ----------------------------------------------------------------------------- dynamics
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_dynamics_match_torch_optim(kind):
+    """Our functional Φ (used by every controller and by LRS-OPT) reproduces torch.optim's steps."""
+    model = Quad()
+    w0 = flat(model)
+    batches = quad_batches(steps=6)
+    opt = make_opt(kind, model.parameters(), lr=0.05)
+    for b in batches:
+        opt.zero_grad()
+        quad_loss(torch.cat([model.a.reshape(-1), model.b.reshape(-1)]), b).backward()
+        opt.step()
+    ours = unroll(w0, torch.full((6,), 0.05, dtype=DT), batches, quad_loss, dynamics_from_optimizer(opt),
+                  create_graph=False)
+    torch.testing.assert_close(ours, flat(model), rtol=0, atol=1e-12)
+
+
+def run_controller(ctrl_cls, kind, steps, *, lr=0.1, data_seed=0, **kw):
+    model = TinyMLP()
+    batches, (xv, yv) = mlp_data(data_seed, steps)
+    opt = make_opt(kind, model.parameters(), lr)
+    ctrl = ctrl_cls(opt, lambda: ce(model(xv), yv), **kw)
+    lrs = []
+    for x, y in batches:
+        lrs.append(ctrl.lr)
+        ctrl.step(ce(model(x), y))
+    lrs.append(ctrl.lr)
+    return torch.tensor(lrs, dtype=DT), flat(model), ctrl
+
+
+# ----------------------------------------------------------------------------- HD
+
+def one_step_reference(kind, opt, w, g, lr):
+    """w_{t+1}(η) for a differentiable η, written from torch's documented update rules, with the
+    optimizer's state read directly from torch's ``optimizer.state``."""
+    group = opt.param_groups[0]
+    params = group["params"]
+    st = [opt.state.get(p, {}) for p in params]
+    cat = (lambda key: torch.cat([s[key].reshape(-1) for s in st])) if st[0] else None
+    wd = group["weight_decay"]
+    if kind == "sgd":
+        return w - lr * g
+    if kind in ("sgdm", "nesterov"):
+        gg = g + wd * w
+        m, damp = group["momentum"], group["dampening"]
+        buf = gg if not st[0] else m * cat("momentum_buffer") + (1 - damp) * gg
+        return w - lr * (gg + m * buf if group["nesterov"] else buf)
+    b1, b2 = group["betas"]
+    gg = g if kind == "adamw" else g + wd * w
+    k = int(st[0]["step"]) + 1 if st[0] else 1
+    m = b1 * (cat("exp_avg") if st[0] else 0) + (1 - b1) * gg
+    v = b2 * (cat("exp_avg_sq") if st[0] else 0) + (1 - b2) * gg * gg
+    u = (m / (1 - b1 ** k)) / (v.sqrt() / math.sqrt(1 - b2 ** k) + group["eps"])
+    return w - lr * (u + wd * w if kind == "adamw" else u)
+
+
+@pytest.mark.parametrize("kind", ["sgd", "sgdm", "adam", "adamw"])
+def test_hd_update_is_derivative_of_one_step_ahead_loss(kind):
+    """Δ^HD η_{t+1} = ∂E(w_{t+1}(η))/∂η at η = η_t (eq. 6), E = validation loss; η_{t+1} = η_t − β·Δ."""
+    model = TinyMLP()
+    batches, (xv, yv) = mlp_data(1, 6)
+    opt = make_opt(kind, model.parameters(), 0.1)
+    beta = 1e-3
+    ctrl = HD(opt, lambda: ce(model(xv), yv), beta=beta)
+    for x, y in batches:
+        w = flat(model).requires_grad_(False)
+        g = torch.autograd.grad(ce(mlp_functional(w.requires_grad_(True), x), y), w)[0].detach()
+        eta = torch.tensor(ctrl.lr, dtype=DT, requires_grad=True)
+        e_next = ce(mlp_functional(one_step_reference(kind, opt, w.detach(), g, eta), xv), yv)
+        (expected,) = torch.autograd.grad(e_next, eta)
+        lr_before = ctrl.lr
+        ctrl.step(ce(model(x), y))
+        assert ctrl.last["hypergradient"] == pytest.approx(float(expected), rel=1e-9, abs=1e-15)
+        assert ctrl.lr == pytest.approx(max(lr_before - beta * float(expected), 0.0), rel=1e-12)
+
+
+def test_hd_training_objective_matches_baydin():
+    """val_loss_fn=None (Baydin et al.): the update applied at step t+1 is
+    Δη = ∂[L_{t+1} + wd/2·|w|²](w_{t+1}(η))/∂η at η = η_t, with w_{t+1}(η) = w_t − η·buf_{t+1}."""
+    model = TinyMLP()
+    batches, _ = mlp_data(2, 5)
+    opt = make_opt("sgdm", model.parameters(), 0.1)  # momentum 0.9, dampening 0.1, weight decay 1e-2
+    ctrl = HD(opt, None, beta=1e-3)
+    expected = None
+    for i, (x, y) in enumerate(batches):
+        lr_before, w = ctrl.lr, flat(model)
+        ctrl.step(ce(model(x), y))
+        if expected is not None:
+            assert ctrl.last["hypergradient"] == pytest.approx(expected, rel=1e-9)
+            assert ctrl.last["lr"] == pytest.approx(lr_before - 1e-3 * expected, rel=1e-12)
+        if i + 1 < len(batches):
+            buf = torch.cat([opt.state[p]["momentum_buffer"].reshape(-1) for p in model.parameters()])
+            eta = torch.tensor(ctrl.last["lr"], dtype=DT, requires_grad=True)
+            w_next = w - eta * buf
+            xn, yn = batches[i + 1]
+            obj = ce(mlp_functional(w_next, xn), yn) + 0.5 * 1e-2 * (w_next ** 2).sum()
+            expected = float(torch.autograd.grad(obj, eta)[0])
+
+
+# ----------------------------------------------------------------------------- MARTHE / RTHO
+
+@pytest.mark.parametrize("kind", ["sgdm", "adam"])
+def test_marthe_mu0_equals_hd(kind):
+    lrs_m, w_m, _ = run_controller(MARTHE, kind, 15, beta=1e-2, mu=0.0)
+    lrs_h, w_h, _ = run_controller(HD, kind, 15, beta=1e-2)
+    assert (lrs_h[1:] != lrs_h[0]).any(), "the rate must move for the comparison to mean anything"
+    torch.testing.assert_close(lrs_m, lrs_h, rtol=1e-12, atol=0)
+    torch.testing.assert_close(w_m, w_h, rtol=1e-12, atol=1e-14)
+
+
+def dense_marthe_reference(steps, *, lr, beta, mu, beta_lr=None):
+    """Algorithm 1 for plain SGD, written independently with explicit Hessian matrices:
+    Z ← μ(I − ηH)Z − g; w ← w − ηg; Δ = Z·∇E; g1 = −g·∇E; μ ← h_μ; β ← β + α·Δ·Δ_prev; η ← max(η − βΔ, 0)."""
+    w = flat(TinyMLP())
+    batches, (xv, yv) = mlp_data(0, steps)
+    z = torch.zeros_like(w)
+    adaptive = mu == "adaptive"
+    m, c, prev, lrs = (0.0 if adaptive else mu), 0.0, 0.0, [lr]
+    for x, y in batches:
+        loss = lambda v: ce(mlp_functional(v, x), y)  # noqa: E731
+        h = torch.func.hessian(loss)(w)
+        g = torch.func.grad(loss)(w)
+        z = m * (z - lr * h @ z) - g
+        w = w - lr * g
+        ge = torch.func.grad(lambda v: ce(mlp_functional(v, xv), yv))(w)
+        d_eta, g1 = float(z @ ge), float(-g @ ge)
+        if adaptive:
+            q = min(max(d_eta * g1 / g1 ** 2, 0.0), 1.0)
+            m, c = q ** (1 / (c + 1)), m * (1 + c)
+        if beta_lr is not None:
+            beta = max(beta + beta_lr * d_eta * prev, 0.0)
+        prev = d_eta
+        lr = max(lr - beta * d_eta, 0.0)
+        lrs.append(lr)
+    return torch.tensor(lrs, dtype=DT)
+
+
+def test_rtho_equals_marthe_mu1_and_dense_reference():
+    ref = dense_marthe_reference(12, lr=0.1, beta=1e-2, mu=1.0)
+    lrs_r, w_r, _ = run_controller(RTHO, "sgd", 12, beta=1e-2)
+    lrs_m, w_m, _ = run_controller(MARTHE, "sgd", 12, beta=1e-2, mu=1.0)
+    assert (ref[1:] - ref[0]).abs().max() > 1e-3
+    torch.testing.assert_close(lrs_r, ref, rtol=1e-9, atol=0)
+    torch.testing.assert_close(lrs_m, lrs_r, rtol=0, atol=0)
+    # and RTHO is not HD here: the accumulated tangent changes the schedule
+    lrs_h, _, _ = run_controller(HD, "sgd", 12, beta=1e-2)
+    assert (lrs_h - lrs_r).abs().max() > 1e-4
+
+
+def test_marthe_adaptive_mu_and_beta_equal_dense_reference():
+    ref = dense_marthe_reference(12, lr=0.1, beta=0.0, mu="adaptive", beta_lr=1.0)
+    lrs, _, ctrl = run_controller(MARTHE, "sgd", 12, beta=0.0, mu="adaptive", beta_lr=1.0)
+    assert (ref[1:] - ref[0]).abs().max() > 1e-4 and ctrl.beta > 0
+    torch.testing.assert_close(lrs, ref, rtol=1e-9, atol=1e-15)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_rtho_tangent_is_forward_mode_total_derivative(kind):
+    """Z_t = dw_t/dη: the jvp of the unroll w.r.t. a common shift δ of every past rate, at the
+    schedule RTHO actually produced (β > 0, so the rates change and the tangent must use them)."""
+    model = Quad()
+    w0 = flat(model)
+    batches = quad_batches(steps=7)
+    opt = make_opt(kind, model.parameters(), 0.05)
+    ctrl = RTHO(opt, lambda: quad_val(torch.cat([model.a.reshape(-1), model.b.reshape(-1)])),
+                beta=1e-3)
+    dyn = dynamics_from_optimizer(opt)
+    used = []
+    for t, b in enumerate(batches):
+        used.append(ctrl.lr)
+        ctrl.step(quad_loss(torch.cat([model.a.reshape(-1), model.b.reshape(-1)]), b))
+        sched = torch.tensor(used, dtype=DT)
+
+        def w_of(delta):
+            w, state = w0, dyn.init_state(w0)
+            for s in range(t + 1):
+                g = torch.func.grad(quad_loss)(w, batches[s])
+                d, state = dyn.direction(g, w, state, s)
+                w = w - (sched[s] + delta) * d
+            return w
+
+        w_t, dw = torch.func.jvp(w_of, (torch.zeros((), dtype=DT),), (torch.ones((), dtype=DT),))
+        torch.testing.assert_close(w_t, flat(model), rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(ctrl.tangent[0], dw, rtol=1e-9, atol=1e-12)
+    assert len(set(used)) > 3
+
+
+# ----------------------------------------------------------------------------- LRS-OPT
+
+def _mlp_problem(steps):
+    batches, (xv, yv) = mlp_data(3, steps)
+    return (flat(TinyMLP()), batches, lambda w, b: ce(mlp_functional(w, b[0]), b[1]),
+            lambda w: ce(mlp_functional(w, xv), yv))
+
+
+@pytest.mark.parametrize("kind", ["sgd", "sgdm", "adam"])
+def test_lrs_opt_hypergradient_matches_central_differences(kind):
+    w0, batches, loss_fn, val_fn = _mlp_problem(6)
+    dyn = dynamics_from_optimizer(make_opt(kind, [nn.Parameter(torch.zeros(1, dtype=DT))], 0.1))
+    lrs = torch.tensor([0.1, 0.2, 0.05, 0.15, 0.1, 0.3], dtype=DT)
+    if kind == "adam":
+        lrs = lrs / 10
+    value, h = schedule_hypergradient(w0, lrs, batches, loss_fn, val_fn, dyn)
+    eps = 1e-6
+    fd = []
+    for t in range(len(lrs)):
+        e = torch.zeros_like(lrs)
+        e[t] = eps
+        plus = val_fn(unroll(w0, lrs + e, batches, loss_fn, dyn, create_graph=False))
+        minus = val_fn(unroll(w0, lrs - e, batches, loss_fn, dyn, create_graph=False))
+        fd.append(float(plus - minus) / (2 * eps))
+    assert value == pytest.approx(float(val_fn(unroll(w0, lrs, batches, loss_fn, dyn, create_graph=False))))
+    torch.testing.assert_close(h, torch.tensor(fd, dtype=DT), rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize("mu", [0.0, 0.5, 1.0])
+def test_marthe_is_discounted_sum_of_exact_hypergradient(mu):
+    """With a fixed schedule (β = 0), Δη_T = Σ_t μ^{T−1−t}·∂f_T/∂η_t (eq. 9/11 vs eq. 4)."""
+    steps = 8
+    w0, batches, loss_fn, val_fn = _mlp_problem(steps)
+    model = TinyMLP()
+    _, (xv, yv) = mlp_data(3, steps)
+    opt = make_opt("sgdm", model.parameters(), 0.1)
+    ctrl = MARTHE(opt, lambda: ce(model(xv), yv), beta=0.0, mu=mu)
+    for x, y in batches:
+        ctrl.step(ce(model(x), y))
+    _, h = schedule_hypergradient(w0, torch.full((steps,), 0.1, dtype=DT), batches, loss_fn, val_fn,
+                                  dynamics_from_optimizer(opt))
+    weights = torch.tensor([mu ** (steps - 1 - t) for t in range(steps)], dtype=DT)
+    assert ctrl.last["hypergradient"] == pytest.approx(float(weights @ h), rel=1e-9)
+    assert ctrl.last["hd_hypergradient"] == pytest.approx(float(h[-1]), rel=1e-9)
+
+
+def test_lrs_opt_projection_and_errors():
+    opt = LRSOpt(torch.tensor([0.01, 0.02], dtype=DT), outer_lr=0.1, outer="sgd")
+    opt.update(torch.tensor([1.0, -1.0], dtype=DT))
+    assert opt.lrs.tolist() == pytest.approx([0.0, 0.12])
+    with pytest.raises(FloatingPointError):
+        opt.update(torch.tensor([math.nan, 0.0], dtype=DT))
+    with pytest.raises(ValueError, match="outer must be"):
+        LRSOpt(torch.ones(2), outer_lr=0.1, outer="lbfgs")
+    with pytest.raises(ValueError, match=">= 0"):
+        LRSOpt(torch.tensor([-1.0]), outer_lr=0.1)
+
+
+def test_lrs_opt_improves_the_objective():
+    w0, batches, loss_fn, val_fn = _mlp_problem(10)
+    dyn = dynamics_from_optimizer(make_opt("sgd", [nn.Parameter(torch.zeros(1, dtype=DT))], 0.1))
+    opt = LRSOpt(torch.full((10,), 0.05, dtype=DT), outer_lr=0.02)
+    first = None
+    for _ in range(15):
+        value, _ = opt.step(w0, batches, loss_fn, val_fn, dyn)
+        first = value if first is None else first
+    final = float(val_fn(unroll(w0, opt.lrs, batches, loss_fn, dyn, create_graph=False)))
+    assert final < first - 1e-3
+
+
+# ----------------------------------------------------------------------------- scalar rules
+
+def test_mu_heuristic_appendix_b():
+    assert mu_heuristic(q=4.0, g1=2.0, mu=0.0, c=0.0) == (1.0, 0.0)       # μ_t = 0 ⇒ q = g1² ⇒ μ = 1
+    assert mu_heuristic(q=-1.0, g1=1.0, mu=1.0, c=0.0) == (0.0, 1.0)      # no descent: forget
+    mu, c = mu_heuristic(q=0.25, g1=1.0, mu=0.8, c=1.0)
+    assert mu == pytest.approx(0.5) and c == pytest.approx(1.6)          # 0.25^(1/2), 0.8·(1+1)
+    assert mu_heuristic(q=0.0, g1=0.0, mu=1.0, c=3.0) == (0.0, 4.0)
+
+
+def test_beta_update_descent_rule_is_gradient_step_on_beta():
+    """Adaptive β with μ = 0: β_{t+1} − β_t = −α·∂E(w_{t+1})/∂β_t, where η_t = η_{t−1} − β_t·Δη_t."""
+    model = TinyMLP()
+    batches, (xv, yv) = mlp_data(4, 6)
+    opt = make_opt("sgd", model.parameters(), 0.1)
+    alpha = 0.5
+    ctrl = MARTHE(opt, lambda: ce(model(xv), yv), beta=1e-3, mu=0.0, beta_lr=alpha)
+    prev = None
+    for x, y in batches:
+        w = flat(model).requires_grad_(True)
+        g = torch.autograd.grad(ce(mlp_functional(w, x), y), w)[0].detach()
+        beta_t, lr_t = ctrl.beta, ctrl.lr
+        ctrl.step(ce(model(x), y))
+        if prev is not None:
+            lr_prev, d_prev = prev
+            b = torch.tensor(beta_t, dtype=DT, requires_grad=True)
+            eta = lr_prev - b * d_prev
+            assert float(eta.detach()) == pytest.approx(lr_t, rel=1e-12)
+            e = ce(mlp_functional(w.detach() - eta * g, xv), yv)
+            (db,) = torch.autograd.grad(e, b)
+            assert ctrl.beta == pytest.approx(max(beta_t - alpha * float(db), 0.0), rel=1e-9)
+        prev = (ctrl.last["lr"], ctrl.last["hypergradient"])
+    assert beta_update(1.0, 0.5, 2.0, 3.0, 0.1, "as-printed") == 0.0
+    assert beta_update(1.0, 0.1, 2.0, 3.0, 0.1, "descent") == pytest.approx(1.6)
+    assert beta_update(1.0, 0.1, 2.0, 3.0, 0.5, "public-code") == pytest.approx(1.1)
+    with pytest.raises(ValueError, match="beta_rule"):
+        beta_update(1.0, 0.1, 2.0, 3.0, 0.5, "sign")
+
+
+# ----------------------------------------------------------------------------- safety
+
+class Holder(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.tensor([1.0, -2.0, 0.5], dtype=DT))
+
+
+@pytest.mark.parametrize("cls,kw", [(HD, {}), (RTHO, {}), (MARTHE, {"mu": "adaptive", "beta_lr": 1.0})])
+def test_lr_stays_nonnegative(cls, kw):
+    """E(w) = −½|w|² rewards large weights, so every hypergradient is > 0 and a huge β would drive
+    the rate negative without the max of eq. (5)."""
+    m = Holder()
+    opt = torch.optim.SGD(m.parameters(), lr=0.1)
+    ctrl = cls(opt, lambda: -0.5 * (m.w ** 2).sum(), beta=1e3, **kw)
+    seen = []
+    for _ in range(6):
+        ctrl.step(0.5 * (m.w ** 2).sum())
+        seen.append(ctrl.lr)
+        assert opt.param_groups[0]["lr"] == ctrl.lr
+        assert ctrl.last["hypergradient"] > 0
+    assert min(seen) >= 0.0 and seen[-1] == 0.0
+
+
+@pytest.mark.parametrize("cls,kw", [(HD, {}), (MARTHE, {"mu": "adaptive"}), (RTHO, {})])
+def test_nonfinite_hypergradient_is_skipped_and_reported_once(cls, kw):
+    model = TinyMLP()
+    batches, (xv, yv) = mlp_data(5, 8)
+    calls = {"n": 0}
+
+    def val():
+        calls["n"] += 1
+        out = ce(model(xv), yv)
+        return out * math.nan if calls["n"] in (3, 5, 6) else out
+
+    opt = make_opt("sgdm", model.parameters(), 0.1)
+    ctrl = cls(opt, val, beta=1e-2, **kw)
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        for i, (x, y) in enumerate(batches):
+            before = ctrl.lr
+            ctrl.step(ce(model(x), y))
+            if i + 1 in (3, 5, 6):
+                assert ctrl.lr == before
+            else:
+                assert math.isfinite(ctrl.lr)
+    ours = [r for r in rec if issubclass(r.category, HypergradientWarning)]
+    assert len(ours) == 1 and "skipped" in str(ours[0].message)
+    assert ctrl.n_skipped == 3 and ctrl.t == 8
+    assert torch.isfinite(flat(model)).all()
+
+
+def test_divergence_raises_with_step_and_leaves_weights():
+    model = TinyMLP()
+    batches, (xv, yv) = mlp_data(6, 3)
+    opt = make_opt("sgd", model.parameters(), 0.1)
+    ctrl = MARTHE(opt, lambda: ce(model(xv), yv), beta=1e-2)
+    x, y = batches[0]
+    ctrl.step(ce(model(x), y))
+    w = flat(model)
+    with pytest.raises(ScheduleDiverged, match="step 1") as info:
+        ctrl.step(ce(model(x), y) * math.inf)
+    assert info.value.step == 1 and info.value.loss == math.inf
+    torch.testing.assert_close(flat(model), w, rtol=0, atol=0)
+
+
+def test_invalid_arguments_are_rejected():
+    m = Holder()
+    sgd = torch.optim.SGD(m.parameters(), lr=0.1)
+    val = lambda: (m.w ** 2).sum()  # noqa: E731
+    with pytest.raises(ValueError, match="beta must be"):
+        MARTHE(sgd, val, beta=-1.0)
+    with pytest.raises(ValueError, match="mu must be"):
+        MARTHE(sgd, val, beta=0.1, mu=1.5)
+    with pytest.raises(ValueError, match="beta_lr"):
+        MARTHE(sgd, val, beta=0.1, beta_lr=-1.0)
+    with pytest.raises(TypeError, match="val_loss_fn"):
+        MARTHE(sgd, None, beta=0.1)
+    with pytest.raises(TypeError, match="RMSprop"):
+        HD(torch.optim.RMSprop(m.parameters(), lr=0.1), val, beta=0.1)
+    with pytest.raises(ValueError, match="amsgrad"):
+        HD(torch.optim.Adam(m.parameters(), lr=0.1, amsgrad=True), val, beta=0.1)
+    a, b = nn.Parameter(torch.zeros(2)), nn.Parameter(torch.zeros(2))
+    with pytest.raises(ValueError, match="share 'lr'"):
+        HD(torch.optim.SGD([{"params": [a], "lr": 0.1}, {"params": [b], "lr": 0.2}]), val, beta=0.1)
+    with pytest.raises(TypeError, match="scalar"):
+        HD(sgd, val, beta=0.1).step(torch.ones(2))
+
+
+def test_state_dict_round_trip_continues_identically():
+    model = TinyMLP()
+    batches, (xv, yv) = mlp_data(7, 8)
+    opt = make_opt("sgdm", model.parameters(), 0.1)
+    ctrl = MARTHE(opt, lambda: ce(model(xv), yv), beta=1e-2, beta_lr=1.0)
+    for x, y in batches[:4]:
+        ctrl.step(ce(model(x), y))
+    saved = (ctrl.state_dict(), {k: v.clone() for k, v in model.state_dict().items()},
+             __import__("copy").deepcopy(opt.state_dict()))
+    for x, y in batches[4:]:
+        ctrl.step(ce(model(x), y))
+    expected = ctrl.lr
+    model2 = TinyMLP()
+    model2.load_state_dict(saved[1])
+    opt2 = make_opt("sgdm", model2.parameters(), 0.1)
+    opt2.load_state_dict(saved[2])
+    ctrl2 = MARTHE(opt2, lambda: ce(model2(xv), yv), beta=1e-2, beta_lr=1.0)
+    ctrl2.load_state_dict(saved[0])
+    for x, y in batches[4:]:
+        ctrl2.step(ce(model2(x), y))
+    assert ctrl2.lr == expected
+
+
+# ----------------------------------------------------------------------------- baselines
+
+def test_baselines_follow_the_paper_shapes():
+    t = 100
+    assert baseline_lrs("fixed", 0.1, t) == [0.1] * t
+    ms = baseline_lrs("multistep", 0.1, t)
+    assert ms[29] == pytest.approx(0.1) and ms[30] == pytest.approx(0.01) and ms[90] == pytest.approx(1e-4)
+    ex = baseline_lrs("exponential", 0.1, t)
+    assert ex[-1] == pytest.approx(0.1 * 0.99 ** (200 / t * (t - 1)))
+    sg = baseline_lrs("sgdr", 0.1, t)  # T_0 = 5, T_mult = 2: restarts at 5, 15, 35, 75
+    assert [sg[i] for i in (0, 5, 15, 35, 75)] == pytest.approx([0.1] * 5)
+    assert sg[4] < 0.02 and sg[14] < 0.01
+    opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.1)
+    with pytest.raises(KeyError, match="unknown baseline"):
+        make_baseline("cosine", opt, total_steps=10)
+    with pytest.raises(ValueError, match="total_steps"):
+        make_baseline("fixed", opt, total_steps=0)
+    assert set(BASELINES) == {"fixed", "multistep", "exponential", "sgdr"}
