@@ -339,12 +339,19 @@ def lrs_opt_run(task: Task, cfg: Config, seed: int, ckpt_path: str, log, progres
                    outer_lr=cfg.lrs_opt_outer_lr, outer=cfg.lrs_opt_outer)
     gen = torch.Generator().manual_seed(30_000 + seed)   # fresh minibatches every outer iteration
     history = {"val_loss": [], "hypergradient_norm": [], "wall_s": []}
+    # Everything but the iteration budget must match for a checkpoint to be continued, so that
+    # `--resume --lrs-opt-iters N` with a larger N extends a finished optimisation.
+    ck_sig = {k: getattr(cfg, k) for k in ("steps", "lr", "batch_size", "data_seed", "lrs_opt_outer_lr",
+                                            "lrs_opt_outer")}
     if cfg.resume and os.path.exists(ckpt_path):
         ck = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-        outer.load_state_dict(ck["outer"])
-        gen.set_state(ck["gen"])
-        history = ck["history"]
-        log(f"[lrs-opt] seed {seed}: resumed at outer iteration {outer.iteration}")
+        if ck.get("signature") == ck_sig and ck["outer"]["iteration"] <= cfg.lrs_opt_iters:
+            outer.load_state_dict(ck["outer"])
+            gen.set_state(ck["gen"])
+            history = ck["history"]
+            log(f"[lrs-opt] seed {seed}: resumed at outer iteration {outer.iteration}")
+        else:
+            log(f"[lrs-opt] seed {seed}: checkpoint {ckpt_path} was made with other settings; starting over")
     bar = tqdm(total=cfg.lrs_opt_iters, initial=outer.iteration, desc=f"LRS-OPT seed {seed}",
                disable=not progress, leave=False, dynamic_ncols=True)
     while outer.iteration < cfg.lrs_opt_iters:
@@ -359,7 +366,9 @@ def lrs_opt_run(task: Task, cfg: Config, seed: int, ckpt_path: str, log, progres
         history["val_loss"].append(value)
         history["hypergradient_norm"].append(float(h.norm()))
         history["wall_s"].append(time.perf_counter() - t0)
-        torch.save({"outer": outer.state_dict(), "gen": gen.get_state(), "history": history}, ckpt_path)
+        torch.save({"outer": outer.state_dict(), "gen": gen.get_state(), "history": history,
+                    "signature": ck_sig}, ckpt_path + ".tmp")
+        os.replace(ckpt_path + ".tmp", ckpt_path)  # never a half-written checkpoint
         bar.update(1)
         bar.set_postfix(E=f"{value:.4f}")
     bar.close()
@@ -371,20 +380,23 @@ def lrs_opt_run(task: Task, cfg: Config, seed: int, ckpt_path: str, log, progres
 
 def check_hypergradients(task: Task, cfg: Config, seed: int) -> dict:
     """Online vs exact on the real problem: with β = 0 (η fixed at η0) and E the full validation loss,
-    MARTHE's Δη_T must equal Σ_t μ^{T−1−t}·∂f_T/∂η_t computed by LRS-OPT's reverse mode."""
+    MARTHE's Δη_T must equal Σ_t μ^{T−1−t}·∂f_T/∂η_t computed by LRS-OPT's reverse mode. In float64,
+    so that the comparison is not blurred by float32 rounding accumulated over the unroll."""
     t_check = cfg.check_steps
     gen = torch.Generator().manual_seed(40_000 + seed)
     idx = [torch.randperm(len(task.data.y_train), generator=gen)[:cfg.batch_size].to(task.device)
            for _ in range(t_check)]
-    model = task.build_model(seed=seed)
+    model = task.build_model(seed=seed).double()
     w0, forward = flat_functional(model)
-    xt, yt, xv, yv = task.data.x_train, task.data.y_train, task.data.x_val, task.data.y_val
+    xt, yt = task.data.x_train.double(), task.data.y_train
+    xv, yv = task.data.x_val.double(), task.data.y_val
     value, h = schedule_hypergradient(
-        w0, torch.full((t_check,), cfg.lr, device=w0.device), idx,
+        w0, torch.full((t_check,), cfg.lr, dtype=w0.dtype, device=w0.device), idx,
         lambda w, i: task.loss(forward(w, xt[i]), yt[i]), lambda w: task.loss(forward(w, xv), yv), SGDDynamics())
-    out = {"steps": t_check, "seed": seed, "exact_hypergradient": h.cpu().tolist(), "E": value, "by_mu": {}}
+    out = {"steps": t_check, "seed": seed, "dtype": "float64", "exact_hypergradient": h.cpu().tolist(),
+           "E": value, "by_mu": {}}
     for mu in (0.0, 0.9, 0.99, 1.0):
-        m = task.build_model(seed=seed)
+        m = task.build_model(seed=seed).double()
         ctrl = MARTHE(torch.optim.SGD(m.parameters(), lr=cfg.lr), lambda: task.loss(m(xv), yv), beta=0.0, mu=mu)
         for i in idx:
             ctrl.step(task.loss(m(xt[i]), yt[i]))

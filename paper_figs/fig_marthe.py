@@ -107,7 +107,7 @@ def plot_fig2(result: dict, path: str) -> list[str]:
     ax.set_ylabel("mean validation accuracy (%)")
     n = len(result["config"]["seeds"])
     ax.set_title(f"accuracy vs β, {n} seed(s); diverged configs omitted")
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     ax.grid(alpha=0.3)
     fig.tight_layout()
     out = _save(fig, path)

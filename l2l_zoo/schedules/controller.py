@@ -55,6 +55,9 @@ class HypergradientController:
     weights, typically the loss on (a minibatch of) a held-out validation split. Subclasses
     implement :meth:`step`.
 
+    Parameters that do not influence the training loss get a zero gradient (so weight decay still
+    acts on them, exactly as in the dynamics the tangent follows).
+
     Attributes after each step: ``lr`` (the rate for the next step), ``beta``, ``t`` (steps
     taken), ``n_skipped`` (non-finite hypergradients skipped) and ``last`` (a dict with the
     step's ``loss``, ``lr`` used, ``hypergradient`` and method-specific scalars).
