@@ -202,7 +202,7 @@ class MLRSNet(LearnedOptimizer):
             raise ValueError("MLR-SNet needs the minibatch loss: pass loss= (the adapter does it from "
                              "step(closure) or step(loss=...))")
         w = self.layer3.weight
-        x = torch.as_tensor(loss).detach().to(device=w.device, dtype=w.dtype).reshape(1, 1)
+        x = torch.as_tensor(loss, dtype=w.dtype, device=w.device).detach().reshape(1, 1)
         if self._config["objective"] == "language_model":
             x = x / math.log(self._config["num_classes"])
         return x

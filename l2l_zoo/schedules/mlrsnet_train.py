@@ -15,10 +15,11 @@ before the step, held fixed (it is detached every step, as in the authors' code)
 minibatch of held-out clean meta-data. The real step (eq. 12) then uses φ_{t+1} with the same f_t
 and θ_t. Snapshots of φ are kept every ``snapshot_every`` steps (the paper: every epoch).
 
-Design choices where the sources are silent or disagree (each a documented option):
+Choices where the sources are silent or disagree:
 
 * The authors' code advances the LSTM state twice on meta-update steps (once for the virtual rate,
-  once for the real one); here both use θ_t, as eqs. (11)-(12) are written.
+  once for the real one); by default both use θ_t, as eqs. (11)-(12) are written
+  (``MLRSNetTrainConfig.lstm_state``: ``"paper"`` or ``"authors-code"``).
 * Training gradients in the virtual step carry no second-order graph into φ: ŵ depends on φ only
   through the rate, so ∇_φ f^Val = −(∇f^Val(ŵ) · d_t) ∇_φ A. ``higher`` still builds the
   create-graph gradient (it needs ``track_higher_grads`` for the rate to reach ŵ); autograd prunes
@@ -27,7 +28,9 @@ Design choices where the sources are silent or disagree (each a documented optio
 * BatchNorm running statistics touched by the virtual forward pass are restored afterwards (the
   authors ran it on a separate copy of the model).
 * ``higher`` 0.2.1's differentiable Adam places ε as torch < 1.5 did ((√v + ε)/√(1−β2^t) instead of
-  √v/√(1−β2^t) + ε): for an Adam base the virtual step differs from the real one by O(ε/√v).
+  √v/√(1−β2^t) + ε) and computes the bias corrections from torch's float32 step counter: for an
+  Adam base the virtual step deviates from the real one by ~1e-5 relative (tested). The SGD and
+  SGD-with-momentum virtual steps equal the real ones to rounding.
 
 **Meta-testing (Algorithm 2)** is :class:`~l2l_zoo.optimizers.mlrsnet.MLRSNetController` with k
 saved nets chosen by :func:`select_snapshots` (⌈N·l/k⌉, §4.2.1), each used for a consecutive k-th of
@@ -41,6 +44,7 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 import time
 import warnings
 from dataclasses import asdict, dataclass
@@ -50,17 +54,19 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..meta.trainer import MetaTrainingDiverged
 from ..optimizers.mlrsnet import MLRSNet, MLRSNetController
 
 __all__ = ["MLRSNetTrainConfig", "MLRSNetMetaTrainer", "ScheduledStepper", "virtual_step_loss",
            "meta_gradient", "select_snapshots", "hand_designed_scheduler", "HAND_DESIGNED", "train_loop",
-           "MetaUpdateFailed"]
+           "resumable_train_loop", "MetaUpdateFailed"]
 
 HAND_DESIGNED = ("fixed", "multistep", "exponential", "sgdr")
 
 
-class MetaUpdateFailed(FloatingPointError):
-    """Raised after ``max_meta_failures`` consecutive non-finite meta-losses or meta-gradients."""
+class MetaUpdateFailed(MetaTrainingDiverged):
+    """Raised after ``max_meta_failures`` consecutive non-finite meta-losses or meta-gradients
+    (a :class:`~l2l_zoo.meta.MetaTrainingDiverged`: scripts report it as one line, exit status 4)."""
 
 
 def _split(out) -> tuple[torch.Tensor, Any]:
@@ -87,9 +93,10 @@ def _clip_callback(max_norm: float | None):
 
 def virtual_step_loss(net: MLRSNet, hidden: tuple, x: torch.Tensor, gamma: float, model: nn.Module,
                       optimizer: torch.optim.Optimizer, train_batch, val_batch,
-                      loss_fn: Callable, *, grad_clip: float | None = None):
+                      loss_fn: Callable, *, grad_clip: float | None = None, return_hidden: bool = False):
     """Validation loss f^Val(D^(v); ŵ_{t+1}(φ)) of the virtual step (eq. 11), differentiable in
-    φ = ``net``'s parameters. Returns ``(val_loss, lr)`` (scalar tensors).
+    φ = ``net``'s parameters. Returns ``(val_loss, lr)`` (scalar tensors), plus the network's next
+    (h, c), detached, with ``return_hidden``.
 
     ``hidden``: (h, c) of shape (1, H), the LSTM state θ_t (detached); ``x``: the (1, 1) network
     input of this step's loss f_t; ``gamma``: γ; ``train_batch``: D_t; ``val_batch``: D^(v);
@@ -101,33 +108,35 @@ def virtual_step_loss(net: MLRSNet, hidden: tuple, x: torch.Tensor, gamma: float
     dev = next(model.parameters()).device
     h, c = (t.detach() for t in hidden)
     one = torch.full((1,), float(gamma), device=h.device, dtype=h.dtype)
-    lr, _ = net.network(x.detach(), (h, c, one))
-    lr = lr.reshape(()).to(dev)
     buffers = [b.detach().clone() for b in model.buffers()]
     try:
-        fmodel = higher.monkeypatch(model, copy_initial_weights=True, track_higher_grads=True)
-        with warnings.catch_warnings():
-            # higher's Adam converts a 0-d step tensor with math.sqrt; the value is right.
+        with torch.enable_grad(), warnings.catch_warnings():  # works under no_grad too
+            # higher's Adam turns its 0-d step tensor into a float (math.sqrt): harmless warnings.
             warnings.filterwarnings("ignore", message=".*requires_grad.*to a scalar.*")
             warnings.filterwarnings("ignore", message=".*Consider using tensor.detach.*")
+            lr, (h1, c1, _) = net.network(x.detach(), (h, c, one))
+            lr = lr.reshape(()).to(dev)
+            fmodel = higher.monkeypatch(model, copy_initial_weights=True, track_higher_grads=True)
             diffopt = higher.get_diff_optim(optimizer, model.parameters(), fmodel=fmodel,
                                             override={"lr": [lr]}, track_higher_grads=True,
                                             grad_callback=_clip_callback(grad_clip))
             diffopt.step(_split(loss_fn(fmodel, train_batch))[0])
-        val_loss = _split(loss_fn(fmodel, val_batch))[0]
+            val_loss = _split(loss_fn(fmodel, val_batch))[0]
     finally:
         with torch.no_grad():
             for b, saved in zip(model.buffers(), buffers):
                 b.copy_(saved)
-    return val_loss, lr
+    return (val_loss, lr, (h1.detach(), c1.detach())) if return_hidden else (val_loss, lr)
 
 
 def meta_gradient(net: MLRSNet, *args, **kwargs) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """``(val_loss, [∂ val_loss / ∂φ_i])`` for :func:`virtual_step_loss` (same arguments)."""
-    val_loss, _ = virtual_step_loss(net, *args, **kwargs)
+    """``(val_loss, [∂ val_loss / ∂φ_i])`` for :func:`virtual_step_loss` (same arguments; with
+    ``return_hidden`` the virtual step's next (h, c) comes third)."""
+    val_loss, _, *rest = virtual_step_loss(net, *args, **kwargs)
     params = list(net.parameters())
     grads = torch.autograd.grad(val_loss, params, allow_unused=True)
-    return val_loss.detach(), [torch.zeros_like(p) if g is None else g for g, p in zip(grads, params)]
+    grads = [torch.zeros_like(p) if g is None else g for g, p in zip(grads, params)]
+    return (val_loss.detach(), grads, *rest)
 
 
 # --------------------------------------------------------------------------- steppers
@@ -136,8 +145,10 @@ def meta_gradient(net: MLRSNet, *args, **kwargs) -> tuple[torch.Tensor, list[tor
 class MLRSNetTrainConfig:
     """Algorithm 1 settings: ``t_val`` (T_val), ``meta_lr`` and ``meta_weight_decay`` of the Adam
     meta-optimizer (§4.1.1), ``grad_clip`` (max gradient norm of the base optimizer, None: off;
-    PTB: 0.25, §4.1.2), ``snapshot_every`` (steps between saved copies of φ; 0: none) and
-    ``max_meta_failures`` (consecutive non-finite meta-updates before giving up)."""
+    PTB: 0.25, §4.1.2), ``snapshot_every`` (steps between saved copies of φ; 0: none),
+    ``max_meta_failures`` (consecutive non-finite meta-updates before giving up) and
+    ``lstm_state``: on meta-update steps the real rate uses θ_t (``"paper"``, eqs. 11-12) or the
+    state the virtual rate already advanced (``"authors-code"``, their meta-train script)."""
 
     t_val: int = 100
     meta_lr: float = 1e-3
@@ -145,6 +156,7 @@ class MLRSNetTrainConfig:
     grad_clip: float | None = None
     snapshot_every: int = 0
     max_meta_failures: int = 10
+    lstm_state: str = "paper"
 
     def __post_init__(self):
         if not (isinstance(self.t_val, int) and self.t_val >= 1):
@@ -155,6 +167,8 @@ class MLRSNetTrainConfig:
             raise ValueError(f"meta_weight_decay must be >= 0, got {self.meta_weight_decay!r}")
         if self.grad_clip is not None and not self.grad_clip > 0:
             raise ValueError(f"grad_clip must be > 0 or None, got {self.grad_clip!r}")
+        if self.lstm_state not in ("paper", "authors-code"):
+            raise ValueError(f"lstm_state must be 'paper' or 'authors-code', got {self.lstm_state!r}")
         if self.snapshot_every < 0 or self.max_meta_failures < 1:
             raise ValueError(f"snapshot_every must be >= 0 and max_meta_failures >= 1, got "
                              f"{self.snapshot_every!r}, {self.max_meta_failures!r}")
@@ -198,8 +212,11 @@ class MLRSNetMetaTrainer:
 
     def _meta_update(self, x, batch) -> float | None:
         """Eq. (10)-(11); returns the validation loss, or None when it was skipped (non-finite)."""
-        val_loss, grads = meta_gradient(self.net, self.hidden, x, self.gamma, self.model, self.optimizer,
-                                        batch, self.val_batch_fn(), self.loss_fn, grad_clip=self.cfg.grad_clip)
+        val_loss, grads, advanced = meta_gradient(self.net, self.hidden, x, self.gamma, self.model,
+                                                  self.optimizer, batch, self.val_batch_fn(), self.loss_fn,
+                                                  grad_clip=self.cfg.grad_clip, return_hidden=True)
+        if self.cfg.lstm_state == "authors-code":
+            self.hidden = advanced
         ok = bool(torch.isfinite(val_loss)) and all(bool(torch.isfinite(g).all()) for g in grads)
         if not ok:
             self.failures += 1
@@ -418,3 +435,53 @@ def train_loop(stepper, next_batch: Callable[[Any], Any], *, steps: int,
         checkpoint(h)
         h.pop("aux")
     return h
+
+
+def resumable_train_loop(stepper, next_batch: Callable[[Any], Any], *, path: str | os.PathLike,
+                         identity: dict, generators: dict[str, torch.Generator] | None = None,
+                         resume: bool = False, checkpoint_every: int = 100, **loop_kwargs) -> dict:
+    """:func:`train_loop` with an atomic checkpoint at ``path`` every ``checkpoint_every`` steps and at
+    the end: the stepper's state, the ``generators``' states, torch's global RNG (dropout), the history
+    and the carried ``aux``. With ``resume`` and an existing checkpoint whose ``identity`` (any
+    JSON-like description of the run) matches, training continues exactly where it stopped; a
+    finished run is returned without training. A mismatching identity raises ``ValueError``."""
+    path = os.fspath(path)
+    generators = generators or {}
+    dev = next(stepper.model.parameters()).device
+    history = None
+    if resume and os.path.exists(path):
+        ck = torch.load(path, map_location="cpu", weights_only=False)
+        if ck["identity"] != identity:
+            raise ValueError(f"checkpoint {path} was written by a different run ({ck['identity']}); "
+                             f"refusing to resume {identity}")
+        stepper.load_state_dict(ck["stepper"])  # each load_state_dict places its own tensors
+        for k, g in generators.items():
+            g.set_state(ck["generators"][k])
+        torch.set_rng_state(ck["torch_rng"])
+        if dev.type == "cuda" and ck.get("cuda_rng") is not None:
+            torch.cuda.set_rng_state(ck["cuda_rng"], dev)
+        history = ck["history"]
+        history["aux"] = _to_device(history.get("aux"), dev)
+
+    def save(h):
+        payload = {"identity": identity, "stepper": stepper.state_dict(), "history": h,
+                   "generators": {k: g.get_state() for k, g in generators.items()},
+                   "torch_rng": torch.get_rng_state(),
+                   "cuda_rng": torch.cuda.get_rng_state(dev) if dev.type == "cuda" else None}
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        tmp = f"{path}.tmp"
+        torch.save(payload, tmp)
+        os.replace(tmp, path)
+
+    return train_loop(stepper, next_batch, history=history, checkpoint=save,
+                      checkpoint_every=checkpoint_every, **loop_kwargs)
+
+
+def _to_device(obj, device):
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, dict):
+        return {k: _to_device(v, device) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_device(v, device) for v in obj)
+    return obj

@@ -1,0 +1,435 @@
+#!/usr/bin/env python
+"""MLR-SNet (Shu et al., TPAMI 2022) on CIFAR-10 at CPU scale: meta-train online (Algorithm 1) with a
+small CNN, then transfer the saved nets (Algorithm 2) to MNIST, to another architecture and to a 3x
+longer horizon, against tuned hand-designed schedules; the authors' released nets too.
+
+    python benchmarks/mlrsnet_cifar.py                       # CPU defaults (~15 min on 2 busy cores)
+    python benchmarks/mlrsnet_cifar.py --epochs 200 --t-val 100 --channels 32 --device cuda --seeds 3
+    python benchmarks/mlrsnet_cifar.py --resume              # continue an interrupted run
+
+Protocol.
+* Data: CIFAR-10 and MNIST from ``$L2L_ZOO_DATA`` through the core loaders (with only the official
+  test sets on disk: seeded, class-stratified train/val/test carves, printed). The validation split
+  (``--n-meta`` images, paper: 1000; 100 = 10 per class as in §4.4) is MLR-SNet's clean meta-data
+  and the baselines' tuning set; test accuracy is reported.
+* Meta-training (§4.1.1 at CPU scale): ``--arch`` CNN on CIFAR-10, base SGD (momentum
+  ``--momentum``, default 0 as the paper and the authors' code), weight decay 5e-4, batch 128,
+  ``--epochs`` epochs, MLR-SNet's rate every step, a meta-update every ``--t-val`` steps (paper 100;
+  default 5 because the default CPU-scale run has 376 steps, ~200x fewer than the paper's 78,200), Adam(1e-3, wd
+  1e-4) on φ, γ from the initial mean training loss, a snapshot of φ per epoch.
+* Meta-test (Algorithm 2, §4.2): the k = ``--k`` snapshots at epochs ⌈E·l/k⌉ schedule a fresh model's
+  training in consecutive k-ths, γ recomputed from the mean training loss at each switch, LSTM
+  state carried. Tasks: ``cifar`` (the meta-training task, new initialisations), ``mnist`` (dataset
+  and modality change: MLP 784-500-10 on MNIST), ``arch`` (architecture change: LeNet-5 on CIFAR-10),
+  ``long`` (``--long-factor`` x more steps). The authors' released CIFAR-10/ResNet-18 nets
+  (``mlr_snet_official``, epochs 1/100/200, meta-test gate layout) are run on the same tasks.
+* Baselines (§3.1 eq. 4, §4.1.1 settings rescaled to the horizon): fixed, MultiStep (x0.1 at 30/60/90
+  %), exponential (x0.95 per 1/200 of training), SGDR (first period 1/20 of training, T_mult 2),
+  each with α0 tuned over ``--lr-grid`` by final validation accuracy on the first seed, with the same
+  base optimizer as MLR-SNet (``--baseline-momentum`` to give them momentum, as §4.2.1 does). On
+  ``long`` the α0 tuned on ``cifar`` is reused with the schedule rescaled, as §4.2.2 does.
+
+Outputs in ``--out``: ``results.json`` (full config, environment, data notes, meta-training
+history, tuning tables, every run's per-step loss and rate and periodic validation/test metrics,
+summary), ``mlrsnet_cifar.png`` (``paper_figs/fig_mlrsnet.py``), the k selected nets
+(``nets/mlrsnet_*.pt``, ``l2l_zoo.load`` reads them) and checkpoints so that ``--resume`` loses
+nothing (meta-training and every run checkpoint every epoch; finished runs are reused).
+"""
+from __future__ import annotations
+
+import math
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass
+from functools import partial
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+import l2l_zoo  # noqa: E402
+from l2l_zoo import MLRSNet  # noqa: E402
+from l2l_zoo.cli import (ArgumentParser, UsageError, environment, parse_floats, parse_seeds,  # noqa: E402
+                         read_json, resolve_device, run_main, write_json)
+from l2l_zoo.optimizers.mlrsnet import MLRSNetController  # noqa: E402
+from l2l_zoo.schedules.mlrsnet_train import (HAND_DESIGNED, MLRSNetMetaTrainer,  # noqa: E402
+                                             MLRSNetTrainConfig, ScheduledStepper, hand_designed_scheduler,
+                                             resumable_train_loop, select_snapshots)
+from l2l_zoo.tasks import ConvNet, LeNet, MLP, Task, load_dataset  # noqa: E402
+
+TRANSFERS = ("cifar", "mnist", "arch", "long")
+ARCHS = ("cnn", "lenet")
+
+
+@dataclass
+class Config:
+    epochs: int
+    batch_size: int
+    arch: str
+    channels: int
+    momentum: float
+    weight_decay: float
+    t_val: int
+    meta_lr: float
+    meta_weight_decay: float
+    n_meta: int
+    layout: str
+    k: int
+    transfers: list
+    long_factor: int
+    lr_grid: list
+    schedules: list
+    baseline_momentum: float
+    official: bool
+    seeds: list
+    meta_seed: int
+    data_seed: int
+    evals: int
+    threads: int
+    device: str
+    data_dir: str | None
+    out: str
+    resume: bool
+    progress: bool
+
+
+def build_parser() -> ArgumentParser:
+    p = ArgumentParser(description=__doc__.split("\n\n")[0], epilog="The module docstring has the protocol.")
+    p.add_argument("--epochs", type=int, default=8,
+                   help="epochs of meta-training and of every 1x transfer run (paper: 200)")
+    p.add_argument("--batch-size", type=int, default=128, help="minibatch size of all training runs (paper: 128)")
+    p.add_argument("--arch", default="cnn", help=f"meta-training architecture on CIFAR-10, one of {list(ARCHS)}: "
+                   "cnn = 3x[conv3x3-ReLU-maxpool] + linear (the core ConvNet), lenet = LeNet-5")
+    p.add_argument("--channels", type=int, default=16, help="channels of the cnn (core ConvNet: 32)")
+    p.add_argument("--momentum", type=float, default=0.0,
+                   help="momentum of the SGD base optimizer under MLR-SNet (paper and authors' code: 0)")
+    p.add_argument("--weight-decay", type=float, default=5e-4, help="weight decay of every SGD run (paper: 5e-4)")
+    p.add_argument("--t-val", type=int, default=5,
+                   help="steps between meta-updates of MLR-SNet (paper: 100, authors' code: 300)")
+    p.add_argument("--meta-lr", type=float, default=1e-3, help="Adam learning rate on MLR-SNet (paper: 1e-3)")
+    p.add_argument("--meta-weight-decay", type=float, default=1e-4, help="Adam weight decay on MLR-SNet (paper: 1e-4)")
+    p.add_argument("--n-meta", type=int, default=1000,
+                   help="held-out clean meta-data images, stratified (paper: 1000; 100 = 10 per class)")
+    p.add_argument("--layout", default="meta-train",
+                   help="gate layout of the net we meta-train: meta-train (i,f-1,o,g) or meta-test (i,f,g,o)")
+    p.add_argument("--k", type=int, default=3,
+                   help="saved nets used for consecutive parts of a meta-test run (paper: 3)")
+    p.add_argument("--transfers", default=",".join(TRANSFERS),
+                   help=f"meta-test tasks, comma list from {list(TRANSFERS)} or 'none'")
+    p.add_argument("--long-factor", type=int, default=3, help="horizon multiplier of the 'long' task")
+    p.add_argument("--lr-grid", default="0.3,0.1,0.03", help="initial learning rates tried for each baseline schedule")
+    p.add_argument("--schedules", default=",".join(HAND_DESIGNED),
+                   help=f"hand-designed baselines, comma list from {list(HAND_DESIGNED)} or 'none'")
+    p.add_argument("--baseline-momentum", type=float, default=None,
+                   help="momentum of the baselines' SGD (default: the same as --momentum; the paper's "
+                        "meta-test gives them 0.9)")
+    p.add_argument("--no-official", action="store_true", help="skip the authors' released nets")
+    p.add_argument("--seeds", default="1", help="evaluation seeds: a count N (0..N-1) or a comma list")
+    p.add_argument("--meta-seed", type=int, default=0,
+                   help="seed of meta-training (model init, data order, MLR-SNet init)")
+    p.add_argument("--data-seed", type=int, default=0, help="seed of the train/val/test carves")
+    p.add_argument("--evals", type=int, default=8, help="validation/test evaluations per run (plus step 0)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="CPU threads for torch (1 is fastest on a shared, busy CPU; 0 = torch's default)")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--data-dir", default=None, help="dataset folder (default: $L2L_ZOO_DATA, then ./data)")
+    p.add_argument("--out", default=os.path.join("results", "mlrsnet_cifar"), help="output folder")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return p
+
+
+def _list(spec: str, allowed, flag: str) -> list:
+    if spec.strip() == "none":
+        return []
+    vals = [s.strip() for s in spec.split(",") if s.strip()]
+    bad = [v for v in vals if v not in allowed]
+    if bad or not vals:
+        raise UsageError(f"{flag} must be 'none' or a comma list from {list(allowed)}, got {spec!r}")
+    return vals
+
+
+def parse_config(argv=None) -> Config:
+    a = build_parser().parse_args(argv)
+    for flag, val, lo in (("--epochs", a.epochs, 1), ("--batch-size", a.batch_size, 1), ("--channels", a.channels, 1),
+                          ("--t-val", a.t_val, 1), ("--n-meta", a.n_meta, 10), ("--k", a.k, 1),
+                          ("--long-factor", a.long_factor, 1), ("--evals", a.evals, 1), ("--threads", a.threads, 0),
+                          ("--meta-seed", a.meta_seed, 0), ("--data-seed", a.data_seed, 0)):
+        if val < lo:
+            raise UsageError(f"{flag} must be >= {lo}, got {val}")
+    for flag, val in (("--momentum", a.momentum), ("--weight-decay", a.weight_decay),
+                      ("--meta-weight-decay", a.meta_weight_decay), ("--baseline-momentum", a.baseline_momentum)):
+        if val is not None and not (math.isfinite(val) and val >= 0):
+            raise UsageError(f"{flag} must be a number >= 0, got {val}")
+    if not (math.isfinite(a.meta_lr) and a.meta_lr > 0):
+        raise UsageError(f"--meta-lr must be > 0, got {a.meta_lr}")
+    if a.arch not in ARCHS:
+        raise UsageError(f"--arch must be one of {list(ARCHS)}, got {a.arch!r}")
+    if a.layout not in ("meta-train", "meta-test"):
+        raise UsageError(f"--layout must be meta-train or meta-test, got {a.layout!r}")
+    resolve_device(a.device)
+    return Config(epochs=a.epochs, batch_size=a.batch_size, arch=a.arch, channels=a.channels, momentum=a.momentum,
+                  weight_decay=a.weight_decay, t_val=a.t_val, meta_lr=a.meta_lr,
+                  meta_weight_decay=a.meta_weight_decay, n_meta=a.n_meta, layout=a.layout, k=a.k,
+                  transfers=_list(a.transfers, TRANSFERS, "--transfers"), long_factor=a.long_factor,
+                  lr_grid=parse_floats(a.lr_grid, "--lr-grid"),
+                  schedules=_list(a.schedules, HAND_DESIGNED, "--schedules"),
+                  baseline_momentum=a.momentum if a.baseline_momentum is None else a.baseline_momentum,
+                  official=not a.no_official, seeds=parse_seeds(a.seeds), meta_seed=a.meta_seed,
+                  data_seed=a.data_seed, evals=a.evals, threads=a.threads, device=a.device, data_dir=a.data_dir,
+                  out=a.out, resume=a.resume, progress=not a.no_progress)
+
+
+# ---------------------------------------------------------------------------------- tasks
+
+def make_tasks(cfg: Config, device) -> dict:
+    """name -> (Task, steps). The validation split is the meta-data / tuning set."""
+    cifar = load_dataset("cifar10", cfg.data_dir, n_val=cfg.n_meta, seed=cfg.data_seed)
+    archs = {"cnn": (f"cnn{cfg.channels}", partial(ConvNet, 3, cfg.channels, 10, 32)),
+             "lenet": ("lenet5", partial(LeNet, 3, 10, 32))}
+    name, fn = archs[cfg.arch]
+    cifar_task = Task(f"cifar10_{name}", fn, cifar, batch_size=cfg.batch_size, device=device)
+    steps = cfg.epochs * math.ceil(len(cifar.y_train) / cfg.batch_size)
+    tasks = {"cifar": (cifar_task, steps)}
+    if "mnist" in cfg.transfers:
+        mnist = load_dataset("mnist", cfg.data_dir, n_val=cfg.n_meta, seed=cfg.data_seed)
+        tasks["mnist"] = (Task("mnist_mlp", partial(MLP, 784, (500,), 10), mnist, batch_size=cfg.batch_size,
+                               device=device), cfg.epochs * math.ceil(len(mnist.y_train) / cfg.batch_size))
+    if "arch" in cfg.transfers:
+        other = "lenet" if cfg.arch == "cnn" else "cnn"
+        oname, ofn = archs[other]
+        tasks["arch"] = (Task(f"cifar10_{oname}", ofn, cifar, batch_size=cfg.batch_size, device=device), steps)
+    if "long" in cfg.transfers:
+        tasks["long"] = (cifar_task, steps * cfg.long_factor)
+    return tasks
+
+
+def ce(model, batch):
+    return F.cross_entropy(model(batch[0]), batch[1])
+
+
+def evaluator(task: Task, model):
+    def evaluate():
+        vl, va = task.evaluate(model, "val")
+        tl, ta = task.evaluate(model, "test")
+        return {"val_loss": vl, "val_acc": va, "test_loss": tl, "test_acc": ta}
+    return evaluate
+
+
+def sgd(model, lr, momentum, wd):
+    return torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=wd)
+
+
+# ---------------------------------------------------------------------------------- runs
+
+class Runner:
+    """Runs one training run (resumable), caches finished ones as JSON."""
+
+    def __init__(self, cfg: Config, device, log):
+        self.cfg, self.device, self.log = cfg, device, log
+        self.ckpt_dir = os.path.join(cfg.out, "ckpt")
+        self.run_dir = os.path.join(cfg.out, "runs")
+        os.makedirs(self.run_dir, exist_ok=True)
+        self.signature = {k: v for k, v in asdict(cfg).items()
+                          if k not in ("resume", "progress", "out", "device", "threads", "seeds", "transfers",
+                                       "schedules", "lr_grid", "official", "evals")}
+
+    def _json(self, key):
+        return os.path.join(self.run_dir, key + ".json")
+
+    def cached(self, key, identity):
+        p = self._json(key)
+        if self.cfg.resume and os.path.exists(p):
+            d = read_json(p)
+            if d.get("identity") == identity:
+                return d["run"]
+        return None
+
+    def run(self, key: str, identity: dict, task: Task, steps: int, seed: int, make_stepper, desc: str) -> dict:
+        identity = {**identity, "signature": self.signature, "steps": steps, "seed": seed, "task": task.name}
+        done = self.cached(key, identity)
+        if done is not None:
+            return done
+        model = task.build_model(seed=seed)
+        stepper = make_stepper(model)
+        gen = torch.Generator().manual_seed(10_000 + seed)
+        spe = math.ceil(len(task.data.y_train) / task.batch_size)
+        torch.manual_seed(seed)
+        h = resumable_train_loop(
+            stepper, lambda aux: task.sample_batch(gen), path=os.path.join(self.ckpt_dir, key + ".pt"),
+            identity=identity, generators={"data": gen}, resume=self.cfg.resume, checkpoint_every=spe,
+            steps=steps, evaluate=evaluator(task, model), eval_every=max(1, steps // self.cfg.evals),
+            progress=self.cfg.progress, desc=desc)
+        run = {"seed": seed, "steps": steps, **h}
+        if isinstance(stepper.policy, MLRSNetController):
+            run["gammas"] = stepper.policy.gammas
+        write_json(self._json(key), {"identity": identity, "run": run})
+        return run
+
+
+def meta_train(cfg: Config, task: Task, steps: int, runner: Runner, device, log):
+    """Algorithm 1 on the CIFAR-10 task; returns (run record, trainer)."""
+    torch.manual_seed(cfg.meta_seed)
+    net = MLRSNet(layout=cfg.layout, num_classes=10)
+    spe = math.ceil(len(task.data.y_train) / task.batch_size)
+    model = task.build_model(seed=cfg.meta_seed)
+    opt = sgd(model, 1.0, cfg.momentum, cfg.weight_decay)
+    gval = torch.Generator().manual_seed(20_000 + cfg.meta_seed)
+    tcfg = MLRSNetTrainConfig(t_val=cfg.t_val, meta_lr=cfg.meta_lr, meta_weight_decay=cfg.meta_weight_decay,
+                              snapshot_every=spe)
+    trainer = MLRSNetMetaTrainer(net, model, opt, loss_fn=ce, val_batch_fn=lambda: task.sample_batch(gval, "val"),
+                                 config=tcfg, train_loss_fn=lambda: task.evaluate(model, "train")[0], log=log)
+    gen = torch.Generator().manual_seed(10_000 + cfg.meta_seed)
+    identity = {"what": "meta-train", "signature": runner.signature, "steps": steps, "task": task.name}
+    torch.manual_seed(cfg.meta_seed)
+    h = resumable_train_loop(
+        trainer, lambda aux: task.sample_batch(gen), path=os.path.join(runner.ckpt_dir, "metatrain.pt"),
+        identity=identity, generators={"data": gen, "val": gval}, resume=cfg.resume, checkpoint_every=spe,
+        steps=steps, evaluate=evaluator(task, model), eval_every=max(1, steps // cfg.evals),
+        progress=cfg.progress, desc="meta-train MLR-SNet")
+    run = {"seed": cfg.meta_seed, "steps": steps, **h, "gamma": trainer.gamma,
+           "meta_failures": trainer.total_failures, "snapshot_steps": [t for t, _ in trainer.snapshots],
+           "config": tcfg.to_dict(), "net_config": net.config}
+    return run, trainer
+
+
+def final(run, key):
+    if run["diverged_at"] is not None or not run["eval"]:
+        return None
+    return run["eval"][-1].get(key)
+
+
+def summarize(runs: list[dict]) -> dict:
+    out = {"n_seeds": len(runs), "diverged": sum(r["diverged_at"] is not None for r in runs)}
+    for key in ("test_acc", "test_loss", "val_acc"):
+        vals = [v for v in (final(r, key) for r in runs) if v is not None]
+        out[key] = float(np.mean(vals)) if vals else None
+        out[key + "_std"] = float(np.std(vals)) if vals else None
+    return out
+
+
+# ---------------------------------------------------------------------------------- main
+
+def main(argv=None) -> int:
+    cfg = parse_config(argv)
+    device = resolve_device(cfg.device)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    os.makedirs(cfg.out, exist_ok=True)
+    from tqdm.auto import tqdm
+    log = tqdm.write
+    t_start = time.perf_counter()
+    tasks = make_tasks(cfg, device)
+    for name, (task, steps) in tasks.items():
+        log(f"[data] {name}: {task.name} ({task.num_params:,} parameters), {steps} steps; {task.data.note}")
+    runner = Runner(cfg, device, log)
+    result = {"benchmark": "mlrsnet_cifar", "config": asdict(cfg), "environment": environment(),
+              "data": {n: {**t.data.summary(), "task": t.name, "steps": s, "num_params": t.num_params}
+                       for n, (t, s) in tasks.items()},
+              "meta_training": None, "tuning": {}, "runs": {}, "summary": {}, "notes": []}
+
+    # 1. Meta-training (Algorithm 1).
+    cifar_task, T = tasks["cifar"]
+    mt_run, trainer = meta_train(cfg, cifar_task, T, runner, device, log)  # MetaUpdateFailed: exit 4
+    result["meta_training"] = mt_run
+    nets = []
+    if mt_run["diverged_at"] is not None or not trainer.snapshots:
+        msg = (f"meta-training diverged at step {mt_run['diverged_at']} (saved {len(trainer.snapshots)} "
+               f"snapshots): our nets are not transferred")
+        result["notes"].append(msg)
+        log(f"[meta-train] {msg}")
+    else:
+        idx = select_snapshots(len(trainer.snapshots), cfg.k)
+        nets = trainer.snapshot_nets(idx)
+        os.makedirs(os.path.join(cfg.out, "nets"), exist_ok=True)
+        for i, (j, n) in enumerate(zip(idx, nets)):
+            l2l_zoo.save(n, os.path.join(cfg.out, "nets", f"mlrsnet_{i + 1}.pt"), epoch=j + 1,
+                         meta_task=cifar_task.name)
+        mt_run["selected_epochs"] = [j + 1 for j in idx]
+        log(f"[meta-train] {T} steps, {len(mt_run['meta'])} meta-updates, γ={mt_run['gamma']:.4f}, final test "
+            f"acc {final(mt_run, 'test_acc')}, nets kept from epochs {mt_run['selected_epochs']}")
+    result["runs"].setdefault("cifar", {})["MLR-SNet (meta-train run)"] = [mt_run]
+
+    official = None
+    if cfg.official:
+        d = os.path.join(cfg.data_dir or os.environ.get("L2L_ZOO_DATA") or "data", "mlr_snet_official")
+        paths = [os.path.join(d, f"mlr_snet_{e}.pth") for e in (1, 100, 200)]
+        if all(os.path.isfile(p) for p in paths):
+            official = [MLRSNet.from_official_checkpoint(p, layout="meta-test", num_classes=10) for p in paths]
+        else:
+            msg = f"official nets not found in {d}: skipped"
+            result["notes"].append(msg)
+            log(f"[official] {msg}")
+
+    # 2. Meta-test on every task, and the tuned baselines.
+    for name, (task, steps) in tasks.items():
+        runs = result["runs"].setdefault(name, {})
+        C = task.data.num_classes
+        mlr_sets = [("MLR-SNet (ours, transferred)", [copy_with_classes(n, C) for n in nets])] if nets else []
+        if official is not None:
+            mlr_sets.append(("MLR-SNet (official nets)", [copy_with_classes(n, C) for n in official]))
+        for label, ns in mlr_sets:
+            def make(model, ns=ns, task=task, steps=steps):
+                opt = sgd(model, 0.0, cfg.momentum, cfg.weight_decay)
+                ctl = MLRSNetController(opt, ns, total_steps=steps,
+                                        train_loss_fn=lambda: task.evaluate(model, "train")[0])
+                return ScheduledStepper(model, opt, loss_fn=ce, policy=ctl)
+            key = f"{name}_{'ours' if 'ours' in label else 'official'}"
+            runs[label] = [runner.run(f"{key}_seed{s}", {"method": label}, task, steps, s, make,
+                                      f"{name} {label} seed {s}") for s in cfg.seeds]
+        for sched in cfg.schedules:
+            def make_b(lr, sched=sched, steps=steps):
+                def make(model):
+                    opt = sgd(model, lr, cfg.baseline_momentum, cfg.weight_decay)
+                    return ScheduledStepper(model, opt, loss_fn=ce,
+                                            policy=hand_designed_scheduler(sched, opt, steps))
+                return make
+            if name == "long" and "cifar" in result["tuning"] and sched in result["tuning"]["cifar"]:
+                best = result["tuning"]["cifar"][sched]["best_lr"]
+                result["tuning"].setdefault(name, {})[sched] = {"best_lr": best, "from": "cifar (§4.2.2)"}
+            else:
+                scores = {}
+                for lr in cfg.lr_grid:
+                    r = runner.run(f"{name}_{sched}_lr{lr:g}_seed{cfg.seeds[0]}", {"method": sched, "lr": lr},
+                                   task, steps, cfg.seeds[0], make_b(lr), f"{name} {sched} lr={lr:g}")
+                    v = final(r, "val_acc")
+                    scores[f"{lr:g}"] = -1.0 if v is None else v
+                best = max(cfg.lr_grid, key=lambda lr: scores[f"{lr:g}"])
+                result["tuning"].setdefault(name, {})[sched] = {"val_acc_by_lr": scores, "best_lr": best,
+                                                                 "criterion": "final validation accuracy, seed "
+                                                                              f"{cfg.seeds[0]}"}
+            runs[f"{sched} (α0={best:g})"] = [
+                runner.run(f"{name}_{sched}_lr{best:g}_seed{s}", {"method": sched, "lr": best}, task, steps, s,
+                           make_b(best), f"{name} {sched} lr={best:g} seed {s}") for s in cfg.seeds]
+        result["summary"][name] = {label: summarize(rs) for label, rs in runs.items()}
+        write_json(os.path.join(cfg.out, "results.json"), result)
+
+    result["wall_s_total"] = time.perf_counter() - t_start
+    write_json(os.path.join(cfg.out, "results.json"), result)
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "paper_figs"))
+    from fig_mlrsnet import plot  # noqa: E402
+    plot(result, os.path.join(cfg.out, "mlrsnet_cifar.png"))
+
+    log(f"\n{'task':<7}{'method':<34}{'test acc':>16}{'test loss':>11}{'diverged':>9}")
+    for name, table in result["summary"].items():
+        for label, s in table.items():
+            acc = "n/a" if s["test_acc"] is None else f"{100 * s['test_acc']:.2f} ± {100 * s['test_acc_std']:.2f}"
+            loss = "n/a" if s["test_loss"] is None else f"{s['test_loss']:.4f}"
+            log(f"{name:<7}{label:<34}{acc:>16}{loss:>11}{s['diverged']:>6}/{s['n_seeds']}")
+    log(f"results: {os.path.join(cfg.out, 'results.json')}  plot: {os.path.join(cfg.out, 'mlrsnet_cifar.png')}  "
+        f"({result['wall_s_total']:.0f} s)")
+    return 0
+
+
+def copy_with_classes(net: MLRSNet, num_classes: int) -> MLRSNet:
+    """The same schedule net with γ computed for ``num_classes`` classes."""
+    out = MLRSNet(**{**net.config, "num_classes": num_classes})
+    out.load_state_dict(net.state_dict())
+    return out
+
+
+if __name__ == "__main__":
+    run_main(main)

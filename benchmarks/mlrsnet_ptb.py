@@ -1,0 +1,426 @@
+#!/usr/bin/env python
+"""MLR-SNet (Shu et al., TPAMI 2022, §4.1.2 and §4.2.3) on word-level Penn Treebank language modelling
+at CPU scale: MLR-SNet meta-trained online with the normalised loss input, the authors' released
+CIFAR-10 nets transferred across modality, against SGD and Adam with the tuned "Val Strategy".
+
+    python benchmarks/mlrsnet_ptb.py                      # CPU defaults (~10 min on 2 busy cores)
+    python benchmarks/mlrsnet_ptb.py --hidden 512 --epochs 150 --t-val 100 --device cuda --seeds 3
+    python benchmarks/mlrsnet_ptb.py --transfer results/mlrsnet_cifar/nets/mlrsnet_1.pt,...  # our CIFAR nets too
+
+Data: only ``ptb.valid.txt`` and ``ptb.test.txt`` are available here (``$L2L_ZOO_DATA/ptb``). The model
+trains on the first ``1 - --val-fraction`` of ``ptb.valid.txt``; the held-out rest is the validation
+set (MLR-SNet's meta-data and the Val Strategy's signal, as the paper uses PTB's validation set for
+both); ``ptb.test.txt`` is the test set. The vocabulary is every word of the two files (+ <eos>):
+smaller than PTB's 10k because the training split is not on disk; it is C of γ and of the input
+normalisation loss / ln C.
+
+Model (paper: 2-layer LSTM, 512 units, tied embedding, dropout 0.5, batch 32, BPTT 35, gradient
+clipping 0.25, weight decay 5e-6, 150 epochs): the same shape with ``--hidden`` units.
+
+Methods (every run: same initialisation and data order per seed):
+* ``MLR-SNet (meta-train)``: Algorithm 1 with base SGD, input loss / ln C, γ from the initial training
+  perplexity, a meta-update every ``--t-val`` steps on a random held-out validation chunk;
+* ``MLR-SNet (official nets)``: Algorithm 2 with the released CIFAR-10/ResNet-18 nets (epochs 1/100/200,
+  meta-test gate layout) for thirds of training, γ from the training perplexity at each switch;
+* ``SGD + Val Strategy`` / ``Adam + Val Strategy`` (paper: α0 20 and 0.01 with β1 = 0): divide the rate
+  by 4 when the validation loss did not decrease over an epoch; α0 tuned over ``--sgd-grid`` /
+  ``--adam-grid`` by final validation perplexity on the first seed.
+
+Outputs in ``--out``: ``results.json`` (config, environment, data, every run's per-step loss and rate,
+periodic validation/test perplexity, tuning table, summary), ``mlrsnet_ptb.png``
+(``paper_figs/fig_mlrsnet.py``), checkpoints every epoch so that ``--resume`` loses nothing.
+"""
+from __future__ import annotations
+
+import math
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+import l2l_zoo  # noqa: E402
+from l2l_zoo import MLRSNet  # noqa: E402
+from l2l_zoo.cli import (ArgumentParser, UsageError, environment, parse_floats, parse_seeds,  # noqa: E402
+                         read_json, resolve_device, run_main, write_json)
+from l2l_zoo.optimizers.mlrsnet import MLRSNetController  # noqa: E402
+from l2l_zoo.schedules.mlrsnet_train import (MLRSNetMetaTrainer, MLRSNetTrainConfig,  # noqa: E402
+                                             ScheduledStepper, resumable_train_loop)
+from l2l_zoo.tasks import DataNotFoundError  # noqa: E402
+from l2l_zoo.tasks.data import resolve_data_dirs  # noqa: E402
+
+
+@dataclass
+class Config:
+    epochs: int
+    hidden: int
+    layers: int
+    dropout: float
+    batch_size: int
+    bptt: int
+    clip: float
+    weight_decay: float
+    val_fraction: float
+    t_val: int
+    meta_lr: float
+    sgd_grid: list
+    adam_grid: list
+    official: bool
+    transfer: list
+    seeds: list
+    evals: int
+    threads: int
+    device: str
+    data_dir: str | None
+    out: str
+    resume: bool
+    progress: bool
+
+
+def build_parser() -> ArgumentParser:
+    p = ArgumentParser(description=__doc__.split("\n\n")[0], epilog="The module docstring has the protocol.")
+    p.add_argument("--epochs", type=int, default=4, help="training epochs of every run (paper: 150)")
+    p.add_argument("--hidden", type=int, default=128, help="LSTM units = embedding size, tied (paper: 512)")
+    p.add_argument("--layers", type=int, default=2, help="LSTM layers (paper: 2 and 3)")
+    p.add_argument("--dropout", type=float, default=0.5, help="dropout on embeddings and LSTM outputs (paper: 0.5)")
+    p.add_argument("--batch-size", type=int, default=32, help="parallel token streams (paper: 32)")
+    p.add_argument("--bptt", type=int, default=35, help="truncated-BPTT length (paper: 35)")
+    p.add_argument("--clip", type=float, default=0.25, help="gradient-norm clipping of every run (paper: 0.25)")
+    p.add_argument("--weight-decay", type=float, default=5e-6, help="weight decay of SGD and Adam (paper: 5e-6)")
+    p.add_argument("--val-fraction", type=float, default=0.1,
+                   help="tail of ptb.valid.txt held out as validation / meta-data")
+    p.add_argument("--t-val", type=int, default=5, help="steps between MLR-SNet meta-updates (paper: 100; code: 300)")
+    p.add_argument("--meta-lr", type=float, default=1e-3, help="Adam learning rate on MLR-SNet (paper: 1e-3)")
+    p.add_argument("--sgd-grid", default="20,10", help="initial rates tried for SGD + Val Strategy (paper: 20)")
+    p.add_argument("--adam-grid", default="0.01,0.003",
+                   help="initial rates tried for Adam + Val Strategy (paper: 0.01)")
+    p.add_argument("--no-official", action="store_true", help="skip the authors' released nets")
+    p.add_argument("--transfer", default=None, metavar="PATHS",
+                   help="comma list of our saved MLR-SNet nets (e.g. from mlrsnet_cifar.py) to transfer too")
+    p.add_argument("--seeds", default="1", help="evaluation seeds: a count N (0..N-1) or a comma list")
+    p.add_argument("--evals", type=int, default=2, help="test evaluations per run (plus step 0)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="CPU threads for torch (1 is fastest on a shared, busy CPU; 0 = torch's default)")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--data-dir", default=None, help="folder holding ptb/ptb.valid.txt (default: $L2L_ZOO_DATA, ./data)")
+    p.add_argument("--out", default=os.path.join("results", "mlrsnet_ptb"), help="output folder")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return p
+
+
+def parse_config(argv=None) -> Config:
+    a = build_parser().parse_args(argv)
+    for flag, val, lo in (("--epochs", a.epochs, 1), ("--hidden", a.hidden, 1), ("--layers", a.layers, 1),
+                          ("--batch-size", a.batch_size, 1), ("--bptt", a.bptt, 2), ("--t-val", a.t_val, 1),
+                          ("--evals", a.evals, 1), ("--threads", a.threads, 0)):
+        if val < lo:
+            raise UsageError(f"{flag} must be >= {lo}, got {val}")
+    if not 0 <= a.dropout < 1:
+        raise UsageError(f"--dropout must be in [0, 1), got {a.dropout}")
+    if not 0 < a.val_fraction < 0.5:
+        raise UsageError(f"--val-fraction must be in (0, 0.5), got {a.val_fraction}")
+    for flag, val in (("--clip", a.clip), ("--meta-lr", a.meta_lr)):
+        if not (math.isfinite(val) and val > 0):
+            raise UsageError(f"{flag} must be > 0, got {val}")
+    if not (math.isfinite(a.weight_decay) and a.weight_decay >= 0):
+        raise UsageError(f"--weight-decay must be >= 0, got {a.weight_decay}")
+    transfer = [s.strip() for s in (a.transfer or "").split(",") if s.strip()]
+    for t in transfer:
+        if not os.path.isfile(t):
+            raise UsageError(f"--transfer: no such file {t!r}")
+    resolve_device(a.device)
+    return Config(epochs=a.epochs, hidden=a.hidden, layers=a.layers, dropout=a.dropout, batch_size=a.batch_size,
+                  bptt=a.bptt, clip=a.clip, weight_decay=a.weight_decay, val_fraction=a.val_fraction, t_val=a.t_val,
+                  meta_lr=a.meta_lr, sgd_grid=parse_floats(a.sgd_grid, "--sgd-grid"),
+                  adam_grid=parse_floats(a.adam_grid, "--adam-grid"), official=not a.no_official,
+                  transfer=transfer, seeds=parse_seeds(a.seeds), evals=a.evals, threads=a.threads, device=a.device,
+                  data_dir=a.data_dir, out=a.out, resume=a.resume, progress=not a.no_progress)
+
+
+# ---------------------------------------------------------------------------------- data and model
+
+def find_ptb(data_dir) -> tuple[str, str]:
+    dirs = resolve_data_dirs(data_dir)
+    for d in dirs:
+        for sub in ("ptb", "penn", ""):
+            v, t = d / sub / "ptb.valid.txt", d / sub / "ptb.test.txt"
+            if v.is_file() and t.is_file():
+                return str(v), str(t)
+    raise DataNotFoundError(f"PTB not found: need ptb.valid.txt and ptb.test.txt, looked in "
+                            f"{[str(d) for d in dirs]} and their ptb/ sub-folders; set --data-dir or L2L_ZOO_DATA")
+
+
+def read_words(path: str) -> list[str]:
+    with open(path, encoding="utf-8") as f:
+        return [w for line in f for w in line.split() + ["<eos>"]]
+
+
+class Corpus:
+    """Token ids of the train / validation / test streams (word_language_model conventions)."""
+
+    def __init__(self, valid_path: str, test_path: str, val_fraction: float):
+        vw, tw = read_words(valid_path), read_words(test_path)
+        self.vocab = {w: i for i, w in enumerate(dict.fromkeys(vw + tw))}
+        ids = torch.tensor([self.vocab[w] for w in vw], dtype=torch.long)
+        cut = int(round(len(ids) * (1 - val_fraction)))
+        self.train, self.val = ids[:cut], ids[cut:]
+        self.test = torch.tensor([self.vocab[w] for w in tw], dtype=torch.long)
+        self.note = (f"PTB: train = first {cut} tokens of ptb.valid.txt, validation/meta-data = its last "
+                     f"{len(ids) - cut}, test = ptb.test.txt ({len(self.test)} tokens); vocabulary "
+                     f"{len(self.vocab)} words of the two files (PTB's training split is not available)")
+
+
+def batchify(ids: torch.Tensor, bsz: int, device) -> torch.Tensor:
+    n = len(ids) // bsz
+    return ids[:n * bsz].view(bsz, n).t().contiguous().to(device)  # (n, bsz)
+
+
+class RNNLM(nn.Module):
+    """Embedding → multi-layer LSTM → linear decoder tied to the embedding, dropout on the embedding and
+    LSTM outputs (paper §4.1.2)."""
+
+    def __init__(self, vocab: int, hidden: int, layers: int, dropout: float):
+        super().__init__()
+        self.drop = nn.Dropout(dropout)
+        self.emb = nn.Embedding(vocab, hidden)
+        self.lstm = nn.LSTM(hidden, hidden, layers, dropout=dropout)
+        self.dec = nn.Linear(hidden, vocab)
+        self.dec.weight = self.emb.weight
+        self.layers, self.hidden = layers, hidden
+        with torch.no_grad():
+            self.emb.weight.uniform_(-0.1, 0.1)
+            self.dec.bias.zero_()
+
+    def init_state(self, bsz, device):
+        z = torch.zeros(self.layers, bsz, self.hidden, device=device)
+        return (z, z.clone())
+
+    def forward(self, x, state):
+        out, state = self.lstm(self.drop(self.emb(x)), state)
+        return self.dec(self.drop(out)).view(-1, self.dec.out_features), state
+
+
+def lm_loss(model, batch):
+    """Mean token cross-entropy and the detached carried state."""
+    x, y, state = batch
+    logits, state = model(x, state)
+    return F.cross_entropy(logits, y.reshape(-1)), tuple(s.detach() for s in state)
+
+
+@torch.no_grad()
+def stream_loss(model, data: torch.Tensor, bptt: int) -> float:
+    """Mean per-token loss over a batchified stream, state carried (eval mode)."""
+    was = model.training
+    model.eval()
+    state = model.init_state(data.shape[1], data.device)
+    total, count = 0.0, 0
+    for i in range(0, data.shape[0] - 1, bptt):
+        n = min(bptt, data.shape[0] - 1 - i)
+        logits, state = model(data[i:i + n], state)
+        total += float(F.cross_entropy(logits, data[i + 1:i + 1 + n].reshape(-1), reduction="sum"))
+        count += n * data.shape[1]
+    model.train(was)
+    return total / count
+
+
+class ValStrategy:
+    """Divide every param group's lr by 4 when the validation loss did not decrease over an epoch
+    (paper §4.1.2, "Val Strategy"); ``torch.optim.lr_scheduler.ReduceLROnPlateau`` checked once per
+    epoch, stepped by :class:`ScheduledStepper` after every optimizer step."""
+
+    def __init__(self, optimizer, steps_per_epoch: int, val_loss_fn):
+        self.plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="min", factor=0.25, patience=0)
+        self.spe, self.val_loss_fn, self.t = steps_per_epoch, val_loss_fn, 0
+
+    def step(self):
+        self.t += 1
+        if self.t % self.spe == 0:
+            self.plateau.step(self.val_loss_fn())
+
+    def state_dict(self):
+        return {"t": self.t, "plateau": self.plateau.state_dict()}
+
+    def load_state_dict(self, sd):
+        self.t = sd["t"]
+        self.plateau.load_state_dict(sd["plateau"])
+
+
+# ---------------------------------------------------------------------------------- runs
+
+def main(argv=None) -> int:
+    cfg = parse_config(argv)
+    device = resolve_device(cfg.device)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    os.makedirs(cfg.out, exist_ok=True)
+    from tqdm.auto import tqdm
+    log = tqdm.write
+    t_start = time.perf_counter()
+    corpus = Corpus(*find_ptb(cfg.data_dir), cfg.val_fraction)
+    V = len(corpus.vocab)
+    log(f"[data] {corpus.note}")
+    train = batchify(corpus.train, cfg.batch_size, device)
+    val_chunks = batchify(corpus.val, cfg.batch_size, device)
+    val_eval, test_eval = batchify(corpus.val, 10, device), batchify(corpus.test, 10, device)
+    spe = (train.shape[0] - 1) // cfg.bptt
+    steps = cfg.epochs * spe
+    n_val_chunks = (val_chunks.shape[0] - 1) // cfg.bptt
+    log(f"[setup] vocabulary {V}, {spe} steps per epoch, {steps} steps per run, device {device}")
+    signature = {k: v for k, v in asdict(cfg).items()
+                 if k not in ("resume", "progress", "out", "device", "threads", "seeds", "evals", "official",
+                              "transfer", "sgd_grid", "adam_grid")}
+    result = {"benchmark": "mlrsnet_ptb", "config": asdict(cfg), "environment": environment(),
+              "data": {"note": corpus.note, "vocab": V, "train_tokens": len(corpus.train),
+                       "val_tokens": len(corpus.val), "test_tokens": len(corpus.test), "steps_per_epoch": spe},
+              "tuning": {}, "runs": {"ptb": {}}, "summary": {}, "notes": []}
+
+    def new_model(seed):
+        torch.manual_seed(seed)
+        return RNNLM(V, cfg.hidden, cfg.layers, cfg.dropout).to(device)
+
+    def batches(stepper):
+        def next_batch(aux):
+            i = stepper.t % spe
+            x = train[i * cfg.bptt:(i + 1) * cfg.bptt]
+            y = train[i * cfg.bptt + 1:(i + 1) * cfg.bptt + 1]
+            state = stepper.model.init_state(cfg.batch_size, device) if i == 0 or aux is None else aux
+            return x, y, state
+        return next_batch
+
+    def evaluate_fn(model):
+        def evaluate():
+            vl, tl = stream_loss(model, val_eval, cfg.bptt), stream_loss(model, test_eval, cfg.bptt)
+            return {"val_loss": vl, "val_ppl": math.exp(vl), "test_loss": tl, "test_ppl": math.exp(tl)}
+        return evaluate
+
+    def run(key, identity, seed, make_stepper, desc, gens=None):
+        identity = {**identity, "signature": signature, "seed": seed, "steps": steps}
+        jpath = os.path.join(cfg.out, "runs", key + ".json")
+        if cfg.resume and os.path.exists(jpath):
+            d = read_json(jpath)
+            if d.get("identity") == identity:
+                return d["run"]
+        model = new_model(seed)
+        stepper = make_stepper(model)
+        torch.manual_seed(seed)  # dropout masks
+        h = resumable_train_loop(stepper, batches(stepper), path=os.path.join(cfg.out, "ckpt", key + ".pt"),
+                                 identity=identity, generators=gens or {}, resume=cfg.resume,
+                                 checkpoint_every=spe, steps=steps, evaluate=evaluate_fn(model),
+                                 eval_every=max(1, steps // cfg.evals), progress=cfg.progress, desc=desc)
+        r = {"seed": seed, "steps": steps, **h}
+        if isinstance(getattr(stepper, "policy", None), MLRSNetController):
+            r["gammas"] = stepper.policy.gammas
+        if isinstance(stepper, MLRSNetMetaTrainer):
+            r.update(gamma=stepper.gamma, meta_failures=stepper.total_failures)
+        write_json(jpath, {"identity": identity, "run": r})
+        return r
+
+    runs = result["runs"]["ptb"]
+    # 1. MLR-SNet meta-trained online (Algorithm 1) with the normalised loss input.
+    def make_meta(model, gval, seed):
+        torch.manual_seed(30_000 + seed)  # MLR-SNet's initialisation
+        net = MLRSNet(objective="language_model", num_classes=V)
+        opt = torch.optim.SGD(model.parameters(), lr=1.0, weight_decay=cfg.weight_decay)
+
+        def val_batch():
+            j = int(torch.randint(0, n_val_chunks, (1,), generator=gval))
+            return (val_chunks[j * cfg.bptt:(j + 1) * cfg.bptt], val_chunks[j * cfg.bptt + 1:(j + 1) * cfg.bptt + 1],
+                    model.init_state(cfg.batch_size, device))
+        return MLRSNetMetaTrainer(net, model, opt, loss_fn=lm_loss, val_batch_fn=val_batch,
+                                  config=MLRSNetTrainConfig(t_val=cfg.t_val, meta_lr=cfg.meta_lr, grad_clip=cfg.clip),
+                                  train_loss_fn=lambda: stream_loss(model, train, cfg.bptt), log=log)
+    label = "MLR-SNet (meta-train)"
+    out = []
+    for s in cfg.seeds:
+        gval = torch.Generator().manual_seed(20_000 + s)
+        # MetaUpdateFailed (repeated non-finite meta-updates) ends the script: one line, exit status 4.
+        out.append(run(f"mlrsnet_meta_seed{s}", {"method": label}, s, lambda m: make_meta(m, gval, s),
+                       f"{label} seed {s}", gens={"val": gval}))
+    runs[label] = out
+
+    # 2. Transferred nets (Algorithm 2).
+    sets = []
+    if cfg.official:
+        d = os.path.join(cfg.data_dir or os.environ.get("L2L_ZOO_DATA") or "data", "mlr_snet_official")
+        paths = [os.path.join(d, f"mlr_snet_{e}.pth") for e in (1, 100, 200)]
+        if all(os.path.isfile(p) for p in paths):
+            sets.append(("MLR-SNet (official nets)", [MLRSNet.from_official_checkpoint(
+                p, layout="meta-test", objective="language_model", num_classes=V) for p in paths]))
+        else:
+            result["notes"].append(f"official nets not found in {d}: skipped")
+    if cfg.transfer:
+        ours = []
+        for p in cfg.transfer:
+            n = l2l_zoo.load(p)
+            if not isinstance(n, MLRSNet):
+                raise UsageError(f"--transfer: {p!r} holds a {n.name!r} optimizer, not an MLR-SNet")
+            m = MLRSNet(**{**n.config, "objective": "language_model", "num_classes": V})
+            m.load_state_dict(n.state_dict())
+            ours.append(m)
+        sets.append(("MLR-SNet (ours from CIFAR-10)", ours))
+    for label, nets in sets:
+        def make_ctl(model, nets=nets):
+            opt = torch.optim.SGD(model.parameters(), lr=0.0, weight_decay=cfg.weight_decay)
+            ctl = MLRSNetController(opt, nets, total_steps=steps,
+                                    train_loss_fn=lambda: stream_loss(model, train, cfg.bptt))
+            return ScheduledStepper(model, opt, loss_fn=lm_loss, policy=ctl, grad_clip=cfg.clip)
+        tag = "official" if "official" in label else "ours"
+        runs[label] = [run(f"mlrsnet_{tag}_seed{s}", {"method": label, "nets": [n.config for n in nets]}, s,
+                           make_ctl, f"{label} seed {s}") for s in cfg.seeds]
+
+    # 3. Tuned baselines with the Val Strategy.
+    for name, grid in (("SGD", cfg.sgd_grid), ("Adam", cfg.adam_grid)):
+        def make_b(lr, name=name):
+            def make(model):
+                opt = (torch.optim.SGD(model.parameters(), lr=lr, weight_decay=cfg.weight_decay) if name == "SGD" else
+                       torch.optim.Adam(model.parameters(), lr=lr, betas=(0.0, 0.999), weight_decay=cfg.weight_decay))
+                pol = ValStrategy(opt, spe, lambda: stream_loss(model, val_eval, cfg.bptt))
+                return ScheduledStepper(model, opt, loss_fn=lm_loss, policy=pol, grad_clip=cfg.clip)
+            return make
+        scores = {}
+        for lr in grid:
+            r = run(f"{name}_lr{lr:g}_seed{cfg.seeds[0]}", {"method": name, "lr": lr}, cfg.seeds[0], make_b(lr),
+                    f"{name}+Val lr={lr:g}")
+            ok = r["diverged_at"] is None and r["eval"]
+            scores[f"{lr:g}"] = r["eval"][-1]["val_ppl"] if ok else math.inf
+        best = min(grid, key=lambda lr: scores[f"{lr:g}"])
+        result["tuning"][name] = {"val_ppl_by_lr": scores, "best_lr": best,
+                                  "criterion": f"final validation perplexity, seed {cfg.seeds[0]}"}
+        runs[f"{name} + Val Strategy (α0={best:g})"] = [
+            run(f"{name}_lr{best:g}_seed{s}", {"method": name, "lr": best}, s, make_b(best), f"{name}+Val seed {s}")
+            for s in cfg.seeds]
+
+    def summarize(rs):
+        ok = [r for r in rs if r["diverged_at"] is None and r["eval"]]
+        out = {"n_seeds": len(rs), "diverged": len(rs) - len(ok)}
+        for k in ("test_ppl", "val_ppl"):
+            vals = [r["eval"][-1][k] for r in ok]
+            out[k] = float(np.mean(vals)) if vals else None
+            out[k + "_std"] = float(np.std(vals)) if vals else None
+        return out
+
+    result["summary"]["ptb"] = {label: summarize(rs) for label, rs in runs.items()}
+    result["wall_s_total"] = time.perf_counter() - t_start
+    write_json(os.path.join(cfg.out, "results.json"), result)
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "paper_figs"))
+    from fig_mlrsnet import plot  # noqa: E402
+    plot(result, os.path.join(cfg.out, "mlrsnet_ptb.png"))
+    log(f"\n{'method':<36}{'test ppl':>18}{'val ppl':>10}{'diverged':>9}   ({cfg.epochs} epochs, {steps} steps)")
+    for label, s in result["summary"]["ptb"].items():
+        tp = "n/a" if s["test_ppl"] is None else f"{s['test_ppl']:.2f} ± {s['test_ppl_std']:.2f}"
+        vp = "n/a" if s["val_ppl"] is None else f"{s['val_ppl']:.2f}"
+        log(f"{label:<36}{tp:>18}{vp:>10}{s['diverged']:>6}/{s['n_seeds']}")
+    log(f"results: {os.path.join(cfg.out, 'results.json')}  plot: {os.path.join(cfg.out, 'mlrsnet_ptb.png')}  "
+        f"({result['wall_s_total']:.0f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    run_main(main)
