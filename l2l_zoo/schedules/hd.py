@@ -10,8 +10,9 @@ HD greedily minimises the objective one step ahead. With ``Φ_t(w, η) = w − �
   this equals MARTHE with μ = 0. One extra gradient of ``E`` per step, no Hessian.
 * ``val_loss_fn=None``: Baydin et al.'s original, ``E = L`` the (regularised) training loss,
   with ``∇L(w_{t+1})`` taken from the *next* minibatch, i.e. at step ``t+1`` before its update:
-  ``Δη = −(g_{t+1} + weight_decay·w_{t+1})·d_t``. No extra gradient at all. For SGD with momentum
-  ``d_t`` is the momentum buffer (as in their code), for Adam the Adam step direction.
+  ``Δη = −(g_{t+1} + weight_decay·w_{t+1})·d_t``. No extra gradient at all. ``d_t`` is the step
+  direction actually taken: the momentum buffer for heavy-ball SGD (as in their code),
+  ``gg + momentum·buf`` with Nesterov, the bias-corrected Adam direction for Adam.
 """
 from __future__ import annotations
 
