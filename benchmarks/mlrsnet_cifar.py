@@ -3,7 +3,7 @@
 small CNN, then transfer the saved nets (Algorithm 2) to MNIST, to another architecture and to a 3x
 longer horizon, against tuned hand-designed schedules; the authors' released nets too.
 
-    python benchmarks/mlrsnet_cifar.py                       # CPU defaults (~15 min on 2 busy cores)
+    python benchmarks/mlrsnet_cifar.py                       # CPU defaults: 26 min on 2 cores at load ~7
     python benchmarks/mlrsnet_cifar.py --epochs 200 --t-val 100 --channels 32 --device cuda --seeds 3
     python benchmarks/mlrsnet_cifar.py --resume              # continue an interrupted run
 

@@ -3,7 +3,7 @@
 at CPU scale: MLR-SNet meta-trained online with the normalised loss input, the authors' released
 CIFAR-10 nets transferred across modality, against SGD and Adam with the tuned "Val Strategy".
 
-    python benchmarks/mlrsnet_ptb.py                      # CPU defaults (~10 min on 2 busy cores)
+    python benchmarks/mlrsnet_ptb.py                      # CPU defaults: 24 min on 2 cores at load ~5
     python benchmarks/mlrsnet_ptb.py --hidden 512 --epochs 150 --t-val 100 --device cuda --seeds 3
     python benchmarks/mlrsnet_ptb.py --transfer results/mlrsnet_cifar/nets/mlrsnet_1.pt,...  # our CIFAR nets too
 
