@@ -9,7 +9,9 @@ on a *flat* vector of ``n`` optimizee coordinates and splits one step into two p
 * ``network(feats, hidden) -> (updates, hidden)``: the learned map from input state and recurrent
   hidden state to per-coordinate updates ``u_t`` (shape ``(n,)``), applied as ``params + updates``.
 
-``update`` composes the two. Nothing is mutated: the state is an explicit :class:`OptState` that the
+``step`` composes the two (and returns the intermediates), ``update`` returns just the updates and
+the new state. A network whose output is not itself the update (MLR-SNet outputs one learning rate)
+overrides ``step`` to combine it with a base direction. Nothing is mutated: the state is an explicit :class:`OptState` that the
 caller threads through and may :meth:`~OptState.detach` at truncation boundaries. The smoothness
 regularizer (``l2l_zoo.regularizers``) perturbs ``feats`` with ``hidden`` held fixed, which is why the
 split exists: it works for every optimizer without any code inside them.
@@ -22,7 +24,7 @@ from typing import Any, ClassVar, NamedTuple
 import torch
 from torch import nn
 
-__all__ = ["OptState", "LearnedOptimizer", "MetaDefaults"]
+__all__ = ["OptState", "Step", "LearnedOptimizer", "MetaDefaults"]
 
 
 class OptState(NamedTuple):
@@ -49,6 +51,16 @@ class OptState(NamedTuple):
 
     def is_finite(self) -> bool:
         return all(bool(torch.isfinite(t).all()) for t in (*self.stats, *self.hidden))
+
+
+class Step(NamedTuple):
+    """Everything one optimizer step produced: ``updates`` (n,), the new ``state``, and the input
+    state ``feats`` and hidden state ``hidden`` the network read (what regularizers perturb)."""
+
+    updates: torch.Tensor
+    state: OptState
+    feats: torch.Tensor
+    hidden: tuple
 
 
 class MetaDefaults(NamedTuple):
@@ -115,6 +127,15 @@ class LearnedOptimizer(nn.Module):
         """Updates ``u_t`` of shape ``(n,)`` and the new hidden state."""
         raise NotImplementedError
 
+    def step(self, grads: torch.Tensor, state: OptState, *, params: torch.Tensor | None = None,
+             loss: torch.Tensor | None = None, network=None) -> Step:
+        """One pure step with its intermediates (see :class:`Step`). ``network`` replaces
+        ``self.network`` for this call (the trainer passes a checkpointed version). Optimizers whose
+        network output is not itself the update (MLR-SNet: a learning rate) override this."""
+        feats, stats = self.features(grads, state, params=params, loss=loss)
+        updates, hidden = (network or self.network)(feats, state.hidden)
+        return Step(updates, OptState(state.step + 1, stats, hidden), feats, state.hidden)
+
     def update(self, grads: torch.Tensor, state: OptState, *, params: torch.Tensor | None = None,
                loss: torch.Tensor | None = None) -> tuple[torch.Tensor, OptState]:
         """One pure step: ``updates, state = lopt.update(grads, state)``; apply as ``params + updates``.
@@ -122,9 +143,8 @@ class LearnedOptimizer(nn.Module):
         ``grads``: flat gradient of shape ``(n,)``. Differentiable with respect to the
         meta-parameters; nothing is modified in place.
         """
-        feats, stats = self.features(grads, state, params=params, loss=loss)
-        updates, hidden = self.network(feats, state.hidden)
-        return updates, OptState(state.step + 1, stats, hidden)
+        s = self.step(grads, state, params=params, loss=loss)
+        return s.updates, s.state
 
     def forward(self, grads, state, **kw):  # so that nn.Module hooks and __call__ work
         return self.update(grads, state, **kw)

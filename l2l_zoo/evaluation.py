@@ -12,6 +12,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .tasks.task import Task
+from .torch_optim import LearnedOptimizerAdapter
 
 __all__ = ["train_optimizee", "eval_schedule"]
 
@@ -37,6 +38,8 @@ def train_optimizee(task: Task, make_optimizer: Callable, *, steps: int, seed: i
     model = task.build_model(seed=seed)
     model.train()
     opt = make_optimizer(model.parameters())
+    # Learned optimizers that read the loss (MLR-SNet) get it through the adapter's step(loss=...).
+    pass_loss = isinstance(opt, LearnedOptimizerAdapter) and opt.lopt.needs_loss
     gen = torch.Generator().manual_seed(10_000 + seed)
     eval_at = set(eval_schedule(steps, eval_every))
     out = {"seed": seed, "steps": steps, "batch_loss": [], "eval_steps": [],
@@ -62,7 +65,7 @@ def train_optimizee(task: Task, make_optimizer: Callable, *, steps: int, seed: i
             out["diverged_at"] = step
             break
         loss.backward()
-        opt.step()
+        opt.step(loss=loss.detach()) if pass_loss else opt.step()
         out["batch_loss"].append(value)
         if step in eval_at:
             record(step)

@@ -24,7 +24,7 @@ def tiny_mlp_task(dtype=torch.float64, seed=0):
 
 def make_lopt(name, seed=0, dtype=torch.float64):
     torch.manual_seed(seed)
-    opts = {"dm": {"output_scale": 0.1}, "simple": {}, "rnnprop": {}}[name]
+    opts = {"dm": {"output_scale": 0.1}, "simple": {}, "rnnprop": {}, "mlrsnet": {"momentum": 0.9, "gamma": 0.05}}[name]
     return l2l_zoo.create(name, **opts).to(dtype)
 
 
@@ -39,7 +39,7 @@ def meta_grad(name, task, backend, second_order, smooth=None, seed=0, steps=4, t
     return ml, torch.cat([g.reshape(-1) for g in grads]), lopt
 
 
-@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize("name", ALL + ["mlrsnet"])
 @pytest.mark.parametrize("second_order", [False, True])
 def test_backends_give_the_same_meta_gradient(name, second_order):
     task = tiny_mlp_task()
@@ -61,7 +61,9 @@ def test_network_checkpointing_gives_the_same_meta_gradient(name):
 
 @pytest.mark.parametrize("name", ALL)
 def test_meta_gradient_matches_finite_differences(name):
-    """Exact (second-order) meta-gradient vs float64 central differences along random directions."""
+    """Exact (second-order) meta-gradient vs float64 central differences along random directions.
+    (MLR-SNet is left out: its loss input is data by design, detached as in its Algorithm 1, so its
+    meta-gradient is not the total derivative; tests/test_mlrsnet.py checks its own.)"""
     task = QuadraticTask(5, seed=3, dtype=torch.float64, noise=0.1)
     ml, g, lopt = meta_grad(name, task, "func", second_order=True, steps=5)
     theta = torch.nn.utils.parameters_to_vector(lopt.parameters()).detach()
@@ -75,6 +77,28 @@ def test_meta_gradient_matches_finite_differences(name):
         fd = (fp - fm) / (2 * h)
         an = torch.dot(g, v)
         assert abs(fd - an) <= 1e-6 * max(1.0, abs(an)), f"{name}: FD {fd:.10g} vs autograd {an:.10g}"
+
+
+def test_trainer_applies_mlrsnet_rate_times_base_direction():
+    """MLR-SNet's network outputs a learning rate: the unrolled trajectory must follow
+    ``lopt.update`` (−lr · momentum direction, checked against torch.optim in test_mlrsnet.py), not
+    the raw network output."""
+    task = QuadraticTask(5, seed=0, dtype=torch.float64)
+    lopt = make_lopt("mlrsnet")
+    tr = MetaTrainer(lopt, task, MetaTrainConfig(unroll=3, horizon=3, seed=0), log=lambda s: None)
+    run = tr._new_run()
+    x, st, loss, g = run.x.clone(), run.state, run.loss, run.grad
+    _, losses, _, P, *_ = tr._truncation(run, 3)
+    with torch.no_grad():
+        for _ in range(3):
+            upd, st = lopt.update(g, st, loss=loss)
+            x = x + upd
+            with torch.enable_grad():
+                xr = x.clone().requires_grad_(True)
+                loss = task.loss(task.w @ xr, task.y)
+                g = torch.autograd.grad(loss, xr)[0]
+    torch.testing.assert_close(x, P.detach(), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(loss, losses[-1].detach(), rtol=1e-10, atol=1e-12)
 
 
 def test_first_order_meta_gradient_differs_from_exact():

@@ -182,12 +182,11 @@ class MetaTrainer:
                 kw["params"] = be.flat(P)
             if lopt.needs_loss:
                 kw["loss"] = loss.detach()
-            feats, stats = lopt.features(grad, state, **kw)
-            updates, hidden = self._network(feats, state.hidden)
+            step = lopt.step(grad, state, network=self._network, **kw)
             if self.reg is not None:
-                penalties.append(self.reg(lopt, feats, state.hidden, self.gens["reg"]))
-            state = OptState(state.step + 1, stats, hidden)
-            P = be.apply(P, updates)
+                penalties.append(self.reg(lopt, step.feats, step.hidden, self.gens["reg"]))
+            state = step.state
+            P = be.apply(P, step.updates)
             loss, grad = be.loss_and_grad(P, task.sample_batch(self.gens["data"]),
                                           create_graph=self.cfg.second_order)
             if not self.cfg.second_order:

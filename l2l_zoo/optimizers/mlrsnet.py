@@ -44,7 +44,7 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
-from ..base import LearnedOptimizer, MetaDefaults, OptState
+from ..base import LearnedOptimizer, MetaDefaults, OptState, Step
 
 __all__ = ["MLRSNet", "MLRSNetController", "mlrsnet_gamma", "LAYOUTS", "BASES", "OBJECTIVES"]
 
@@ -272,7 +272,7 @@ class MLRSNet(LearnedOptimizer):
         p = torch.sigmoid(self.layer3(h)).squeeze(1)
         return gamma * p, (h, c, gamma)
 
-    def update(self, grads, state, *, params=None, loss=None):
+    def step(self, grads, state, *, params=None, loss=None, network=None) -> Step:
         """One step −α_t · d_t (eq. 7 / 13 with the base optimizer's direction), shape (n,).
 
         If γ is not known at step 0 (NaN in the state: no ``gamma`` given), it is computed from this
@@ -283,8 +283,8 @@ class MLRSNet(LearnedOptimizer):
         if state.step == 0 and bool(torch.isnan(hidden[2]).any()):
             hidden = (*hidden[:2], torch.full_like(hidden[2], self.gamma_for(float(loss))))
         direction, stats = self.base_direction(grads, state, params=params)
-        lr, hidden = self.network(x, hidden)
-        return -lr.to(direction.dtype) * direction, OptState(state.step + 1, stats, hidden)
+        lr, new_hidden = (network or self.network)(x, hidden)
+        return Step(-lr.to(direction.dtype) * direction, OptState(state.step + 1, stats, new_hidden), x, hidden)
 
     # ------------------------------------------------------------------ inspection
     def trace(self, losses, *, hidden: tuple | None = None) -> torch.Tensor:
