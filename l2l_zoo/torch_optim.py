@@ -114,14 +114,17 @@ class LearnedOptimizerAdapter(torch.optim.Optimizer):
         if not params or params[0] not in self.state or "step" not in self.state[params[0]]:
             self._flat = None
             return
-        template = self.lopt.init_state(1)
+        # Rebuild in the memory layout the optimizer itself allocates (so resumed steps are
+        # bit-identical to uninterrupted ones).
+        template = self._init_flat(params[0])
         first = self.state[params[0]]
 
         def gather(kind, j):
             key = f"{kind}_{j}"
-            if "global_" + key in first:
-                return first["global_" + key]
-            return torch.cat([self.state[p][key] for p in params], dim=0)
+            out = getattr(template, kind)[j]
+            src = first["global_" + key] if "global_" + key in first else \
+                torch.cat([self.state[p][key] for p in params], dim=0)
+            return out.copy_(src)
 
         stats = tuple(gather("stats", j) for j in range(len(template.stats)))
         hidden = tuple(gather("hidden", j) for j in range(len(template.hidden)))

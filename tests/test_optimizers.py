@@ -169,3 +169,23 @@ def test_simple_descent_init_starts_as_descent():
         g = torch.randn(1000) * 1e-3
         upd, _ = lopt.update(g, lopt.init_state(1000))
         assert torch.dot(upd, g) < 0, f"seed {seed}: initial update is not a descent direction"
+
+
+@pytest.mark.parametrize("name,options", [("simple", {}), ("simple", {"bias": True}),
+                                          ("simple", {"aggregation": False}), ("dm", {}), ("rnnprop", {})])
+def test_fast_inference_path_equals_autograd_path(name, options):
+    """Without autograd the networks run chunked, in-place kernels: same numbers as the autograd path."""
+    torch.manual_seed(0)
+    lopt = l2l_zoo.create(name, **options).double()
+    if hasattr(lopt, "lstm"):
+        lopt.lstm.chunk = 50
+    n = 230
+    st = lopt.init_state(n, dtype=torch.float64)
+    st = OptState(2, tuple(t + 0.1 for t in st.stats), tuple(torch.randn_like(t) * 0.3 for t in st.hidden))
+    g = torch.randn(n, dtype=torch.float64) * 1e-2
+    a, sa = lopt.update(g, st)
+    with torch.no_grad():
+        b, sb = lopt.update(g, st)
+    torch.testing.assert_close(a.detach(), b, rtol=1e-10, atol=1e-13)
+    for x, y in zip(sa.hidden, sb.hidden):
+        torch.testing.assert_close(x.detach(), y, rtol=1e-10, atol=1e-13)

@@ -67,7 +67,10 @@ class SimpleOptimizer(LearnedOptimizer):
                     self.out.weight.neg_()
 
     def init_state(self, n, *, device=None, dtype=None) -> OptState:
-        return OptState(0, (), (torch.zeros(n, self._config["hidden_size"], device=device, dtype=dtype),))
+        # (n, H) stored column-major: the no-autograd path works on its (H, n) transpose, where the
+        # small matrix products and reductions over coordinates run 2-3x faster.
+        H = self._config["hidden_size"]
+        return OptState(0, (), (torch.zeros(H, n, device=device, dtype=dtype).t(),))
 
     def features(self, grads, state, *, params=None, loss=None):
         """The gradient itself (optionally RMS-normalised), shape (n, 1)."""
@@ -78,6 +81,10 @@ class SimpleOptimizer(LearnedOptimizer):
 
     def network(self, feats, hidden):
         (h,) = hidden
+        if not torch.is_grad_enabled() or not (feats.requires_grad or h.requires_grad
+                                               or self.weight_hh.requires_grad):
+            with torch.no_grad():
+                return self._network_chunked(feats, h)
         # feats @ W_ih^T with a (n, 1) input is a broadcast product; addmm keeps it one kernel.
         pre = torch.addmm(feats * self.weight_ih[:, 0], h, self.weight_hh.t())
         if self.bias_h is not None:
@@ -93,3 +100,40 @@ class SimpleOptimizer(LearnedOptimizer):
         if self.out.bias is not None:
             u = u + self.out.bias
         return u, (h,)
+
+    def _network_chunked(self, feats, h, chunk: int = 65536):
+        """The same computation without autograd, on the (H, n) transpose of the hidden state in
+        cache-sized chunks of coordinates with in-place kernels (used by the torch.optim adapter;
+        ~3x faster than the autograd path on CPU). Returns the new hidden state column-major."""
+        n, H = h.shape
+        hT = h.t()
+        newT = torch.empty(H, n, dtype=h.dtype, device=h.device)
+        w = self.out.weight[0]
+        agg = self._config["aggregation"]
+        w_own = self.alpha * w[:H] if agg else w
+        w_ih = self.weight_ih[:, 0:1]
+        g = feats.reshape(1, -1)
+        u = feats.new_empty(n)
+        h_sum = feats.new_zeros(H)
+        cpu = h.device.type == "cpu"
+        for s in range(0, n, chunk):
+            e = min(s + chunk, n)
+            out = torch.mm(self.weight_hh, hT[:, s:e])
+            out.addcmul_(w_ih, g[:, s:e])
+            if self.bias_h is not None:
+                out.add_(self.bias_h[:, None])
+            if cpu:  # tanh(x) = 2σ(2x) − 1, see features.fast_tanh
+                out.mul_(2.0)
+                torch.sigmoid(out, out=out)
+                out.mul_(2.0).sub_(1.0)
+            else:
+                out.tanh_()
+            torch.mv(out.t(), w_own, out=u[s:e])
+            if agg:
+                h_sum += out.sum(1)
+            newT[:, s:e] = out
+        if agg:
+            u += self.beta * torch.dot(h_sum / n, w[H:])
+        if self.out.bias is not None:
+            u += self.out.bias
+        return u, (newT.t(),)
