@@ -46,13 +46,12 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, ".."))
 sys.path.insert(0, os.path.join(HERE, "..", "paper_figs"))
 
-from l2l_zoo.cli import (ArgumentParser, UsageError, environment, parse_floats, parse_seeds,  # noqa: E402
+from l2l_zoo.cli import (ArgumentParser, RunCache, UsageError, environment, parse_floats, parse_seeds,  # noqa: E402
                          resolve_device, run_main, write_json)
 from l2l_zoo.schedules import (HD, MARTHE, BASELINES, BETA_RULES, LRSOpt, ScheduleDiverged,  # noqa: E402
                                SGDDynamics, flat_functional, make_baseline, schedule_hypergradient)
 from l2l_zoo.tasks import MLP, Task, glorot_init_  # noqa: E402
 from l2l_zoo.tasks.data import load_mnist  # noqa: E402
-from mnist_mlp import RunCache  # noqa: E402  (the per-run JSON cache shared by the benchmarks)
 
 ONLINE = ("hd", "rtho", "marthe-mu", "marthe-hmu", "marthe")
 METHODS = ("constant",) + ONLINE + ("lrs-opt",)

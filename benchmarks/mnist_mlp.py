@@ -36,8 +36,8 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 import l2l_zoo  # noqa: E402
-from l2l_zoo.cli import (ArgumentParser, UsageError, environment, parse_floats, parse_kv,  # noqa: E402
-                         parse_seeds, plot_curves, read_json, resolve_device, run_main, write_json)
+from l2l_zoo.cli import (ArgumentParser, RunCache, UsageError, environment, parse_floats,  # noqa: E402
+                         parse_kv, parse_seeds, plot_curves, resolve_device, run_main, write_json)
 from l2l_zoo.evaluation import train_optimizee  # noqa: E402
 from l2l_zoo.meta import META_LOSSES, MetaTrainConfig, MetaTrainer  # noqa: E402
 from l2l_zoo.regularizers import parse_smooth  # noqa: E402
@@ -110,7 +110,7 @@ def build_parser() -> ArgumentParser:
                         "rate on the same subsample")
     p.add_argument("--eval-steps", type=int, default=1000, help="optimizee steps of each evaluation run")
     p.add_argument("--eval-every", type=int, default=None,
-                   help="steps between full train/test evaluations (default eval-steps/50)")
+                   help="steps between full train/test evaluations (default eval-steps/20)")
     p.add_argument("--seeds", default="1", help="evaluation seeds: a count N (seeds 0..N-1) or a comma list")
     p.add_argument("--meta-seed", type=int, default=0, help="seed of meta-training (meta-parameter init, data order)")
     p.add_argument("--lr-grid", default="1,0.1,0.01,0.001", help="learning rates tried for each hand-designed optimizer")
@@ -177,7 +177,7 @@ def parse_config(argv=None) -> Config:
         meta_steps=a.meta_steps or DEFAULT_META_STEPS.get(a.opt, 0), horizon=a.horizon, unroll=a.unroll,
         meta_lr=a.meta_lr, meta_loss=a.meta_loss, meta_grad_clip=a.meta_grad_clip, backend=a.backend,
         opt_config=opt_config, load=a.load, finetune=a.finetune, eval_steps=a.eval_steps,
-        eval_every=a.eval_every or max(1, a.eval_steps // 50), seeds=parse_seeds(a.seeds),
+        eval_every=a.eval_every or max(1, a.eval_steps // 20), seeds=parse_seeds(a.seeds),
         meta_seed=a.meta_seed, lr_grid=parse_floats(a.lr_grid, "--lr-grid"), baselines=baselines,
         batch_size=a.batch_size, device=a.device, data_dir=a.data_dir,
         out=a.out or os.path.join("results", "mnist_mlp", tag), resume=a.resume,
@@ -199,28 +199,6 @@ def final_loss(run: dict) -> float:
     if run["diverged_at"] is not None or run["train_loss"][-1] is None:
         return math.inf
     return run["train_loss"][-1]
-
-
-class RunCache:
-    """One JSON per finished evaluation run, keyed by a label; reused by --resume."""
-
-    def __init__(self, folder: str, signature: dict, enabled: bool):
-        self.folder, self.signature, self.enabled = folder, signature, enabled
-        os.makedirs(folder, exist_ok=True)
-
-    def _path(self, key):
-        return os.path.join(self.folder, key.replace("/", "_") + ".json")
-
-    def get(self, key):
-        p = self._path(key)
-        if self.enabled and os.path.exists(p):
-            d = read_json(p)
-            if d.get("signature") == self.signature:
-                return d["run"]
-        return None
-
-    def put(self, key, run):
-        write_json(self._path(key), {"signature": self.signature, "run": run})
 
 
 def meta_train(cfg: Config, device, log) -> tuple[l2l_zoo.LearnedOptimizer, dict]:

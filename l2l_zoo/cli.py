@@ -12,7 +12,7 @@ from typing import Any, Callable
 
 import torch
 
-__all__ = ["ArgumentParser", "UsageError", "parse_seeds", "parse_floats", "parse_kv", "resolve_device",
+__all__ = ["ArgumentParser", "RunCache", "UsageError", "parse_seeds", "parse_floats", "parse_kv", "resolve_device",
            "write_json", "read_json", "environment", "run_main", "plot_curves"]
 
 
@@ -125,6 +125,29 @@ def write_json(path: str | os.PathLike, obj) -> None:
 def read_json(path):
     with open(path) as f:
         return json.load(f)
+
+
+class RunCache:
+    """One JSON per finished run, keyed by a label and tagged with the run's configuration
+    ``signature``; with ``enabled`` (--resume) a cached run with the same signature is reused."""
+
+    def __init__(self, folder: str, signature: dict, enabled: bool):
+        self.folder, self.signature, self.enabled = folder, signature, enabled
+        os.makedirs(folder, exist_ok=True)
+
+    def _path(self, key):
+        return os.path.join(self.folder, key.replace("/", "_") + ".json")
+
+    def get(self, key):
+        p = self._path(key)
+        if self.enabled and os.path.exists(p):
+            d = read_json(p)
+            if d.get("signature") == self.signature:
+                return d["run"]
+        return None
+
+    def put(self, key, run):
+        write_json(self._path(key), {"signature": self.signature, "run": run})
 
 
 def run_main(main: Callable[[], int | None]) -> None:

@@ -28,12 +28,13 @@ def _positive_int(name, v):
 
 def make_baseline(name: str, optimizer: torch.optim.Optimizer, *, total_steps: int,
                   gamma: float | None = None, milestones: list[int] | None = None,
-                  t_0: int | None = None, t_mult: int = 2) -> lr_scheduler.LRScheduler:
+                  t_0: int | None = None, t_mult: int = 2, eta_min: float = 0.0) -> lr_scheduler.LRScheduler:
     """A ``torch.optim.lr_scheduler`` for baseline ``name`` over ``total_steps`` steps.
 
     ``gamma``: decay factor (multistep: per milestone, default 0.1; exponential: per step, default
     ``0.99^{200/total_steps}``); ``milestones``: multistep steps (default 30/60/90% of the horizon);
-    ``t_0``/``t_mult``: SGDR first period (default 5% of the horizon) and period multiplier."""
+    ``t_0``/``t_mult``/``eta_min``: SGDR first period (default 5% of the horizon), period multiplier
+    and floor."""
     if name not in BASELINES:
         raise KeyError(f"unknown baseline {name!r}; choose from {list(BASELINES)}")
     _positive_int("total_steps", total_steps)
@@ -53,7 +54,9 @@ def make_baseline(name: str, optimizer: torch.optim.Optimizer, *, total_steps: i
     t_0 = max(1, round(0.05 * total_steps)) if t_0 is None else t_0
     _positive_int("t_0", t_0)
     _positive_int("t_mult", t_mult)
-    return lr_scheduler.CosineAnnealingWarmRestarts(optimizer, T_0=t_0, T_mult=t_mult, eta_min=0.0)
+    if not eta_min >= 0:
+        raise ValueError(f"eta_min must be >= 0, got {eta_min!r}")
+    return lr_scheduler.CosineAnnealingWarmRestarts(optimizer, T_0=t_0, T_mult=t_mult, eta_min=eta_min)
 
 
 def baseline_lrs(name: str, lr: float, total_steps: int, **kwargs) -> list[float]:

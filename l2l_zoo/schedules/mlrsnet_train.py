@@ -56,6 +56,7 @@ from tqdm.auto import tqdm
 
 from ..meta.trainer import MetaTrainingDiverged
 from ..optimizers.mlrsnet import MLRSNet, MLRSNetController
+from .baselines import make_baseline
 
 __all__ = ["MLRSNetTrainConfig", "MLRSNetMetaTrainer", "ScheduledStepper", "virtual_step_loss",
            "meta_gradient", "select_snapshots", "hand_designed_scheduler", "HAND_DESIGNED", "train_loop",
@@ -362,16 +363,10 @@ def hand_designed_scheduler(name: str, optimizer: torch.optim.Optimizer, total_s
         raise ValueError(f"unknown schedule {name!r}; choose from {list(HAND_DESIGNED)}")
     if total_steps < 1:
         raise ValueError(f"total_steps must be >= 1, got {total_steps!r}")
-    sch = torch.optim.lr_scheduler
     if name == "fixed":
         return None
-    if name == "multistep":
-        ms = sorted({max(1, round(total_steps * f)) for f in (0.3, 0.6, 0.9)})
-        return sch.MultiStepLR(optimizer, milestones=ms, gamma=0.1)
-    if name == "exponential":
-        return sch.ExponentialLR(optimizer, gamma=0.95 ** (200.0 / total_steps))
-    return sch.CosineAnnealingWarmRestarts(optimizer, T_0=max(1, round(total_steps * 10 / 200)), T_mult=2,
-                                           eta_min=1e-5)
+    kw = {"exponential": {"gamma": 0.95 ** (200.0 / total_steps)}, "sgdr": {"eta_min": 1e-5}}.get(name, {})
+    return make_baseline(name, optimizer, total_steps=total_steps, **kw)
 
 
 # --------------------------------------------------------------------------- the loop
