@@ -65,3 +65,17 @@ def test_named_tasks(data_dir, name, num_params):
     b = task.init_params(5)
     assert all(torch.equal(u, v) for u, v in zip(a, b))
     assert set(TASKS) >= {name}
+
+
+def test_standard_files_give_the_standard_split(data_dir, tmp_path):
+    """With train-* files present the loader uses them (here the test files stand in for a full
+    training set, in a temporary folder) and carves validation out of the training set."""
+    import os
+    import shutil
+    for kind in ("images-idx3", "labels-idx1"):
+        src = os.path.join(data_dir, "mnist", f"t10k-{kind}-ubyte.gz")
+        shutil.copy(src, tmp_path / f"t10k-{kind}-ubyte.gz")
+        shutil.copy(src, tmp_path / f"train-{kind}-ubyte.gz")
+    d = load_dataset("mnist", tmp_path, n_val=1000, n_test=2000)
+    assert (len(d.y_train), len(d.y_val), len(d.y_test)) == (9000, 1000, 2000)
+    assert d.note.startswith("mnist standard split") and "carved from the training set" in d.note

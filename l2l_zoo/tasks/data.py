@@ -190,6 +190,20 @@ def _try_download(dataset: str, root: Path) -> bool:
         socket.setdefaulttimeout(None)
 
 
+def _standard(name, x_tr, y_tr, x_te, y_te, source, n_train, n_val, n_test, seed):
+    """The standard train/test split, with a stratified validation set carved from the training set
+    (default 5000) and, if ``n_test`` is smaller than the test set, a stratified test subsample."""
+    n_val = 5000 if n_val is None else n_val
+    n_train = len(y_tr) - n_val if n_train is None else n_train
+    i_tr, i_va = stratified_split(y_tr, [n_train, n_val], seed)
+    if n_test is not None and n_test < len(y_te):
+        (i_te,) = stratified_split(y_te, [n_test], seed + 1)
+        x_te, y_te = x_te[i_te], y_te[i_te]
+    return DataSplits(name, x_tr[i_tr], y_tr[i_tr], x_tr[i_va], y_tr[i_va], x_te, y_te, 10, source,
+                      f"{name} standard split: train={n_train} / val={n_val} (carved from the training "
+                      f"set, seed={seed}) / test={len(y_te)}")
+
+
 def _carve(name, x, y, num_classes, source, n_train, n_val, n_test, seed, note_prefix):
     idx_tr, idx_va, idx_te = stratified_split(y, [n_train, n_val, n_test], seed)
     note = (f"{note_prefix}: carved seeded (seed={seed}), class-stratified subsets "
@@ -232,15 +246,7 @@ def load_mnist(data_dir=None, *, n_train: int | None = None, n_val: int | None =
     source = str(files[("t10k", "images")].parent)
     if files[("train", "images")] is not None and files[("train", "labels")] is not None:
         x_tr, y_tr = load("train")
-        n_val = 5000 if n_val is None else n_val
-        n_train = len(y_tr) - n_val if n_train is None else n_train
-        i_tr, i_va = stratified_split(y_tr, [n_train, n_val], seed)
-        if n_test is not None and n_test < len(y_te):
-            (i_te,) = stratified_split(y_te, [n_test], seed + 1)
-            x_te, y_te = x_te[i_te], y_te[i_te]
-        return DataSplits("mnist", x_tr[i_tr], y_tr[i_tr], x_tr[i_va], y_tr[i_va], x_te, y_te, 10,
-                          source, f"MNIST standard split: train={n_train} / val={n_val} (carved from "
-                                  f"the training set, seed={seed}) / test={len(y_te)}")
+        return _standard("mnist", x_tr, y_tr, x_te, y_te, source, n_train, n_val, n_test, seed)
     n_train = 6000 if n_train is None else n_train
     n_val = 1000 if n_val is None else n_val
     n_test = len(y_te) - n_train - n_val if n_test is None else n_test
@@ -292,15 +298,7 @@ def load_cifar10(data_dir=None, *, n_train: int | None = None, n_val: int | None
         y_tr = torch.from_numpy(np.concatenate([p[1] for p in parts])).long()
         xt, yt = read("test_batch")
         x_te, y_te = to_tensor(xt), torch.from_numpy(yt).long()
-        n_val = 5000 if n_val is None else n_val
-        n_train = len(y_tr) - n_val if n_train is None else n_train
-        i_tr, i_va = stratified_split(y_tr, [n_train, n_val], seed)
-        if n_test is not None and n_test < len(y_te):
-            (i_te,) = stratified_split(y_te, [n_test], seed + 1)
-            x_te, y_te = x_te[i_te], y_te[i_te]
-        return DataSplits("cifar10", x_tr[i_tr], y_tr[i_tr], x_tr[i_va], y_tr[i_va], x_te, y_te, 10,
-                          str(pk), f"CIFAR-10 standard split: train={n_train} / val={n_val} / "
-                                   f"test={len(y_te)}")
+        return _standard("cifar10", x_tr, y_tr, x_te, y_te, str(pk), n_train, n_val, n_test, seed)
     if npz is None:
         raise DataNotFoundError(
             "CIFAR-10 not found: need cifar-10-batches-py/{data_batch_1..5,test_batch} or "
