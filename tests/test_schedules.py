@@ -24,7 +24,8 @@ from l2l_zoo.schedules import (HD, MARTHE, RTHO, BASELINES, HypergradientWarning
                                make_baseline, mu_heuristic, schedule_hypergradient, unroll)
 
 DT = torch.float64
-KINDS = ("sgd", "sgdm", "nesterov", "adam", "adamw")
+# the *-nowd kinds have no weight decay: the controllers then never read the flat weights
+KINDS = ("sgd", "sgdm", "nesterov", "adam", "adamw", "sgdm-nowd", "adam-nowd")
 
 
 @pytest.fixture(autouse=True)
@@ -46,6 +47,10 @@ def make_opt(kind, params, lr):
         return torch.optim.SGD(params, lr=lr, momentum=0.8, nesterov=True, weight_decay=1e-2)
     if kind == "adam":
         return torch.optim.Adam(params, lr=lr, betas=(0.8, 0.9), weight_decay=1e-2)
+    if kind == "sgdm-nowd":
+        return torch.optim.SGD(params, lr=lr, momentum=0.9)
+    if kind == "adam-nowd":
+        return torch.optim.Adam(params, lr=lr, betas=(0.8, 0.9))
     if kind == "adamw":
         return torch.optim.AdamW(params, lr=lr, betas=(0.8, 0.9), weight_decay=1e-1)
     raise AssertionError(kind)

@@ -99,7 +99,11 @@ class HypergradientController:
     def _views(self, flat: torch.Tensor) -> list[torch.Tensor]:
         return [v.view_as(p) for v, p in zip(flat.split(self._numels), self.params)]
 
-    def _weights(self) -> torch.Tensor:
+    def _weights(self) -> torch.Tensor | None:
+        """The flat weights ``w`` (n,), or ``None`` when the dynamics never read them (no weight
+        decay): the concatenation is a full copy of the model, skipped when it is not needed."""
+        if not self.dynamics.weight_decay:
+            return None
         return torch.cat([p.detach().reshape(-1) for p in self.params])
 
     def _state(self):
@@ -136,13 +140,17 @@ class HypergradientController:
         for g in self.optimizer.param_groups:
             g["lr"] = lr
 
-    def _val_grad(self) -> torch.Tensor:
-        """``∇E`` at the current weights, flat (n,)."""
+    def _val_grad_tensors(self) -> list[torch.Tensor]:
+        """``∇E`` at the current weights, one tensor per parameter (zeros where unused)."""
         e = self.val_loss_fn()
         if not isinstance(e, torch.Tensor) or e.numel() != 1:
             raise TypeError(f"val_loss_fn must return a scalar tensor, got {e!r}")
         grads = torch.autograd.grad(e, self.params, allow_unused=True)
-        return self._flat(grads)
+        return [torch.zeros_like(p) if g is None else g for g, p in zip(grads, self.params)]
+
+    def _val_grad(self) -> torch.Tensor:
+        """``∇E`` at the current weights, flat (n,)."""
+        return self._flat(self._val_grad_tensors())
 
     def _skip(self, what: str) -> None:
         """A non-finite hypergradient: the caller keeps the rate; warn once, count every time."""

@@ -54,6 +54,11 @@ class SGDDynamics:
     def n_state(self) -> int:
         return 1 if self.momentum != 0 else 0
 
+    @property
+    def tangent_is_hvp(self) -> bool:
+        """True when :meth:`tangent` returns ``hz`` unchanged (no momentum, no weight decay)."""
+        return self.momentum == 0 and not self.weight_decay
+
     def init_state(self, w: torch.Tensor) -> tuple:
         return tuple(torch.zeros_like(w) for _ in range(self.n_state))
 
@@ -97,6 +102,7 @@ class AdamDynamics:
     decoupled: bool = False
 
     n_state = 2
+    tangent_is_hvp = False
 
     def init_state(self, w: torch.Tensor) -> tuple:
         return torch.zeros_like(w), torch.zeros_like(w)

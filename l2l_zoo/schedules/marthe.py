@@ -95,23 +95,30 @@ class MARTHE(HypergradientController):
         mu, lr = self.mu, self.lr
         need_hvp = mu != 0.0 and not self._z_zero
         grads = self._train_grads(loss, create_graph=need_hvp)
-        g = self._flat(grads).detach()
-        w = self._weights()
-        state, k = self._state()
-        d, _ = self.dynamics.direction(g, w, state, k)
-        if need_hvp:
-            hz = self._hvp(grads, self._z_w)
-            dd, ds = self.dynamics.tangent(g, hz, w, state, k, self._z_w, self._z_s)
-            # μ·(Z_w − η_t·dd) − d_t; the in-place ops act on the new tensor made by add
-            z_w = torch.add(self._z_w, dd, alpha=-lr).mul_(mu).sub_(d)
-            z_s = ds if mu == 1.0 else tuple(mu * x for x in ds)
-        else:  # μ_t A_t Z_t = 0: Z_{t+1} = [B_t]_t
-            z_w = -d
-            z_s = tuple(torch.zeros_like(w) for _ in range(self.dynamics.n_state))
+        if self.dynamics.tangent_is_hvp:
+            z_w, z_s, d = self._plain_sgd_tangent(grads, need_hvp, mu, lr), (), None
+        else:
+            g = self._flat(grads).detach()
+            w = self._weights()
+            state, k = self._state()
+            d, _ = self.dynamics.direction(g, w, state, k)
+            if need_hvp:
+                hz = self._hvp(grads, self._z_w)
+                dd, ds = self.dynamics.tangent(g, hz, w, state, k, self._z_w, self._z_s)
+                # μ·(Z_w − η_t·dd) − d_t; the in-place ops act on the new tensor made by add
+                z_w = torch.add(self._z_w, dd, alpha=-lr).mul_(mu).sub_(d)
+                z_s = ds if mu == 1.0 else tuple(mu * x for x in ds)
+            else:  # μ_t A_t Z_t = 0: Z_{t+1} = [B_t]_t
+                z_w = -d
+                z_s = tuple(torch.zeros_like(g) for _ in range(self.dynamics.n_state))
         self._apply(grads, lr)
 
-        g_e = self._val_grad()
-        hg, g1 = (float(v) for v in torch.stack([torch.dot(z_w, g_e), -torch.dot(d, g_e)]).tolist())
+        # Δη_{t+1} = Z_{t+1}ᵀ∇E(w_{t+1}) and g'_1 = −d_tᵀ∇E(w_{t+1}), per tensor (no flat ∇E)
+        g_e = self._val_grad_tensors()
+        d_views = [x.detach() for x in grads] if d is None else self._views(d)
+        hg, g1 = (float(v) for v in torch.stack([
+            sum(torch.dot(a.reshape(-1), b.reshape(-1)) for a, b in zip(self._views(z_w), g_e)),
+            -sum(torch.dot(a.reshape(-1), b.reshape(-1)) for a, b in zip(d_views, g_e))]).tolist())
         info = {"loss": value, "lr": lr, "mu": mu, "hypergradient": hg, "hd_hypergradient": g1}
         # A non-finite entry of Z_w or ∇E makes the dot products non-finite (0·inf = nan), so
         # checking the two scalars covers the tangent as well.
@@ -137,13 +144,33 @@ class MARTHE(HypergradientController):
         return value
 
 
-    def _hvp(self, grads: tuple, z: torch.Tensor) -> torch.Tensor:
-        """``H_t z`` (flat (n,)) by double backward through ``grads`` (created with a graph)."""
+    def _plain_sgd_tangent(self, grads: tuple, need_hvp: bool, mu: float, lr: float) -> torch.Tensor:
+        """``Z_{t+1} = μ·(Z_t − η_t·H_t Z_t) − g_t`` for plain SGD (``d_t = g_t``, ``dd = H_t Z_t``),
+        formed tensor by tensor from the gradients and the Hessian-vector products, so that
+        neither is copied into a flat vector first (the same arithmetic as the general path)."""
+        z_new = torch.empty(sum(self._numels), dtype=self.params[0].dtype, device=self.params[0].device)
+        outs = self._views(z_new)
+        if not need_hvp:  # μ_t A_t Z_t = 0: Z_{t+1} = [B_t]_t = −g_t
+            for out, g in zip(outs, grads):
+                torch.neg(g.detach(), out=out)
+            return z_new
+        for out, z, h, g in zip(outs, self._views(self._z_w), self._hvp_tensors(grads, self._z_w), grads):
+            torch.add(z, h, alpha=-lr, out=out).mul_(mu).sub_(g.detach())
+        return z_new
+
+    def _hvp_tensors(self, grads: tuple, z: torch.Tensor) -> list[torch.Tensor]:
+        """``H_t z`` as one tensor per parameter, by double backward through ``grads`` (created
+        with a graph); zeros for parameters the gradient does not depend on."""
         pairs = [(g, p, v) for g, p, v in zip(grads, self.params, self._views(z)) if g.requires_grad]
         out = torch.autograd.grad([g for g, _, _ in pairs], [p for _, p, _ in pairs],
                                   grad_outputs=[v for _, _, v in pairs], allow_unused=True)
         by_param = {id(p): h for (_, p, _), h in zip(pairs, out)}
-        return self._flat([by_param.get(id(p)) for p in self.params])
+        return [by_param.get(id(p)) if by_param.get(id(p)) is not None else torch.zeros_like(p)
+                for p in self.params]
+
+    def _hvp(self, grads: tuple, z: torch.Tensor) -> torch.Tensor:
+        """``H_t z`` (flat (n,))."""
+        return self._flat(self._hvp_tensors(grads, z))
 
 
 class RTHO(MARTHE):
