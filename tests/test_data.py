@@ -54,7 +54,7 @@ def test_missing_data_names_files_and_places(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("name,num_params", [("mlp", 397_510), ("lenet", 61_706), ("cifar_conv", 24_522),
-                                             ("deep_mlp", 6_578_010)])
+                                             ("deep_mlp", 6_578_010), ("mlp20", 15_910)])
 def test_named_tasks(data_dir, name, num_params):
     task = make_task(name, data_dir=data_dir)
     assert task.num_params == num_params

@@ -11,6 +11,8 @@ from .task import Task
 # name -> (dataset, model builder, description)
 TASKS = {
     "mlp": ("mnist", partial(MLP, 784, (500,), 10), "MNIST MLP 784-500-10 (base MLP)"),
+    "mlp20": ("mnist", partial(MLP, 784, (20,), 10, "sigmoid"),
+              "MNIST MLP 784-20-10 sigmoid (Andrychowicz et al.'s and Lv et al.'s base task)"),
     "deep_mlp": ("mnist", partial(MLP, 784, (2000, 1500, 1000, 500), 10),
                  "MNIST 5-layer MLP 784-2000-1500-1000-500-10 (16.5x the base MLP)"),
     "lenet": ("mnist", partial(LeNet, 1, 10, 28), "LeNet-5 on MNIST"),
