@@ -69,6 +69,9 @@ def plot_fig2(result: dict, path: str) -> list[str]:
     ax.set_ylabel("η_t")
     if runs.get("lrs-opt"):
         ax.legend(fontsize=8)
+    else:
+        ax.text(0.5, 0.5, "LRS-OPT not in this run\n(--methods ...,lrs-opt)", ha="center", va="center",
+                transform=ax.transAxes, color="0.4")
     ax.grid(alpha=0.3)
 
     ax = axes[1]
