@@ -99,6 +99,12 @@ class HypergradientController:
     def _views(self, flat: torch.Tensor) -> list[torch.Tensor]:
         return [v.view_as(p) for v, p in zip(flat.split(self._numels), self.params)]
 
+    @staticmethod
+    def _dot(xs, ys) -> torch.Tensor:
+        """``Σ_i <x_i, y_i>`` over two equally shaped tensor lists (a flat dot product without
+        concatenating either side)."""
+        return sum(torch.dot(x.reshape(-1), y.reshape(-1)) for x, y in zip(xs, ys))
+
     def _weights(self) -> torch.Tensor | None:
         """The flat weights ``w`` (n,), or ``None`` when the dynamics never read them (no weight
         decay): the concatenation is a full copy of the model, skipped when it is not needed."""

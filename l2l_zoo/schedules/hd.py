@@ -60,8 +60,7 @@ class HD(HypergradientController):
         if self.val_loss_fn is None:
             self._prev_direction = d
         else:
-            hg = -float(sum(torch.dot(a.reshape(-1), b.reshape(-1))
-                            for a, b in zip(self._views(d), self._val_grad_tensors())))
+            hg = -float(self._dot(self._views(d), self._val_grad_tensors()))
             self._update_lr(hg)
         self.last = {"loss": value, "lr": lr_used, "hypergradient": hg, "beta": self.beta}
         self.t += 1

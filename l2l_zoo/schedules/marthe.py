@@ -116,9 +116,8 @@ class MARTHE(HypergradientController):
         # Δη_{t+1} = Z_{t+1}ᵀ∇E(w_{t+1}) and g'_1 = −d_tᵀ∇E(w_{t+1}), per tensor (no flat ∇E)
         g_e = self._val_grad_tensors()
         d_views = [x.detach() for x in grads] if d is None else self._views(d)
-        hg, g1 = (float(v) for v in torch.stack([
-            sum(torch.dot(a.reshape(-1), b.reshape(-1)) for a, b in zip(self._views(z_w), g_e)),
-            -sum(torch.dot(a.reshape(-1), b.reshape(-1)) for a, b in zip(d_views, g_e))]).tolist())
+        hg, g1 = (float(v) for v in torch.stack([self._dot(self._views(z_w), g_e),
+                                                 -self._dot(d_views, g_e)]).tolist())
         info = {"loss": value, "lr": lr, "mu": mu, "hypergradient": hg, "hd_hypergradient": g1}
         # A non-finite entry of Z_w or ∇E makes the dot products non-finite (0·inf = nan), so
         # checking the two scalars covers the tangent as well.
@@ -142,7 +141,6 @@ class MARTHE(HypergradientController):
         self.last = info
         self.t += 1
         return value
-
 
     def _plain_sgd_tangent(self, grads: tuple, need_hvp: bool, mu: float, lr: float) -> torch.Tensor:
         """``Z_{t+1} = μ·(Z_t − η_t·H_t Z_t) − g_t`` for plain SGD (``d_t = g_t``, ``dd = H_t Z_t``),
