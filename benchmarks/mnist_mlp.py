@@ -168,6 +168,11 @@ def parse_config(argv=None) -> Config:
     opt_config = parse_kv(a.opt_config, "--opt-config")
     if opt_config and a.opt in HAND:
         raise UsageError("--opt-config applies to learned optimizers only")
+    if opt_config:
+        try:  # validate the options now, before any data is loaded
+            l2l_zoo.create(a.opt, **opt_config)
+        except (TypeError, ValueError) as e:
+            raise UsageError(f"--opt-config: {e}") from None
     if a.load is not None and not os.path.isfile(a.load):
         raise UsageError(f"--load: no such file {a.load!r}")
     resolve_device(a.device)  # validates
