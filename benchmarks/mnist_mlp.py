@@ -239,7 +239,7 @@ def summarize(runs: list[dict]) -> dict:
         return float(np.mean(vals)), float(np.std(vals))
 
     out = {"n_seeds": len(runs), "diverged": sum(r["diverged_at"] is not None for r in runs),
-           "steps": runs[0]["eval_steps"][-1] if runs else None,
+           "steps": runs[0]["steps"] if runs else None,  # the horizon (a diverged run stops earlier)
            "wall_s_mean": float(np.mean([r["wall_s"] for r in runs]))}
     for key in ("train_loss", "train_acc", "test_loss", "test_acc"):
         out[f"final_{key}"], out[f"final_{key}_std"] = stat(key)
