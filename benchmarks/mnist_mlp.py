@@ -209,10 +209,7 @@ def final_loss(run: dict) -> float:
 def meta_train(cfg: Config, device, log) -> tuple[l2l_zoo.LearnedOptimizer, dict]:
     ckpt = os.path.join(cfg.out, "metatrain.ckpt")
     torch.manual_seed(cfg.meta_seed)
-    try:
-        lopt = l2l_zoo.create(cfg.opt, **cfg.opt_config)
-    except (TypeError, ValueError) as e:
-        raise UsageError(f"--opt-config: {e}") from None
+    lopt = l2l_zoo.create(cfg.opt, **cfg.opt_config)  # options validated by parse_config
     meta_task = make_task(cfg.meta_task, data_dir=cfg.data_dir, device=device, batch_size=cfg.batch_size)
     log(f"[data] meta-training data: {meta_task.data.note}")
     mcfg = MetaTrainConfig(meta_steps=cfg.meta_steps, horizon=cfg.horizon, unroll=cfg.unroll,

@@ -127,8 +127,9 @@ class HypergradientController:
                 loss=value)
         return value
 
-    def _train_grads(self, loss: torch.Tensor, create_graph: bool) -> tuple:
-        grads = torch.autograd.grad(loss, self.params, create_graph=create_graph, allow_unused=True)
+    def _grads(self, scalar: torch.Tensor, create_graph: bool = False) -> tuple:
+        """``∂scalar/∂params``, one tensor per parameter (zeros for parameters it does not use)."""
+        grads = torch.autograd.grad(scalar, self.params, create_graph=create_graph, allow_unused=True)
         return tuple(torch.zeros_like(p) if g is None else g for g, p in zip(grads, self.params))
 
     def _apply(self, grads, lr: float) -> None:
@@ -146,17 +147,12 @@ class HypergradientController:
         for g in self.optimizer.param_groups:
             g["lr"] = lr
 
-    def _val_grad_tensors(self) -> list[torch.Tensor]:
+    def _val_grad(self) -> tuple:
         """``∇E`` at the current weights, one tensor per parameter (zeros where unused)."""
         e = self.val_loss_fn()
         if not isinstance(e, torch.Tensor) or e.numel() != 1:
             raise TypeError(f"val_loss_fn must return a scalar tensor, got {e!r}")
-        grads = torch.autograd.grad(e, self.params, allow_unused=True)
-        return [torch.zeros_like(p) if g is None else g for g, p in zip(grads, self.params)]
-
-    def _val_grad(self) -> torch.Tensor:
-        """``∇E`` at the current weights, flat (n,)."""
-        return self._flat(self._val_grad_tensors())
+        return self._grads(e)
 
     def _skip(self, what: str) -> None:
         """A non-finite hypergradient: the caller keeps the rate; warn once, count every time."""

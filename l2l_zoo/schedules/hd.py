@@ -45,7 +45,7 @@ class HD(HypergradientController):
         """One training step with the current rate, then the rate update. ``loss``: the scalar
         minibatch training loss at the current weights (its graph is consumed). Returns its value."""
         value = self._check_loss(loss)
-        grads = self._train_grads(loss, create_graph=False)
+        grads = self._grads(loss, create_graph=False)
         g = self._flat(grads).detach()
         w = self._weights()
         state, k = self._state()
@@ -60,7 +60,7 @@ class HD(HypergradientController):
         if self.val_loss_fn is None:
             self._prev_direction = d
         else:
-            hg = -float(self._dot(self._views(d), self._val_grad_tensors()))
+            hg = -float(self._dot(self._views(d), self._val_grad()))
             self._update_lr(hg)
         self.last = {"loss": value, "lr": lr_used, "hypergradient": hg, "beta": self.beta}
         self.t += 1

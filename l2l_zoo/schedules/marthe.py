@@ -94,7 +94,7 @@ class MARTHE(HypergradientController):
         value = self._check_loss(loss)
         mu, lr = self.mu, self.lr
         need_hvp = mu != 0.0 and not self._z_zero
-        grads = self._train_grads(loss, create_graph=need_hvp)
+        grads = self._grads(loss, create_graph=need_hvp)
         if self.dynamics.tangent_is_hvp:
             z_w, z_s, d = self._plain_sgd_tangent(grads, need_hvp, mu, lr), (), None
         else:
@@ -114,7 +114,7 @@ class MARTHE(HypergradientController):
         self._apply(grads, lr)
 
         # Δη_{t+1} = Z_{t+1}ᵀ∇E(w_{t+1}) and g'_1 = −d_tᵀ∇E(w_{t+1}), per tensor (no flat ∇E)
-        g_e = self._val_grad_tensors()
+        g_e = self._val_grad()
         d_views = [x.detach() for x in grads] if d is None else self._views(d)
         hg, g1 = (float(v) for v in torch.stack([self._dot(self._views(z_w), g_e),
                                                  -self._dot(d_views, g_e)]).tolist())
@@ -162,9 +162,8 @@ class MARTHE(HypergradientController):
         pairs = [(g, p, v) for g, p, v in zip(grads, self.params, self._views(z)) if g.requires_grad]
         out = torch.autograd.grad([g for g, _, _ in pairs], [p for _, p, _ in pairs],
                                   grad_outputs=[v for _, _, v in pairs], allow_unused=True)
-        by_param = {id(p): h for (_, p, _), h in zip(pairs, out)}
-        return [by_param.get(id(p)) if by_param.get(id(p)) is not None else torch.zeros_like(p)
-                for p in self.params]
+        by_param = {id(p): h for (_, p, _), h in zip(pairs, out) if h is not None}
+        return [by_param[id(p)] if id(p) in by_param else torch.zeros_like(p) for p in self.params]
 
     def _hvp(self, grads: tuple, z: torch.Tensor) -> torch.Tensor:
         """``H_t z`` (flat (n,))."""
