@@ -513,27 +513,32 @@ def test_invalid_arguments_are_rejected():
         HD(sgd, val, beta=0.1).step(torch.ones(2))
 
 
-def test_state_dict_round_trip_continues_identically():
+@pytest.mark.parametrize("kind", ["sgd", "sgdm"])  # plain SGD keeps −Z internally, momentum Z
+def test_state_dict_round_trip_continues_identically(kind):
     model = TinyMLP()
     batches, (xv, yv) = mlp_data(7, 8)
-    opt = make_opt("sgdm", model.parameters(), 0.1)
+    opt = make_opt(kind, model.parameters(), 0.1)
     ctrl = MARTHE(opt, lambda: ce(model(xv), yv), beta=1e-2, beta_lr=1.0)
     for x, y in batches[:4]:
         ctrl.step(ce(model(x), y))
     saved = (ctrl.state_dict(), {k: v.clone() for k, v in model.state_dict().items()},
              __import__("copy").deepcopy(opt.state_dict()))
+    torch.testing.assert_close(saved[0]["_z_w"], ctrl.tangent[0], rtol=0, atol=0)  # Z itself, either way
+    z_saved = saved[0]["_z_w"].clone()
     for x, y in batches[4:]:
         ctrl.step(ce(model(x), y))
-    expected = ctrl.lr
+    expected = (ctrl.lr, ctrl.tangent[0])
     model2 = TinyMLP()
     model2.load_state_dict(saved[1])
-    opt2 = make_opt("sgdm", model2.parameters(), 0.1)
+    opt2 = make_opt(kind, model2.parameters(), 0.1)
     opt2.load_state_dict(saved[2])
     ctrl2 = MARTHE(opt2, lambda: ce(model2(xv), yv), beta=1e-2, beta_lr=1.0)
     ctrl2.load_state_dict(saved[0])
     for x, y in batches[4:]:
         ctrl2.step(ce(model2(x), y))
-    assert ctrl2.lr == expected
+    assert ctrl2.lr == expected[0]
+    torch.testing.assert_close(ctrl2.tangent[0], expected[1], rtol=0, atol=0)
+    torch.testing.assert_close(saved[0]["_z_w"], z_saved, rtol=0, atol=0)  # in-place updates act on copies
 
 
 # ----------------------------------------------------------------------------- baselines

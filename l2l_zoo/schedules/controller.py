@@ -180,6 +180,9 @@ class HypergradientController:
         missing = [k for k in self._scalar_keys + self._tensor_keys if k not in state]
         if missing:
             raise KeyError(f"state dict lacks {missing}")
-        for k in self._scalar_keys + self._tensor_keys:
+        for k in self._scalar_keys:
             setattr(self, k, state[k])
+        for k in self._tensor_keys:  # copies: the controller may update its tensors in place
+            v = state[k]
+            setattr(self, k, tuple(x.clone() for x in v) if isinstance(v, tuple) else (None if v is None else v.clone()))
         self._set_lr(self.lr)

@@ -85,8 +85,26 @@ class MARTHE(HypergradientController):
 
     @property
     def tangent(self) -> tuple[torch.Tensor | None, tuple]:
-        """``(Z_w, Z_s)``: the weight tangent (n,) and one (n,) tensor per optimizer-state tensor."""
-        return self._z_w, self._z_s
+        """``(Z_w, Z_s)``: copies of the weight tangent (n,) and of one (n,) tensor per
+        optimizer-state tensor (copies: the controller updates its own buffers in place)."""
+        z_w = None if self._z_w is None else (-self._z_w if self._negated else self._z_w.clone())
+        return z_w, tuple(x.clone() for x in self._z_s)
+
+    @property
+    def _negated(self) -> bool:
+        """Plain SGD keeps ``−Z_w`` in ``_z_w`` (see :meth:`_plain_sgd_step`); other dynamics ``Z_w``."""
+        return self.dynamics.tangent_is_hvp
+
+    def state_dict(self) -> dict:
+        out = super().state_dict()
+        if self._negated and out["_z_w"] is not None:
+            out["_z_w"].neg_()  # always Z_w itself in a state dict
+        return out
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        if self._negated and self._z_w is not None:
+            self._z_w.neg_()  # a copy (see the base class), so the caller's dict is untouched
 
     def step(self, loss: torch.Tensor) -> float:
         """One training step with rate η_t and the update to η_{t+1} (module docstring).
@@ -96,7 +114,8 @@ class MARTHE(HypergradientController):
         need_hvp = mu != 0.0 and not self._z_zero
         grads = self._grads(loss, create_graph=need_hvp)
         if self.dynamics.tangent_is_hvp:
-            z_w, z_s, d = self._plain_sgd_tangent(grads, need_hvp, mu, lr), (), None
+            hg, g1 = self._plain_sgd_step(grads, need_hvp, mu, lr)
+            z_w, z_s = self._z_w, ()
         else:
             g = self._flat(grads).detach()
             w = self._weights()
@@ -111,13 +130,10 @@ class MARTHE(HypergradientController):
             else:  # μ_t A_t Z_t = 0: Z_{t+1} = [B_t]_t
                 z_w = -d
                 z_s = tuple(torch.zeros_like(g) for _ in range(self.dynamics.n_state))
-        self._apply(grads, lr)
-
-        # Δη_{t+1} = Z_{t+1}ᵀ∇E(w_{t+1}) and g'_1 = −d_tᵀ∇E(w_{t+1}), per tensor (no flat ∇E)
-        g_e = self._val_grad()
-        d_views = [x.detach() for x in grads] if d is None else self._views(d)
-        hg, g1 = (float(v) for v in torch.stack([self._dot(self._views(z_w), g_e),
-                                                 -self._dot(d_views, g_e)]).tolist())
+            self._apply(grads, lr)
+            # Δη_{t+1} = Z_{t+1}ᵀ∇E(w_{t+1}) and g'_1 = −d_tᵀ∇E(w_{t+1}), per tensor (no flat ∇E)
+            hg, g1 = self._dots((self._views(z_w), self._views(d)), self._val_grad())
+            g1 = -g1
         info = {"loss": value, "lr": lr, "mu": mu, "hypergradient": hg, "hd_hypergradient": g1}
         # A non-finite entry of Z_w or ∇E makes the dot products non-finite (0·inf = nan), so
         # checking the two scalars covers the tangent as well.
@@ -142,19 +158,38 @@ class MARTHE(HypergradientController):
         self.t += 1
         return value
 
-    def _plain_sgd_tangent(self, grads: tuple, need_hvp: bool, mu: float, lr: float) -> torch.Tensor:
-        """``Z_{t+1} = μ·(Z_t − η_t·H_t Z_t) − g_t`` for plain SGD (``d_t = g_t``, ``dd = H_t Z_t``),
-        formed tensor by tensor from the gradients and the Hessian-vector products, so that
-        neither is copied into a flat vector first (the same arithmetic as the general path)."""
-        z_new = torch.empty(sum(self._numels), dtype=self.params[0].dtype, device=self.params[0].device)
-        outs = self._views(z_new)
-        if not need_hvp:  # μ_t A_t Z_t = 0: Z_{t+1} = [B_t]_t = −g_t
-            for out, g in zip(outs, grads):
-                torch.neg(g.detach(), out=out)
-            return z_new
-        for out, z, h, g in zip(outs, self._views(self._z_w), self._hvp_tensors(grads, self._z_w), grads):
-            torch.add(z, h, alpha=-lr, out=out).mul_(mu).sub_(g.detach())
-        return z_new
+    def _plain_sgd_step(self, grads: tuple, need_hvp: bool, mu: float, lr: float) -> tuple[float, float]:
+        """The step for plain SGD (``d_t = g_t``, ``dd = H_t Z_t``): the same equations as the
+        general path, arranged for memory traffic, which is what this O(n) work costs. The buffer
+        holds ``Y = −Z_w``, so that ``Y_{t+1} = μ·(Y_t − η_t·H_t Y_t) + g_t`` is two in-place
+        passes (``Y_0 = g_0``); ``H_t Y_t`` is formed before the parameter update (it needs the
+        graph at ``w_t``), the tangent update after ``∇E(w_{t+1})``, tensor by tensor, each
+        followed by its two dot products while its tensors are in cache. Returns
+        ``(Δη_{t+1}, g'_1) = (−Yᵀ∇E, −g_tᵀ∇E)``."""
+        g = [x.detach() for x in grads]
+        hy = self._hvp_tensors(grads, self._z_w) if need_hvp else None
+        self._apply(grads, lr)
+        g_e = self._val_grad()
+        if self._z_w is None:
+            self._z_w = torch.empty(sum(self._numels), dtype=self.params[0].dtype, device=self.params[0].device)
+        terms = []
+        for i, (y, gi, e) in enumerate(zip(self._views(self._z_w), g, g_e)):
+            if hy is None:  # μ_t A_t Z_t = 0: Z_{t+1} = [B_t]_t = −g_t
+                y.copy_(gi)
+            else:  # (a product that came back as the grad_output itself is still read right)
+                y.add_(hy[i], alpha=-lr)
+                torch.add(gi, y, alpha=mu, out=y)
+            terms += [torch.dot(y.reshape(-1), e.reshape(-1)), torch.dot(gi.reshape(-1), e.reshape(-1))]
+        y_dot, g_dot = torch.stack(terms).view(-1, 2).sum(0).tolist()
+        return -y_dot, -g_dot
+
+    @staticmethod
+    def _dots(xss: tuple, ys) -> list[float]:
+        """``[Σ_i <x_i, y_i> for xs in xss]``: several dot products against the same tensor list
+        ``ys``, ordered tensor by tensor so that each ``y_i`` is read while it is in cache."""
+        k = len(xss)
+        terms = [torch.dot(xs[i].reshape(-1), y.reshape(-1)) for i, y in enumerate(ys) for xs in xss]
+        return torch.stack(terms).view(-1, k).sum(0).tolist()
 
     def _hvp_tensors(self, grads: tuple, z: torch.Tensor) -> list[torch.Tensor]:
         """``H_t z`` as one tensor per parameter, by double backward through ``grads`` (created
