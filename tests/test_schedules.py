@@ -8,7 +8,8 @@ Truth tests, each against an independent reference (all in float64, seeds fixed)
 * RTHO's tangent equals forward-mode dw_t/dη (torch.func.jvp through the unroll) (rel. 1e-9);
 * LRS-OPT's hypergradient equals float64 central differences (rel. 1e-6) and the μ-discounted sum
   of its entries equals MARTHE's Δη_T (rel. 1e-9);
-* rates stay >= 0, non-finite hypergradients are skipped with one warning, divergence raises.
+* rates stay >= 0, non-finite hypergradients are skipped with one warning, divergence raises;
+* a step's matrix-product FLOPs (torch's counter) equal the analytic gradient + R-op count.
 """
 from __future__ import annotations
 
@@ -18,10 +19,12 @@ import warnings
 import pytest
 import torch
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
 from l2l_zoo.schedules import (HD, MARTHE, RTHO, BASELINES, HypergradientWarning, LRSOpt,
                                ScheduleDiverged, baseline_lrs, beta_update, dynamics_from_optimizer,
                                make_baseline, mu_heuristic, schedule_hypergradient, unroll)
+from l2l_zoo.tasks import MLP
 
 DT = torch.float64
 # the *-nowd kinds have no weight decay: the controllers then never read the flat weights
@@ -263,6 +266,32 @@ def dense_marthe_reference(steps, *, lr, beta, mu, beta_lr=None):
         lr = max(lr - beta * d_eta, 0.0)
         lrs.append(lr)
     return torch.tensor(lrs, dtype=DT)
+
+
+@pytest.mark.parametrize("cls,kw,mac_per_layer", [
+    (HD, {}, lambda first: 4 if first else 6),                   # training + validation gradient
+    (RTHO, {}, lambda first: 6 if first else 12),                # ... + Hessian product (R-op)
+    (MARTHE, {"mu": 0.5}, lambda first: 6 if first else 12),
+])
+def test_step_does_no_more_matmul_work_than_the_r_op_count(cls, kw, mac_per_layer):
+    """Matrix-product FLOPs of one step, counted by torch, equal the analytic count for an MLP with
+    per-layer products m = batch·in·out: a gradient costs m (forward) + m (weight gradient) + m (input
+    gradient, none for the first layer); Pearlmutter's Hessian product 2m forward tangent + 2m
+    weight-gradient tangent + 2m input-gradient tangent (first layer: m + m + 0). So no redundant
+    product hides in the double backward, and the Hessian product is skipped when μ·Z = 0."""
+    torch.manual_seed(0)
+    sizes, batch = [20, 16, 12, 5], 8
+    model = MLP(sizes[0], tuple(sizes[1:-1]), sizes[-1])
+    x, y = torch.randn(batch, sizes[0]), torch.randint(0, sizes[-1], (batch,))
+    ctrl = cls(torch.optim.SGD(model.parameters(), lr=0.1), lambda: ce(model(x), y), beta=1e-3, **kw)
+    first_step = FlopCounterMode(display=False)
+    with first_step:  # Z_0 = 0: no Hessian product on the first step
+        ctrl.step(ce(model(x), y))
+    with FlopCounterMode(display=False) as later:
+        ctrl.step(ce(model(x), y))
+    ms = [batch * i * o for i, o in zip(sizes[:-1], sizes[1:])]
+    assert later.get_total_flops() == 2 * sum(mac_per_layer(l == 0) * m for l, m in enumerate(ms))
+    assert first_step.get_total_flops() == 2 * sum((4 if l == 0 else 6) * m for l, m in enumerate(ms))
 
 
 def test_rtho_equals_marthe_mu1_and_dense_reference():
