@@ -114,9 +114,10 @@ def _clean(obj):
 
 
 def write_json(path: str | os.PathLike, obj) -> None:
-    """Atomic JSON write (NaN/inf become null, which strict JSON readers accept)."""
+    """Atomic JSON write (NaN/inf become null, which strict JSON readers accept). The temporary
+    file is per process, so that two runs sharing an output folder never move each other's."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{os.fspath(path)}.tmp"
+    tmp = f"{os.fspath(path)}.{os.getpid()}.tmp"
     with open(tmp, "w") as f:
         json.dump(_clean(obj), f, indent=1)
     os.replace(tmp, path)
