@@ -163,24 +163,22 @@ class MARTHE(HypergradientController):
         general path, arranged for memory traffic, which is what this O(n) work costs. The buffer
         holds ``Y = −Z_w``, so that ``Y_{t+1} = μ·(Y_t − η_t·H_t Y_t) + g_t`` is two in-place
         passes (``Y_0 = g_0``); ``H_t Y_t`` is formed before the parameter update (it needs the
-        graph at ``w_t``), the tangent update after ``∇E(w_{t+1})``, tensor by tensor, each
-        followed by its two dot products while its tensors are in cache. Returns
-        ``(Δη_{t+1}, g'_1) = (−Yᵀ∇E, −g_tᵀ∇E)``."""
+        graph at ``w_t``), the tangent update after ``∇E(w_{t+1})``, just before the dot
+        products that read it. Returns ``(Δη_{t+1}, g'_1) = (−Yᵀ∇E, −g_tᵀ∇E)``."""
         g = [x.detach() for x in grads]
         hy = self._hvp_tensors(grads, self._z_w) if need_hvp else None
         self._apply(grads, lr)
         g_e = self._val_grad()
         if self._z_w is None:
             self._z_w = torch.empty(sum(self._numels), dtype=self.params[0].dtype, device=self.params[0].device)
-        terms = []
-        for i, (y, gi, e) in enumerate(zip(self._views(self._z_w), g, g_e)):
+        y = self._views(self._z_w)
+        for i, (yi, gi) in enumerate(zip(y, g)):
             if hy is None:  # μ_t A_t Z_t = 0: Z_{t+1} = [B_t]_t = −g_t
-                y.copy_(gi)
-            else:  # (a product that came back as the grad_output itself is still read right)
-                y.add_(hy[i], alpha=-lr)
-                torch.add(gi, y, alpha=mu, out=y)
-            terms += [torch.dot(y.reshape(-1), e.reshape(-1)), torch.dot(gi.reshape(-1), e.reshape(-1))]
-        y_dot, g_dot = torch.stack(terms).view(-1, 2).sum(0).tolist()
+                yi.copy_(gi)
+            else:  # (were H·Y_t handed back as Y_t's own view, each element is read before written)
+                yi.add_(hy[i], alpha=-lr)
+                torch.add(gi, yi, alpha=mu, out=yi)
+        y_dot, g_dot = self._dots((y, g), g_e)
         return -y_dot, -g_dot
 
     @staticmethod
