@@ -18,8 +18,9 @@ ratio of the medians, and the median of each round's own ratios is printed besid
 of matrix-product FLOPs per step (``torch.utils.flop_counter``). With an exact Hessian-vector
 product that FLOP ratio is a floor: for this MLP, HD 2.0x, and RTHO / MARTHE with μ > 0 3.66x
 (gradient 3F for a forward of F, Hessian product 6F, validation gradient 3F, less the first layer's
-input gradient), so a time ratio under it comes only from the SGD step's non-matmul costs. RTHO (μ = 1: a Hessian
-product at every step) is MARTHE's worst case; MARTHE with adaptive μ and β is the typical case.
+input gradient), so a time ratio under it comes only from the SGD step's non-matmul costs.
+RTHO (μ = 1: a Hessian product at every step) is MARTHE's worst case; MARTHE with adaptive μ and β
+is the typical case.
 """
 from __future__ import annotations
 
@@ -100,8 +101,8 @@ def main(argv=None) -> int:
                 "marthe": lambda: MARTHE(opt, val_loss, beta=0.0, mu="adaptive", beta_lr=a.beta_lr)}[kind]()
         mus = []
 
-        def steps(n=a.block):
-            for _ in range(n):
+        def steps():
+            for _ in range(a.block):
                 xb, yb = batch(xt, yt, gen)
                 loss = torch.nn.functional.cross_entropy(model(xb), yb)
                 if ctrl is None:
@@ -139,7 +140,8 @@ def main(argv=None) -> int:
     ms = {k: 1e3 * statistics.median(v) for k, v in samples.items()}
     ratios = {f"{k}/sgd": ms[k] / ms["sgd"] for k in kinds[1:]}
     # the same ratios from each round's own blocks (paired: slow drifts of the machine cancel)
-    paired = {f"{k}/sgd": statistics.median(a / b for a, b in zip(samples[k], samples["sgd"])) for k in kinds[1:]}
+    paired = {f"{k}/sgd": statistics.median(a / b for a, b in zip(samples[k], samples["sgd"]))
+              for k in kinds[1:]}
     frac_mu0 = sum(m == 0.0 for m in mus["marthe"]) / max(1, len(mus["marthe"]))
     print(f"training step of the MLP 784-500-500-500-10 (batch {a.batch_size}, validation batch {a.batch_size}), "
           f"device {device}, {torch.get_num_threads()} thread(s), median of {a.repeats} blocks of {a.block} steps")

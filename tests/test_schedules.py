@@ -284,8 +284,7 @@ def test_step_does_no_more_matmul_work_than_the_r_op_count(cls, kw, mac_per_laye
     model = MLP(sizes[0], tuple(sizes[1:-1]), sizes[-1])
     x, y = torch.randn(batch, sizes[0]), torch.randint(0, sizes[-1], (batch,))
     ctrl = cls(torch.optim.SGD(model.parameters(), lr=0.1), lambda: ce(model(x), y), beta=1e-3, **kw)
-    first_step = FlopCounterMode(display=False)
-    with first_step:  # Z_0 = 0: no Hessian product on the first step
+    with FlopCounterMode(display=False) as first_step:  # Z_0 = 0: no Hessian product on step 1
         ctrl.step(ce(model(x), y))
     with FlopCounterMode(display=False) as later:
         ctrl.step(ce(model(x), y))

@@ -48,6 +48,11 @@ def _check_nonneg(name: str, value, allow_none: bool = False):
         raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
 
 
+def _copy(v):
+    """A copy of a controller's tensor state: a tensor, a tuple of tensors or ``None``."""
+    return tuple(x.clone() for x in v) if isinstance(v, tuple) else (None if v is None else v.clone())
+
+
 class HypergradientController:
     """Base class: optimizer bookkeeping, the learning rate, NaN handling, divergence.
 
@@ -100,10 +105,13 @@ class HypergradientController:
         return [v.view_as(p) for v, p in zip(flat.split(self._numels), self.params)]
 
     @staticmethod
-    def _dot(xs, ys) -> torch.Tensor:
-        """``Σ_i <x_i, y_i>`` over two equally shaped tensor lists (a flat dot product without
-        concatenating either side)."""
-        return sum(torch.dot(x.reshape(-1), y.reshape(-1)) for x, y in zip(xs, ys))
+    def _dots(xss: tuple, ys) -> list[float]:
+        """``[Σ_i <x_i, y_i> for xs in xss]``: flat dot products of tensor lists against the same
+        list ``ys`` without concatenating any side, ordered tensor by tensor so that each ``y_i``
+        is read while it is in cache."""
+        k = len(xss)
+        terms = [torch.dot(xs[i].reshape(-1), y.reshape(-1)) for i, y in enumerate(ys) for xs in xss]
+        return torch.stack(terms).view(-1, k).sum(0).tolist()
 
     def _weights(self) -> torch.Tensor | None:
         """The flat weights ``w`` (n,), or ``None`` when the dynamics never read them (no weight
@@ -173,7 +181,7 @@ class HypergradientController:
         out = {k: getattr(self, k) for k in self._scalar_keys}
         for k in self._tensor_keys:
             v = getattr(self, k)
-            out[k] = tuple(x.clone() for x in v) if isinstance(v, tuple) else (None if v is None else v.clone())
+            out[k] = _copy(v)
         return out
 
     def load_state_dict(self, state: dict) -> None:
@@ -183,6 +191,5 @@ class HypergradientController:
         for k in self._scalar_keys:
             setattr(self, k, state[k])
         for k in self._tensor_keys:  # copies: the controller may update its tensors in place
-            v = state[k]
-            setattr(self, k, tuple(x.clone() for x in v) if isinstance(v, tuple) else (None if v is None else v.clone()))
+            setattr(self, k, _copy(state[k]))
         self._set_lr(self.lr)

@@ -60,7 +60,7 @@ class HD(HypergradientController):
         if self.val_loss_fn is None:
             self._prev_direction = d
         else:
-            hg = -float(self._dot(self._views(d), self._val_grad()))
+            hg = -self._dots((self._views(d),), self._val_grad())[0]
             self._update_lr(hg)
         self.last = {"loss": value, "lr": lr_used, "hypergradient": hg, "beta": self.beta}
         self.t += 1

@@ -181,14 +181,6 @@ class MARTHE(HypergradientController):
         y_dot, g_dot = self._dots((y, g), g_e)
         return -y_dot, -g_dot
 
-    @staticmethod
-    def _dots(xss: tuple, ys) -> list[float]:
-        """``[Σ_i <x_i, y_i> for xs in xss]``: several dot products against the same tensor list
-        ``ys``, ordered tensor by tensor so that each ``y_i`` is read while it is in cache."""
-        k = len(xss)
-        terms = [torch.dot(xs[i].reshape(-1), y.reshape(-1)) for i, y in enumerate(ys) for xs in xss]
-        return torch.stack(terms).view(-1, k).sum(0).tolist()
-
     def _hvp_tensors(self, grads: tuple, z: torch.Tensor) -> list[torch.Tensor]:
         """``H_t z`` as one tensor per parameter, by double backward through ``grads`` (created
         with a graph); zeros for parameters the gradient does not depend on."""
