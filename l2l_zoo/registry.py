@@ -1,17 +1,26 @@
 """Build learned optimizers by name, and save/load them with their full configuration."""
 from __future__ import annotations
 
+import errno
 import os
+import re
 
 import torch
 
+from . import runs
 from .base import LearnedOptimizer
 from .optimizers import REGISTRY
 
-__all__ = ["create", "save", "load", "available"]
+__all__ = ["create", "save", "load", "available", "LearnedOptimizerFileError"]
 
 _FORMAT = "l2l_zoo.learned_optimizer"
 _VERSION = 1
+_ZIP_MAGIC = b"PK\x03\x04"  # torch.save's (zip) archive format; save() always writes it
+
+
+class LearnedOptimizerFileError(ValueError):
+    """A file given to :func:`load` is not a usable l2l_zoo learned-optimizer file. The message is
+    one line naming the file and what was found in it."""
 
 
 def available() -> list[str]:
@@ -36,22 +45,157 @@ def create(name: str, **options) -> LearnedOptimizer:
     return cls(**options)
 
 
+# ------------------------------------------------------------------------------------------ save
+
+_PLAIN = (str, int, float, bool, type(None))
+
+
+def _check_plain(obj, where: str) -> None:
+    """``extra`` must be what ``torch.load(weights_only=True)`` reads back: nested dicts (str keys),
+    lists and tuples of str/int/float/bool/None and tensors. Anything else would save fine and then
+    make the file unreadable, so it is refused at save time."""
+    if type(obj) in _PLAIN or isinstance(obj, torch.Tensor):  # exact types: np.float64 is a float
+        return
+    if type(obj) is dict:
+        for k, v in obj.items():
+            if not isinstance(k, str):
+                raise TypeError(f"save: extra keys must be strings, got {k!r} at {where}")
+            _check_plain(v, f"{where}[{k!r}]")
+        return
+    if type(obj) in (list, tuple):
+        for i, v in enumerate(obj):
+            _check_plain(v, f"{where}[{i}]")
+        return
+    raise TypeError(f"save: extra must hold only dicts, lists, tuples, str, int, float, bool, None and "
+                    f"tensors, got {type(obj).__name__} at {where}")
+
+
 def save(lopt: LearnedOptimizer, path: str | os.PathLike, **extra) -> None:
     """Write name, configuration and meta-parameters (plus JSON-like ``extra``, e.g. the training
     config) so that :func:`load` rebuilds an identical optimizer. Written atomically."""
+    if not isinstance(lopt, LearnedOptimizer):
+        raise TypeError(f"save: lopt must be a LearnedOptimizer, got {type(lopt).__name__}")
+    _check_plain(extra, "extra")
     payload = {"format": _FORMAT, "version": _VERSION, "name": lopt.name, "config": lopt.config,
                "state_dict": {k: v.detach().cpu() for k, v in lopt.state_dict().items()},
                "extra": extra}
-    tmp = f"{os.fspath(path)}.tmp"
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
+    runs.save_torch(path, payload)
+
+
+# ------------------------------------------------------------------------------------------ load
+
+def _describe(obj) -> str:
+    """What a torch file holds, in a few words (for error messages)."""
+    if isinstance(obj, dict):
+        keys = sorted(map(str, obj))
+        shown = keys[:6] + (["..."] if len(keys) > 6 else [])
+        hint = ""
+        if keys and all(isinstance(v, torch.Tensor) for v in obj.values()):
+            hint = " (a plain state dict?)"
+        elif set(keys) == {"state", "param_groups"}:
+            hint = " (a torch.optim state dict?)"
+        return f"a dict with keys {shown}{hint}"
+    if isinstance(obj, torch.Tensor):
+        return f"a tensor of shape {tuple(obj.shape)}"
+    return f"a {type(obj).__name__}"
+
+
+def _sniff(head: bytes) -> str:
+    """What a file that is not a torch archive looks like, from its first bytes."""
+    if not head:
+        return "an empty file"
+    if head[:1] == b"\x80":
+        return "a plain pickle, not a torch.save archive (not unpickled)"
+    text = None
+    for cut in range(4):  # the 64-byte head may end inside a multi-byte character
+        try:
+            text = head[:len(head) - cut].decode("utf-8")
+            break
+        except UnicodeDecodeError:
+            pass
+    if text is not None and all(c.isprintable() or c in "\t\r\n" for c in text):
+        first = text.strip().splitlines()[0][:40] if text.strip() else ""
+        return f"a text file starting {first!r}"
+    return f"binary data starting {head[:8].hex(' ')}"
+
+
+def _torch_reason(e: Exception) -> str:
+    """torch.load's failure in one line, without its advice to retry with ``weights_only=False``."""
+    msg = str(e)
+    m = re.search(r"WeightsUnpickler error: ([^\n]*?)(?: was not an allowed global|\.? Please|\n|$)", msg)
+    if m:
+        return f"pickled objects that are not tensors or plain data (refused, not executed: {m.group(1)})"
+    if "Weights only load failed" in msg:
+        return "pickled objects that are not tensors or plain data (refused, not executed)"
+    first = msg.strip().split("\n")[0].split(". ")[0].strip()
+    return f"a damaged or truncated torch archive ({type(e).__name__}{': ' + first if first else ''})"
 
 
 def load(path: str | os.PathLike, map_location="cpu", *, with_extra: bool = False):
-    """Restore a learned optimizer written by :func:`save` (``with_extra`` also returns ``extra``)."""
-    payload = torch.load(path, map_location=map_location, weights_only=True)
+    """Restore a learned optimizer written by :func:`save` (``with_extra`` also returns ``extra``),
+    on the device ``map_location`` (a device or its name; the file is read on the CPU, so a CUDA
+    device that is missing is reported by ``.to``, not mistaken for a damaged file).
+
+    The file is read with ``torch.load(weights_only=True)`` (pickled code is refused, never run)
+    and checked before anything is built: a registered optimizer name, known options, meta-parameter
+    names and shapes matching that configuration, finite values. A missing path raises
+    ``FileNotFoundError``; anything else that is not a usable file raises
+    :class:`LearnedOptimizerFileError` (a ``ValueError``) with a one-line message naming the file.
+    """
+    p = os.fspath(path)
+    if not os.path.exists(p):
+        raise FileNotFoundError(errno.ENOENT, "no such learned-optimizer file", p)
+
+    def bad(what: str):
+        return LearnedOptimizerFileError(f"{p!r} is not a usable l2l_zoo learned-optimizer file: {what}")
+
+    if os.path.isdir(p):
+        raise bad("it is a directory")
+    with open(p, "rb") as f:
+        head = f.read(64)
+    if head[:4] != _ZIP_MAGIC:
+        raise bad(f"found {_sniff(head)}")
+    try:
+        payload = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as e:  # a damaged archive: RuntimeError, EOFError, OSError(EINVAL), KeyError, ...
+        raise bad(f"found {_torch_reason(e)}") from None
     if not isinstance(payload, dict) or payload.get("format") != _FORMAT:
-        raise ValueError(f"{os.fspath(path)!r} is not an l2l_zoo learned-optimizer file")
-    lopt = create(payload["name"], **payload["config"])
-    lopt.load_state_dict(payload["state_dict"])
-    return (lopt, payload.get("extra", {})) if with_extra else lopt
+        raise bad(f"found {_describe(payload)}")
+    version = payload.get("version")
+    if version != _VERSION:
+        raise bad(f"format version {version!r}, this l2l_zoo reads version {_VERSION}")
+    payload = {"extra": {}, **payload}
+    for key, kind in (("name", str), ("config", dict), ("state_dict", dict), ("extra", dict)):
+        if not isinstance(payload.get(key), kind):
+            raise bad(f"entry {key!r} should be a {kind.__name__}, found {_describe(payload.get(key))}")
+    name, config, state = payload["name"], payload["config"], payload["state_dict"]
+    if name not in REGISTRY:
+        raise bad(f"optimizer {name!r} is not registered; registered: {available()}")
+    allowed = REGISTRY[name].option_names()
+    unknown = sorted(set(config) - set(allowed))
+    if unknown:
+        raise bad(f"unknown option(s) {unknown} for optimizer {name!r}; allowed: {allowed}")
+    try:
+        lopt = create(name, **config)
+    except (TypeError, ValueError) as e:
+        raise bad(f"invalid config for optimizer {name!r}: {e}") from None
+    expected = lopt.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise bad(f"meta-parameters do not match optimizer {name!r} with its config: missing {missing}, "
+                  f"unexpected {unexpected}")
+    for k, ref in expected.items():
+        v = state[k]
+        if not isinstance(v, torch.Tensor):
+            raise bad(f"meta-parameter {k!r} should be a tensor, found {_describe(v)}")
+        if v.shape != ref.shape:
+            raise bad(f"meta-parameter {k!r} has shape {tuple(v.shape)}, optimizer {name!r} with its "
+                      f"config needs {tuple(ref.shape)}")
+        if v.is_floating_point() and not bool(torch.isfinite(v).all()):
+            n_bad = int((~torch.isfinite(v)).sum())
+            raise bad(f"meta-parameter {k!r} has {n_bad} non-finite (NaN/inf) value(s) of {v.numel()}")
+    lopt.load_state_dict(state)
+    if map_location is not None:
+        lopt = lopt.to(map_location)
+    return (lopt, payload["extra"]) if with_extra else lopt

@@ -22,6 +22,8 @@ to every optimizer unchanged. Design choices (documented because the paper is si
 """
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import asdict, dataclass
 
 import torch
@@ -45,18 +47,22 @@ class SmoothnessConfig:
     subsample: int = 4096
 
     def __post_init__(self):
-        if self.steps > 0 and self.noise == 0:
-            raise ValueError("smooth: noise must be > 0 when steps > 0 (the gradient of "
-                             "|u(s) - u(s')|^2 vanishes at s' = s, so PGD cannot leave a zero-noise start)")
-        checks = {"eps": self.eps > 0, "lam": self.lam >= 0, "steps": self.steps >= 0,
-                  "noise": self.noise >= 0, "subsample": self.subsample >= 0,
-                  "step_size": self.step_size is None or self.step_size > 0}
-        allowed = {"eps": "> 0", "lam": ">= 0", "steps": "an integer >= 0", "noise": ">= 0",
-                   "subsample": "an integer >= 0", "step_size": "> 0"}
-        for k, ok in checks.items():
+        for k in ("steps", "subsample"):
             v = getattr(self, k)
-            if not ok or (isinstance(v, float) and v != v):
-                raise ValueError(f"smooth: {k} must be {allowed[k]}, got {v!r}")
+            if not (isinstance(v, numbers.Integral) and not isinstance(v, bool) and v >= 0):
+                raise ValueError(f"SmoothnessConfig: {k} must be an integer >= 0, got {v!r}")
+        for k, bound in (("eps", "> 0"), ("lam", ">= 0"), ("noise", ">= 0"), ("step_size", "> 0")):
+            v = getattr(self, k)
+            if k == "step_size" and v is None:
+                continue
+            if not (isinstance(v, numbers.Real) and not isinstance(v, bool)
+                    and (v >= 0 if bound == ">= 0" else v > 0)):  # NaN fails both comparisons
+                raise ValueError(f"SmoothnessConfig: {k} must be {bound}, got {v!r}")
+            if not math.isfinite(v):
+                raise ValueError(f"SmoothnessConfig: {k} must be finite, got {v!r}")
+        if self.steps > 0 and self.noise == 0:
+            raise ValueError("SmoothnessConfig: noise must be > 0 when steps > 0 (the gradient of "
+                             "|u(s) - u(s')|^2 vanishes at s' = s, so PGD cannot leave a zero-noise start)")
 
     @property
     def eta(self) -> float:
@@ -72,8 +78,11 @@ _TYPES = {"eps": float, "lam": float, "steps": int, "step_size": float, "noise":
 def parse_smooth(spec: str) -> SmoothnessConfig:
     """Parse ``"eps=0.1[,lam=1,steps=10,step_size=0.02,noise=0.05,subsample=4096]"``.
 
-    Raises ``ValueError`` with a one-line message naming the bad key or value and what is allowed.
+    Raises ``ValueError`` with a one-line message, prefixed ``--smooth:`` (the spec is what a user
+    typed), naming the bad or repeated key or value and what is allowed.
     """
+    if not isinstance(spec, str):
+        raise ValueError(f"--smooth: expected a string of key=value pairs, got {type(spec).__name__}")
     kwargs = {}
     for item in filter(None, (s.strip() for s in spec.split(","))):
         if "=" not in item:
@@ -81,10 +90,12 @@ def parse_smooth(spec: str) -> SmoothnessConfig:
         key, val = (s.strip() for s in item.split("=", 1))
         if key not in _TYPES:
             raise ValueError(f"--smooth: unknown key {key!r}; allowed: {sorted(_TYPES)}")
+        if key in kwargs:
+            raise ValueError(f"--smooth: key {key!r} given more than once in {spec!r}")
         try:
             num = float(val)
             if _TYPES[key] is int:
-                if num != int(num):
+                if not math.isfinite(num) or num != int(num):
                     raise ValueError
                 num = int(num)
         except ValueError:
@@ -93,7 +104,10 @@ def parse_smooth(spec: str) -> SmoothnessConfig:
         kwargs[key] = num
     if "eps" not in kwargs:
         raise ValueError(f"--smooth: eps is required (e.g. eps=0.1), got {spec!r}")
-    return SmoothnessConfig(**kwargs)
+    try:
+        return SmoothnessConfig(**kwargs)
+    except ValueError as e:
+        raise ValueError(f"--smooth: {str(e).removeprefix('SmoothnessConfig: ')}") from None
 
 
 class SmoothnessRegularizer:
