@@ -7,6 +7,25 @@ import torch
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 
+# Construction options a registered learned optimizer needs for the generic adapter tests
+# (tests/test_adapter.py iterates l2l_zoo.available(); an optimizer not listed here is built with {}).
+# MLR-SNet: a fixed gamma (else it is computed from the first loss) and the number of classes;
+# momentum gives it a per-coordinate state (the momentum buffer) beside its global LSTM state.
+LOPT_OPTIONS = {"mlrsnet": dict(gamma=0.1, num_classes=10, momentum=0.9)}
+
+
+@pytest.fixture
+def make_lopt():
+    """``make_lopt(name, **overrides)``: the registered optimizer ``name`` with the options of
+    ``LOPT_OPTIONS`` (seeded, so every call gives the same meta-parameters)."""
+    import l2l_zoo
+
+    def make(name, **overrides):
+        torch.manual_seed(0)
+        return l2l_zoo.create(name, **{**LOPT_OPTIONS.get(name, {}), **overrides})
+    return make
+
+
 def _data_dir():
     d = os.environ.get("L2L_ZOO_DATA")
     return d if d and os.path.isdir(d) else None
