@@ -1,10 +1,9 @@
 """Functional core of the hypergradient learning-rate schedules: the optimizer dynamics Φ, their
-tangents, and the scalar update rules of HD, RTHO and MARTHE.
+tangents, gradient-norm clipping and its tangent, and the scalar update rules of HD, RTHO and MARTHE.
 
 Source: "Scheduling the learning rate via hypergradients: new insights and a new algorithm"
-(Donini et al., the MARTHE paper; ``papers/marthe-hypergradient-lr-schedules.txt``). Notation of
-its §2 and Table 1: parameters ``w_t``, learning rate ``η_t``, update ``w_{t+1} = Φ_t(w_t, η_t)``,
-``A_t = ∂Φ_t/∂w_t``, ``B_t = ∂Φ_t/∂η_t``.
+(Donini et al., the MARTHE paper). Notation of its §2 and Table 1: parameters ``w_t``, learning
+rate ``η_t``, update ``w_{t+1} = Φ_t(w_t, η_t)``, ``A_t = ∂Φ_t/∂w_t``, ``B_t = ∂Φ_t/∂η_t``.
 
 Every dynamics here has the form ``Φ_t(w, η) = w − η·d_t`` where the *direction* ``d_t`` depends on
 the minibatch gradient ``g_t = ∇L_t(w_t)`` and on optimizer state ``s_t`` (momentum buffer, Adam
@@ -12,20 +11,53 @@ moments) but not on ``η``. So ``B_t = −d_t`` (Table 1: SGD ``[B_t]_t = −∇
 acts on the pair ``(w, s)``; its tangent therefore has one component per state tensor (SGD: one,
 SGD with momentum: two, Adam: three).
 
+Gradient-norm clipping (:func:`clip_by_global_norm`, as the authors' public code does by default
+with a maximum norm of 100) replaces ``g_t`` by ``clip(g_t) = g_t·min(1, c/‖g_t‖)`` before the
+optimizer sees it, so it is part of ``d_t`` and of ``A_t``: the tangent of ``g_t`` along ``z`` is
+then :func:`clip_tangent` applied to ``H_t z``.
+
 Everything in this module is pure: flat tensors (or Python floats) in, new ones out, nothing
 mutated, nothing detached. The same ``direction`` is used by the online controllers (on detached
 values) and by LRS-OPT (differentiated by reverse mode through a whole unroll).
+
+The scalar rules never return a non-finite rate or β: a non-finite hypergradient, or a product that
+overflows, leaves the value unchanged and is reported (``on_skip``, else a
+:class:`HypergradientWarning`).
 """
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
-from typing import Union
+from typing import Callable, Sequence, Union
 
 import torch
 
 __all__ = ["SGDDynamics", "AdamDynamics", "Dynamics", "dynamics_from_optimizer", "read_state",
-           "lr_update", "mu_heuristic", "beta_update", "BETA_RULES"]
+           "global_norm", "clip_by_global_norm", "clip_tangent", "lr_update", "mu_heuristic",
+           "beta_update", "BETA_RULES", "HypergradientWarning"]
+
+
+class HypergradientWarning(RuntimeWarning):
+    """A non-finite hypergradient, rate or β update was skipped (the controllers emit it once)."""
+
+
+def _check_nonneg(name: str, value, allow_none: bool = False) -> None:
+    """``value`` must be a finite real number >= 0 (or None when ``allow_none``)."""
+    if value is None and allow_none:
+        return
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value < 0:
+        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+
+
+def check_grad_clip(grad_clip) -> float | None:
+    """``grad_clip`` must be None (no clipping) or a finite number > 0; returns it as a float."""
+    if grad_clip is None:
+        return None
+    if (not isinstance(grad_clip, (int, float)) or isinstance(grad_clip, bool) or not math.isfinite(grad_clip)
+            or grad_clip <= 0):
+        raise ValueError(f"grad_clip must be None or a finite number > 0, got {grad_clip!r}")
+    return float(grad_clip)
 
 
 def _safe_sqrt(v: torch.Tensor) -> torch.Tensor:
@@ -215,28 +247,108 @@ def read_state(optimizer: torch.optim.Optimizer, dynamics: Dynamics, params: lis
             _flat([s.get("exp_avg_sq") for s in st], params)), steps.pop()
 
 
+# ----------------------------------------------------------------------------- gradient clipping
+
+Tensors = Union[torch.Tensor, Sequence[torch.Tensor]]
+
+
+def _as_list(tensors: Tensors) -> list:
+    return [tensors] if isinstance(tensors, torch.Tensor) else list(tensors)
+
+
+def global_norm(tensors: Tensors) -> torch.Tensor:
+    """``‖g‖₂`` over all entries of a tensor or a sequence of tensors (a 0-d tensor), computed as
+    ``torch.nn.utils.clip_grad_norm_`` does: the norm of the per-tensor norms."""
+    ts = _as_list(tensors)
+    if len(ts) == 1:
+        return torch.linalg.vector_norm(ts[0])
+    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(t) for t in ts]))
+
+
+def _clip_active(norm: float, max_norm: float | None) -> bool:
+    return max_norm is not None and math.isfinite(norm) and norm > max_norm
+
+
+def clip_by_global_norm(grads: Tensors, max_norm: float | None) -> tuple[Tensors, float]:
+    """``(clip(g), ‖g‖)`` with ``clip(g) = g·min(1, c/‖g‖)``, ``c = max_norm`` and the global norm
+    over all tensors of ``grads`` (a tensor or a sequence; the result has the same form). This is
+    ``torch.nn.utils.clip_grad_norm_`` without its ``1e-6`` in the denominator, which makes ``clip``
+    exactly ``c·g/‖g‖`` when active, with the derivative of :func:`clip_tangent`.
+
+    When the clip is inactive (``‖g‖ <= c``, ``max_norm=None``, or a non-finite norm, which the
+    caller must check) ``grads`` itself is returned: no copy, and bit-identical results. When
+    active the result is differentiable in ``grads`` (reverse mode: LRS-OPT's unroll). The norm is
+    returned as a Python float (one device synchronisation)."""
+    norm_t = global_norm(grads)
+    norm = float(norm_t.detach())
+    if not _clip_active(norm, max_norm):
+        return grads, norm
+    scale = max_norm / norm_t
+    if isinstance(grads, torch.Tensor):
+        return grads * scale, norm
+    return [g * scale for g in grads], norm
+
+
+def clip_tangent(grads: Tensors, v: Tensors, norm: float, max_norm: float | None) -> Tensors:
+    """Directional derivative of :func:`clip_by_global_norm` at the *unclipped* ``g = grads`` along
+    ``v`` (same form as ``grads``), ``norm = ‖g‖``:
+    ``(c/‖g‖)·(v − ĝ(ĝᵀv))`` with ``ĝ = g/‖g‖`` when the clip is active, ``v`` itself otherwise.
+    In the tangent system ``v = H_t z``, the Hessian-vector product of the minibatch loss."""
+    if not _clip_active(norm, max_norm):
+        return v
+    gs, vs = _as_list(grads), _as_list(v)
+    coef = max_norm / norm
+    gv = torch.stack([torch.dot(g.reshape(-1), x.reshape(-1)) for g, x in zip(gs, vs)]).sum()
+    k = gv * (coef / (norm * norm))  # coef·(ĝᵀv)/‖g‖, a 0-d tensor (no synchronisation)
+    out = [torch.addcmul(x * coef, g, k, value=-1.0) for g, x in zip(gs, vs)]
+    return out[0] if isinstance(v, torch.Tensor) else out
+
+
 # ----------------------------------------------------------------------------- scalar rules
 
 BETA_RULES = ("descent", "as-printed", "public-code")
 
 
-def lr_update(lr: float, hypergradient: float, beta: float) -> float:
-    """Eq. (5): ``η_{t+1} = max(η_t − β·Δη_{t+1}, 0)``; the max keeps the rate non-negative."""
-    return max(lr - beta * hypergradient, 0.0)
+def _skipped(on_skip: Callable[[str], None] | None, what: str) -> None:
+    if on_skip is None:
+        warnings.warn(f"{what}; update skipped", HypergradientWarning, stacklevel=3)
+    else:
+        on_skip(what)
+
+
+def lr_update(lr: float, hypergradient: float, beta: float, *,
+              on_skip: Callable[[str], None] | None = None) -> float:
+    """Eq. (5): ``η_{t+1} = max(η_t − β·Δη_{t+1}, 0)``; the max keeps the rate non-negative.
+
+    ``lr`` and ``beta`` must be finite and >= 0 (else ``ValueError``). The result is always finite:
+    when ``η_t − β·Δη_{t+1}`` is not (a non-finite hypergradient, ``0·inf``, or an overflow), ``lr``
+    is returned unchanged and the skip is reported to ``on_skip(message)`` (the controllers count
+    it), or as a :class:`HypergradientWarning` when ``on_skip`` is None."""
+    _check_nonneg("lr", lr)
+    _check_nonneg("beta", beta)
+    new = lr - beta * hypergradient
+    if not math.isfinite(new):
+        _skipped(on_skip, f"non-finite learning-rate update: lr - beta*hypergradient = {lr!r} - "
+                          f"{beta!r}*{hypergradient!r}")
+        return lr
+    return max(new, 0.0)
 
 
 def mu_heuristic(q: float, g1: float, mu: float, c: float) -> tuple[float, float]:
     """Appendix B: ``q̃ = clip(q / g'_1², 0, 1)``, ``μ_{t+1} = q̃^{1/(c_t+1)}``,
     ``c_{t+1} = μ_t·(1 + c_t)``, with ``q = q(μ_t) = Δη_{t+1}·g'_1`` of eq. (10) and
     ``g'_1 = [B_t]_tᵀ∇E(w_{t+1})`` the one-step (HD) hypergradient. Returns ``(μ_{t+1}, c_{t+1})``.
-    When ``g'_1 = 0`` (no one-step information) ``q̃`` is taken as 0, which forgets the history."""
+    When ``g'_1 = 0`` (no one-step information) ``q̃`` is taken as 0, which forgets the history;
+    so is an undefined ratio (``q`` or ``g'_1²`` overflowed to inf, or NaN), so that μ stays in
+    [0, 1]."""
     g1sq = g1 * g1
-    q_tilde = 0.0 if g1sq == 0.0 else min(max(q / g1sq, 0.0), 1.0)
+    ratio = 0.0 if g1sq == 0.0 else q / g1sq
+    q_tilde = 0.0 if math.isnan(ratio) else min(max(ratio, 0.0), 1.0)
     return q_tilde ** (1.0 / (c + 1.0)), mu * (1.0 + c)
 
 
 def beta_update(beta: float, beta_lr: float, hypergradient: float, prev_hypergradient: float,
-                lr: float, rule: str = "descent") -> float:
+                lr: float, rule: str = "descent", *, on_skip: Callable[[str], None] | None = None) -> float:
     """Adaptive hyper-learning rate (§4 "Adapting μ and β online", Algorithm 1 last line).
 
     With ``η_t = η_{t−1} − β_t·Δη_t``, the one-step hypergradient of β is
@@ -247,13 +359,24 @@ def beta_update(beta: float, beta_lr: float, hypergradient: float, prev_hypergra
       ascent step on the same derivative), also clamped at 0;
     * ``"public-code"``: the authors' public code, ``max(β_t + α·Δη_{t+1}·η_t, 0)``.
 
-    ``α`` is ``beta_lr``. Returns ``β_{t+1}``."""
-    if rule == "descent":
-        new = beta + beta_lr * hypergradient * prev_hypergradient
-    elif rule == "as-printed":
-        new = beta - beta_lr * hypergradient * prev_hypergradient
-    elif rule == "public-code":
-        new = beta + beta_lr * hypergradient * lr
-    else:
+    ``α`` is ``beta_lr``. Returns ``β_{t+1}``. ``beta``, ``beta_lr`` and ``lr`` must be finite and
+    >= 0 (else ``ValueError``); a non-finite new value (non-finite hypergradients or an overflow)
+    leaves ``beta`` unchanged and is reported as in :func:`lr_update`."""
+    if rule not in BETA_RULES:
         raise ValueError(f"beta_rule must be one of {list(BETA_RULES)}, got {rule!r}")
+    _check_nonneg("beta", beta)
+    _check_nonneg("beta_lr", beta_lr)
+    _check_nonneg("lr", lr)
+    # the product of the two hypergradients first (β's own hypergradient, up to sign), so that a
+    # zero Δη_t gives exactly β_t even when α·Δη_{t+1} alone would overflow
+    if rule == "descent":
+        new = beta + beta_lr * (hypergradient * prev_hypergradient)
+    elif rule == "as-printed":
+        new = beta - beta_lr * (hypergradient * prev_hypergradient)
+    else:
+        new = beta + beta_lr * (hypergradient * lr)
+    if not math.isfinite(new):
+        _skipped(on_skip, f"non-finite beta update ({rule!r} rule, beta={beta!r}, beta_lr={beta_lr!r}, "
+                          f"hypergradients {hypergradient!r}, {prev_hypergradient!r}, lr={lr!r})")
+        return beta
     return max(new, 0.0)

@@ -12,7 +12,13 @@ HD greedily minimises the objective one step ahead. With ``Φ_t(w, η) = w − �
   with ``∇L(w_{t+1})`` taken from the *next* minibatch, i.e. at step ``t+1`` before its update:
   ``Δη = −(g_{t+1} + weight_decay·w_{t+1})·d_t``. No extra gradient at all. ``d_t`` is the step
   direction actually taken: the momentum buffer for heavy-ball SGD (as in their code),
-  ``gg + momentum·buf`` with Nesterov, the bias-corrected Adam direction for Adam.
+  ``gg + momentum·buf`` with Nesterov, the bias-corrected Adam direction for Adam. The update
+  to ``η_{t+1}`` thus happens at the start of step ``t+1``: after a step, ``lr`` is the rate it used.
+
+Gradient-norm clipping (``grad_clip``, default 100 as in the authors' public code) is part of the
+dynamics: ``d_t`` is built from ``clip(g_t)``. The objective is not clipped, so in Baydin et al.'s
+variant ``∇L(w_{t+1})`` is the unclipped gradient of the next minibatch (the exact derivative of
+``L(w_{t+1}(η))``), while ``d_t`` is the clipped step actually taken.
 """
 from __future__ import annotations
 
@@ -21,7 +27,7 @@ from typing import Callable
 
 import torch
 
-from .controller import HypergradientController
+from .controller import DEFAULT_GRAD_CLIP, HypergradientController
 from .core import lr_update
 
 __all__ = ["HD"]
@@ -30,23 +36,28 @@ __all__ = ["HD"]
 class HD(HypergradientController):
     """HD controller (see the module docstring for the equations).
 
-    ``beta`` is the hyper-learning rate. Public-code defaults (REFERENCE.md): 1e-6 for SGD and
-    1e-8 for Adam on CIFAR-sized networks; it scales with 1/|g|², so tune it per problem.
+    ``beta`` is the hyper-learning rate. Public-code defaults: 1e-6 for SGD and 1e-8 for Adam on
+    CIFAR-sized networks; it scales with 1/|g|², so tune it per problem. ``grad_clip``: the maximum
+    global gradient norm (the authors' public code clips at 100); ``None`` disables clipping.
     """
 
     _tensor_keys = ("_prev_direction",)
 
     def __init__(self, optimizer: torch.optim.Optimizer, val_loss_fn: Callable[[], torch.Tensor] | None = None,
-                 *, beta: float, divergence_loss: float = math.inf):
-        super().__init__(optimizer, val_loss_fn, beta=beta, divergence_loss=divergence_loss)
+                 *, beta: float, divergence_loss: float = math.inf,
+                 grad_clip: float | None = DEFAULT_GRAD_CLIP):
+        super().__init__(optimizer, val_loss_fn, beta=beta, divergence_loss=divergence_loss,
+                         grad_clip=grad_clip)
         self._prev_direction: torch.Tensor | None = None
 
     def step(self, loss: torch.Tensor) -> float:
         """One training step with the current rate, then the rate update. ``loss``: the scalar
-        minibatch training loss at the current weights (its graph is consumed). Returns its value."""
+        minibatch training loss at the current weights (its graph is consumed). Returns its value.
+        A non-finite loss or gradient raises ``ScheduleDiverged`` before anything changes."""
         value = self._check_loss(loss)
         grads = self._grads(loss, create_graph=False)
         g = self._flat(grads).detach()
+        gc, norm = self._clip(g, value)
         w = self._weights()
         state, k = self._state()
         hg = None
@@ -55,19 +66,19 @@ class HD(HypergradientController):
             hg = -float(torch.dot(self.dynamics.objective_grad(g, w), self._prev_direction))
             self._update_lr(hg)
         lr_used = self.lr
-        d, _ = self.dynamics.direction(g, w, state, k)
-        self._apply(grads, lr_used)
+        d, _ = self.dynamics.direction(gc, w, state, k)
+        self._apply(grads if gc is g else self._views(gc), lr_used)
         if self.val_loss_fn is None:
             self._prev_direction = d
         else:
             hg = -self._dots((self._views(d),), self._val_grad())[0]
             self._update_lr(hg)
-        self.last = {"loss": value, "lr": lr_used, "hypergradient": hg, "beta": self.beta}
+        self.last = {"loss": value, "lr": lr_used, "hypergradient": hg, "beta": self.beta, "grad_norm": norm}
         self.t += 1
         return value
 
     def _update_lr(self, hg: float) -> None:
         if not math.isfinite(hg):
-            self._skip("hypergradient")
+            self._skip(f"non-finite hypergradient {hg!r}")
             return
-        self._set_lr(lr_update(self.lr, hg, self.beta))
+        self._set_lr(lr_update(self.lr, hg, self.beta, on_skip=self._skip))

@@ -13,6 +13,15 @@ the online approximations are checked against: with a fixed schedule, MARTHE's
 ``Δη_T = Σ_t μ^{T−1−t}·∂f_T/∂η_t`` (eq. 9/11), so μ = 0 gives the last entry (HD) and μ = 1 the sum
 of all entries (RTHO).
 
+Gradient-norm clipping: ``grad_clip=c`` replaces each ``g_t`` by ``g_t·min(1, c/‖g_t‖)``
+(:func:`~l2l_zoo.schedules.core.clip_by_global_norm`) inside Φ, and reverse mode differentiates it
+exactly; pass the online controllers' ``grad_clip`` to check them against this reference with
+clipping on. The default here is ``None`` (no clipping), unlike the online controllers' 100 (the
+authors' public code): LRS-OPT is the exact solution of problem (1) for the plain ``torch.optim``
+dynamics, :func:`unroll` reproduces a plain ``torch.optim`` run step for step, and an optimised
+schedule is evaluated, like the hand-designed baselines, by such a run; a clipping default here
+would optimise the schedule for dynamics other than the ones it is run with.
+
 Functions here work on one flat parameter vector ``w`` of shape (n,); :func:`flat_functional`
 turns an ``nn.Module`` into that form with ``torch.func.functional_call``.
 """
@@ -24,7 +33,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
-from .core import Dynamics
+from .core import Dynamics, check_grad_clip, clip_by_global_norm
 
 __all__ = ["flat_functional", "unroll", "schedule_hypergradient", "LRSOpt"]
 
@@ -45,15 +54,18 @@ def flat_functional(model: nn.Module) -> tuple[torch.Tensor, Callable[[torch.Ten
 
 
 def unroll(w0: torch.Tensor, lrs, batches: Sequence, loss_fn: Callable[[torch.Tensor, Any], torch.Tensor],
-           dynamics: Dynamics, *, create_graph: bool = True) -> torch.Tensor:
+           dynamics: Dynamics, *, create_graph: bool = True, grad_clip: float | None = None) -> torch.Tensor:
     """``w_T`` after ``T = len(lrs)`` steps ``w_{t+1} = w_t − η_t·d_t`` (eq. 1) from ``w0`` (n,),
     the optimizer state starting at zero as in a fresh ``torch.optim`` optimizer.
 
-    ``loss_fn(w, batches[t])`` is the minibatch training loss ``L_t``. With ``create_graph`` the
-    result is differentiable w.r.t. ``lrs`` (a (T,) tensor) and ``w0`` through every gradient (second
-    order terms included); without it each step is detached (cheap evaluation of ``f_T``)."""
+    ``loss_fn(w, batches[t])`` is the minibatch training loss ``L_t``; ``d_t`` is built from its
+    gradient clipped to global norm ``grad_clip`` (None: not clipped; module docstring). With
+    ``create_graph`` the result is differentiable w.r.t. ``lrs`` (a (T,) tensor) and ``w0`` through
+    every gradient (second order terms and the clip included); without it each step is detached
+    (cheap evaluation of ``f_T``)."""
     if len(batches) < len(lrs):
         raise ValueError(f"need one batch per step: {len(lrs)} rates but {len(batches)} batches")
+    grad_clip = check_grad_clip(grad_clip)
     w = w0 if (create_graph and w0.requires_grad) else w0.detach().requires_grad_(True)
     state = dynamics.init_state(w0.detach())
     for t in range(len(lrs)):
@@ -61,6 +73,8 @@ def unroll(w0: torch.Tensor, lrs, batches: Sequence, loss_fn: Callable[[torch.Te
             w = w.detach().requires_grad_(True)
         loss = loss_fn(w, batches[t])
         (g,) = torch.autograd.grad(loss, w, create_graph=create_graph)
+        if grad_clip is not None:
+            g, _ = clip_by_global_norm(g, grad_clip)
         d, state = dynamics.direction(g, w, state, t)
         if not create_graph:
             d, state = d.detach(), tuple(s.detach() for s in state)
@@ -71,11 +85,12 @@ def unroll(w0: torch.Tensor, lrs, batches: Sequence, loss_fn: Callable[[torch.Te
 def schedule_hypergradient(w0: torch.Tensor, lrs: torch.Tensor, batches: Sequence,
                            loss_fn: Callable[[torch.Tensor, Any], torch.Tensor],
                            val_loss_fn: Callable[[torch.Tensor], torch.Tensor],
-                           dynamics: Dynamics) -> tuple[float, torch.Tensor]:
+                           dynamics: Dynamics, *, grad_clip: float | None = None) -> tuple[float, torch.Tensor]:
     """``(f_T(η), ∇f_T(η))``: the objective ``E(w_T)`` (``val_loss_fn(w_T)``) and its exact gradient
-    (shape (T,), eq. 2/4) w.r.t. the schedule ``lrs`` (T,), by reverse mode through the unroll."""
+    (shape (T,), eq. 2/4) w.r.t. the schedule ``lrs`` (T,), by reverse mode through the unroll
+    (with the training gradients clipped to ``grad_clip``, see :func:`unroll`)."""
     lrs = lrs.detach().clone().requires_grad_(True)
-    w_t = unroll(w0.detach(), lrs, batches, loss_fn, dynamics, create_graph=True)
+    w_t = unroll(w0.detach(), lrs, batches, loss_fn, dynamics, create_graph=True, grad_clip=grad_clip)
     e = val_loss_fn(w_t)
     (h,) = torch.autograd.grad(e, lrs)
     return float(e.detach()), h
@@ -88,7 +103,8 @@ class LRSOpt:
     ``outer="sgd"`` is plain projected gradient descent as in the paper; ``outer="adam"`` (our
     default) rescales each coordinate, which matters because the entries of ``∇f_T`` span orders of
     magnitude across t and the paper's 5000 outer iterations are far beyond a CPU budget.
-    ``outer_lr`` is the step size of either.
+    ``outer_lr`` is the step size of either. ``grad_clip``: the inner dynamics' gradient clip
+    (:func:`unroll`; None, the default, does not clip).
 
     Use: ``opt = LRSOpt(torch.full((T,), 0.01), outer_lr=1e-3)``; per iteration draw fresh
     minibatches (the paper re-randomises them every iteration), then
@@ -97,7 +113,8 @@ class LRSOpt:
 
     OUTER = ("adam", "sgd")
 
-    def __init__(self, lrs: torch.Tensor, *, outer_lr: float, outer: str = "adam"):
+    def __init__(self, lrs: torch.Tensor, *, outer_lr: float, outer: str = "adam",
+                 grad_clip: float | None = None):
         if outer not in self.OUTER:
             raise ValueError(f"outer must be one of {list(self.OUTER)}, got {outer!r}")
         if not (isinstance(outer_lr, (int, float)) and math.isfinite(outer_lr) and outer_lr > 0):
@@ -107,6 +124,7 @@ class LRSOpt:
             raise ValueError(f"lrs must be a non-empty 1-d tensor of finite rates >= 0, got shape "
                              f"{tuple(lrs.shape)}")
         self.outer, self.outer_lr = outer, float(outer_lr)
+        self.grad_clip = check_grad_clip(grad_clip)
         self._lrs = nn.Parameter(lrs)
         self._opt = (torch.optim.Adam([self._lrs], lr=outer_lr) if outer == "adam"
                      else torch.optim.SGD([self._lrs], lr=outer_lr))
@@ -136,17 +154,22 @@ class LRSOpt:
     def step(self, w0, batches, loss_fn, val_loss_fn, dynamics) -> tuple[float, torch.Tensor]:
         """Hypergradient at the current schedule (:func:`schedule_hypergradient`), then
         :meth:`update`. Returns ``(f_T, ∇f_T)`` before the update."""
-        value, h = schedule_hypergradient(w0, self.lrs, batches, loss_fn, val_loss_fn, dynamics)
+        value, h = schedule_hypergradient(w0, self.lrs, batches, loss_fn, val_loss_fn, dynamics,
+                                          grad_clip=self.grad_clip)
         self.update(h)
         return value, h
 
     def state_dict(self) -> dict:
         return {"lrs": self.lrs.clone(), "optimizer": self._opt.state_dict(), "iteration": self.iteration,
-                "outer": self.outer, "outer_lr": self.outer_lr}
+                "outer": self.outer, "outer_lr": self.outer_lr, "grad_clip": self.grad_clip}
 
     def load_state_dict(self, state: dict) -> None:
         if state.get("outer") != self.outer:
             raise ValueError(f"state was saved with outer={state.get('outer')!r}, this is {self.outer!r}")
+        # (state dicts written before grad_clip was recorded were all unclipped)
+        if state.get("grad_clip") != self.grad_clip:
+            raise ValueError(f"state was saved with grad_clip={state.get('grad_clip')!r}, this is "
+                             f"{self.grad_clip!r} (the schedule was optimised for other dynamics)")
         with torch.no_grad():
             self._lrs.copy_(state["lrs"])
         self._opt.load_state_dict(state["optimizer"])
