@@ -31,22 +31,21 @@ by ``base`` (eq. 7 for SGD; SGD with momentum and Adam as in §5.5, "the base op
 MLR-SNet's rate"). The hidden state is ``(h, c, γ)``: γ travels with the state because Algorithm 2
 recomputes it whenever the schedule network is switched.
 
-For plug-and-play use over any ``torch.optim`` optimizer (Algorithm 2) see
-:class:`MLRSNetController`; meta-training (Algorithm 1) is in ``l2l_zoo.schedules.mlrsnet_train``.
+This module holds the network only. The Algorithm 2 controller over any ``torch.optim`` optimizer
+is :class:`l2l_zoo.schedules.mlrsnet.MLRSNetController` (beside the HD/MARTHE controllers); the
+Algorithm 1 online meta-trainer is :class:`l2l_zoo.meta.mlrsnet.MLRSNetMetaTrainer`.
 """
 from __future__ import annotations
 
-import copy
 import math
 import os
-from typing import Callable, Sequence
 
 import torch
 from torch import nn
 
 from ..base import LearnedOptimizer, MetaDefaults, OptState, Step
 
-__all__ = ["MLRSNet", "MLRSNetController", "mlrsnet_gamma", "LAYOUTS", "BASES", "OBJECTIVES"]
+__all__ = ["MLRSNet", "mlrsnet_gamma", "LAYOUTS", "BASES", "OBJECTIVES"]
 
 # chunk index of (input, forget, candidate, output) gates in the 4·H pre-activation, forget bias
 LAYOUTS = {"meta-train": ((0, 1, 3, 2), -1.0), "meta-test": ((0, 1, 2, 3), 0.0)}
@@ -154,6 +153,15 @@ class MLRSNet(LearnedOptimizer):
                     if isinstance(m, nn.Linear):
                         m.weight.uniform_(-0.1, 0.1)
         self._gate_idx, self._forget_bias = LAYOUTS[layout]
+        # The base optimizer's direction d_t is the library's one (torch.optim's SGD / Adam formulas,
+        # tested against them in the schedules). Imported here, not at the top: the controller in
+        # l2l_zoo.schedules.mlrsnet imports this module, so once the schedules package exports it a
+        # top-level import would be circular (l2l_zoo -> optimizers -> schedules -> optimizers).
+        from ..schedules.core import AdamDynamics, SGDDynamics
+        self._dynamics = (AdamDynamics(betas=betas, eps=float(eps), weight_decay=float(weight_decay))
+                          if base == "adam" else
+                          SGDDynamics(momentum=float(momentum), dampening=float(dampening),
+                                      nesterov=bool(nesterov), weight_decay=float(weight_decay)))
         # The adapter concatenates the parameters every step only when weight decay needs them.
         self.needs_params = weight_decay != 0
 
@@ -233,27 +241,11 @@ class MLRSNet(LearnedOptimizer):
 
     def base_direction(self, grads: torch.Tensor, state: OptState, *, params: torch.Tensor | None = None):
         """Direction d_t of shape (n,) of the base optimizer (the step is −α_t·d_t) and its new
-        buffers; identical to torch.optim.SGD / Adam with learning rate α_t."""
-        c = self._config
-        g = grads
-        if c["weight_decay"] != 0:
-            if params is None:
-                raise ValueError("MLR-SNet with weight_decay > 0 needs params=")
-            g = g + c["weight_decay"] * params
-        if c["base"] == "adam":
-            b1, b2 = c["betas"]
-            m, v = state.stats
-            m = b1 * m + (1 - b1) * g
-            v = b2 * v + (1 - b2) * g * g
-            t = state.step + 1
-            d = (m / (1 - b1 ** t)) / (v.sqrt() / math.sqrt(1 - b2 ** t) + c["eps"])
-            return d, (m, v)
-        mu = c["momentum"]
-        if mu == 0:
-            return g, ()
-        (buf,) = state.stats
-        buf = g if state.step == 0 else mu * buf + (1 - c["dampening"]) * g
-        return (g + mu * buf if c["nesterov"] else buf), (buf,)
+        buffers (the layout of :meth:`init_state`): ``SGDDynamics`` / ``AdamDynamics.direction`` of
+        :mod:`l2l_zoo.schedules.core`, i.e. torch.optim.SGD / Adam with learning rate α_t."""
+        if self._config["weight_decay"] != 0 and params is None:
+            raise ValueError("MLR-SNet with weight_decay > 0 needs params=")
+        return self._dynamics.direction(grads, params, state.stats, state.step)
 
     def features(self, grads, state, *, params=None, loss=None):
         """Input state (1, 1) (the loss, :meth:`loss_input`) and the base optimizer's new buffers."""
@@ -302,100 +294,10 @@ class MLRSNet(LearnedOptimizer):
         return torch.cat(out) if out else x.new_zeros(0)
 
 
-class MLRSNetController:
-    """MLR-SNet as a learning-rate controller over any ``torch.optim`` optimizer (Algorithm 2): each
-    step feeds the minibatch loss to the current schedule network and sets every param group's
-    ``lr`` to α_t = γ·p_t; the optimizer supplies the direction (its momentum, weight decay, ...).
-
-    ``nets``: one MLRSNet or k of them (Algorithm 2, §4.2.1: the k saved nets are used for
-    consecutive parts of training); with k > 1 either ``total_steps`` (net l serves steps
-    [⌊T·l/k⌋, ⌊T·(l+1)/k⌋)) or explicit ``switch_steps`` (k − 1 increasing steps) is needed.
-    ``gamma``: γ for the first part (None: from ``train_loss_fn()`` or else the first minibatch
-    loss). At each switch γ is recomputed (``recompute_gamma``) from ``train_loss_fn()`` (the mean
-    training loss, as the authors' meta-test code does in eval mode) or else the minibatch loss.
-    The LSTM state is carried across switches and detached every step, as in their meta-test code.
-
-    The nets are copied, frozen and kept on ``device`` (CPU by default: a scalar-input net is faster
-    there than as GPU kernel launches; only the loss value crosses). Usage::
-
-        ctl = MLRSNetController(opt, nets, total_steps=T, train_loss_fn=mean_train_loss)
-        loss.backward(); ctl.step(loss); opt.step()
-    """
-
-    def __init__(self, optimizer: torch.optim.Optimizer, nets: MLRSNet | Sequence[MLRSNet], *,
-                 total_steps: int | None = None, switch_steps: Sequence[int] | None = None,
-                 gamma: float | None = None, train_loss_fn: Callable[[], float] | None = None,
-                 recompute_gamma: bool = True, device="cpu"):
-        if not isinstance(optimizer, torch.optim.Optimizer):
-            raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
-        nets = [nets] if isinstance(nets, MLRSNet) else list(nets)
-        if not nets or not all(isinstance(n, MLRSNet) for n in nets):
-            raise TypeError(f"nets must be an MLRSNet or a non-empty sequence of them, got {nets!r}")
-        sizes = {n.config["hidden_size"] for n in nets}
-        if len(sizes) != 1:
-            raise ValueError(f"all nets must have the same hidden_size to carry the LSTM state, got {sizes}")
-        k = len(nets)
-        if switch_steps is None:
-            if k > 1 and total_steps is None:
-                raise ValueError(f"{k} nets need total_steps (or switch_steps) to know when to switch")
-            switch_steps = [total_steps * l // k for l in range(1, k)] if k > 1 else []
-        switch_steps = [int(s) for s in switch_steps]
-        if len(switch_steps) != k - 1 or any(b <= a for a, b in zip([0] + switch_steps, switch_steps)):
-            raise ValueError(f"switch_steps must be {k - 1} increasing steps > 0, got {switch_steps}")
-        if gamma is not None and not (math.isfinite(gamma) and gamma > 0):
-            raise ValueError(f"gamma must be a finite number > 0 or None, got {gamma!r}")
-        self.optimizer = optimizer
-        self.device = torch.device(device)
-        self.nets = [copy.deepcopy(n).requires_grad_(False).eval().to(self.device) for n in nets]
-        self.switch_steps = switch_steps
-        self.train_loss_fn = train_loss_fn
-        self.recompute_gamma = recompute_gamma
-        self.t = 0
-        self.gamma = gamma
-        self.gammas: list[tuple[int, float]] = []  # (step, γ) at each (re)computation
-        self.hidden = self.nets[0].init_hidden(device=self.device, gamma=1.0)[:2]
-        self.last_lr: float | None = None
-
-    def net_index(self, t: int | None = None) -> int:
-        t = self.t if t is None else t
-        return sum(t >= s for s in self.switch_steps)
-
-    def _reference_loss(self, loss) -> float:
-        return float(self.train_loss_fn()) if self.train_loss_fn is not None else float(loss)
-
-    @torch.no_grad()
-    def step(self, loss: torch.Tensor | float) -> float:
-        """Set the learning rate for the coming ``optimizer.step()`` from this step's minibatch
-        ``loss`` (a number or tensor; it is detached); returns α_t."""
-        k = self.net_index()
-        net = self.nets[k]
-        if self.t == 0 or (self.recompute_gamma and self.t in self.switch_steps):
-            if self.gamma is None or self.t > 0:
-                self.gamma = net.gamma_for(self._reference_loss(loss))
-            self.gammas.append((self.t, self.gamma))
-        x = net.loss_input(float(loss))
-        one = torch.ones(1, device=self.device, dtype=x.dtype)
-        p, (h, c, _) = net.network(x, (*self.hidden, one))
-        self.hidden = (h, c)
-        lr = self.gamma * float(p)
-        if not math.isfinite(lr):
-            raise FloatingPointError(f"MLR-SNet produced a non-finite learning rate {lr!r} at step {self.t} "
-                                     f"(input loss {float(loss)!r})")
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        self.last_lr = lr
-        self.t += 1
-        return lr
-
-    def state_dict(self) -> dict:
-        return {"t": self.t, "gamma": self.gamma, "gammas": list(self.gammas),
-                "hidden": [t.clone() for t in self.hidden], "last_lr": self.last_lr,
-                "switch_steps": list(self.switch_steps)}
-
-    def load_state_dict(self, sd: dict) -> None:
-        if list(sd["switch_steps"]) != self.switch_steps:
-            raise ValueError(f"controller state has switch_steps {sd['switch_steps']}, this controller "
-                             f"{self.switch_steps}")
-        self.t, self.gamma, self.last_lr = int(sd["t"]), sd["gamma"], sd["last_lr"]
-        self.gammas = [tuple(g) for g in sd["gammas"]]
-        self.hidden = tuple(t.to(self.device) for t in sd["hidden"])
+def __getattr__(name):
+    # Kept for one release: MLRSNetController moved to l2l_zoo.schedules.mlrsnet (controllers are
+    # filed with the other controllers). Resolved lazily because that module imports this one.
+    if name == "MLRSNetController":
+        from ..schedules.mlrsnet import MLRSNetController
+        return MLRSNetController
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
