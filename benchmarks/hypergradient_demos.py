@@ -18,7 +18,9 @@ The paper gives neither the starting points nor η0 nor ε: ours are flags with 
 Reported per problem, method and β: the best optimality gap within the horizon (Fig. 1 centre), the
 final gap, divergence, the fraction of steps at which h_μ chose μ = 0 and μ = 1 (appendix B: Beale
 μ = 1 throughout, Bukin μ = 0 on ≈40% of steps), and the trajectory and rates (Fig. 1 left/right).
-Outputs in ``--out``: ``results.json`` and ``fig1.png`` (drawn by ``paper_figs/fig_marthe.py``).
+Outputs in ``--out``: ``results.json`` (the ``l2l_zoo.runs`` schema, with the per-problem runs under
+``problems`` and the best β per method as the summary) and ``fig1.png`` (drawn by
+``paper_figs/fig_marthe.py``).
 """
 from __future__ import annotations
 
@@ -35,8 +37,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, ".."))
 sys.path.insert(0, os.path.join(HERE, "..", "paper_figs"))
 
-from l2l_zoo.cli import (ArgumentParser, UsageError, environment, parse_floats, resolve_device,  # noqa: E402
-                         run_main, write_json)
+from l2l_zoo import runs  # noqa: E402
+from l2l_zoo.cli import ArgumentParser, UsageError, output_folder, parse_floats, resolve_device, run_main  # noqa: E402
 from l2l_zoo.schedules import HD, MARTHE, RTHO, HypergradientWarning, ScheduleDiverged  # noqa: E402
 
 METHODS = ("hd", "rtho", "marthe-hmu")
@@ -52,6 +54,7 @@ class Config:
     bukin_start: list
     bukin_lr: float
     bukin_eps: float
+    grad_clip: float | None
     device: str
     out: str
     progress: bool
@@ -67,6 +70,10 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--bukin-start", default="-5.0,1.0", help="starting point x,y on the smoothed Bukin function")
     p.add_argument("--bukin-lr", type=float, default=0.01, help="initial learning rate η0 on Bukin")
     p.add_argument("--bukin-eps", type=float, default=1e-4, help="smoothing ε of the Bukin function (> 0)")
+    p.add_argument("--grad-clip", type=float, default=0.0,
+                   help="maximum gradient norm of the controllers (0 = off, the default here: Fig. 1 is plain "
+                        "gradient descent on the function, and Beale's gradient at the start is already ~99; "
+                        "the library's default is the authors' 100)")
     p.add_argument("--device", default="cpu", help="auto, cpu or cuda")
     p.add_argument("--out", default=os.path.join("results", "hypergradient_demos"), help="output folder")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -87,11 +94,13 @@ def parse_config(argv=None) -> Config:
     for flag, v in (("--beale-lr", a.beale_lr), ("--bukin-lr", a.bukin_lr), ("--bukin-eps", a.bukin_eps)):
         if not (math.isfinite(v) and v > 0):
             raise UsageError(f"{flag} must be a positive number, got {v}")
+    if not (math.isfinite(a.grad_clip) and a.grad_clip >= 0):
+        raise UsageError(f"--grad-clip must be a number >= 0 (0 = off), got {a.grad_clip}")
     resolve_device(a.device)
     return Config(betas=parse_floats(a.betas, "--betas"), steps=a.steps,
                   beale_start=_point(a.beale_start, "--beale-start"), beale_lr=a.beale_lr,
                   bukin_start=_point(a.bukin_start, "--bukin-start"), bukin_lr=a.bukin_lr,
-                  bukin_eps=a.bukin_eps, device=a.device, out=a.out, progress=not a.no_progress)
+                  bukin_eps=a.bukin_eps, grad_clip=a.grad_clip or None, device=a.device, out=a.out, progress=not a.no_progress)
 
 
 # ---------------------------------------------------------------------------------- problems
@@ -127,7 +136,7 @@ def problems(cfg: Config) -> dict:
     }
 
 
-def run_one(prob: dict, method: str, beta: float, steps: int, device) -> dict:
+def run_one(prob: dict, method: str, beta: float, steps: int, device, grad_clip: float | None = None) -> dict:
     p = torch.nn.Parameter(torch.tensor(prob["start"], dtype=torch.float64, device=device))
     opt = torch.optim.SGD([p], lr=prob["lr"])
     f = prob["f"]
@@ -135,11 +144,11 @@ def run_one(prob: dict, method: str, beta: float, steps: int, device) -> dict:
     def objective():
         return f(p)
     if method == "hd":
-        ctrl = HD(opt, objective, beta=beta, divergence_loss=DIVERGENCE)
+        ctrl = HD(opt, objective, beta=beta, divergence_loss=DIVERGENCE, grad_clip=grad_clip)
     elif method == "rtho":
-        ctrl = RTHO(opt, objective, beta=beta, divergence_loss=DIVERGENCE)
+        ctrl = RTHO(opt, objective, beta=beta, divergence_loss=DIVERGENCE, grad_clip=grad_clip)
     else:
-        ctrl = MARTHE(opt, objective, beta=beta, mu="adaptive", divergence_loss=DIVERGENCE)
+        ctrl = MARTHE(opt, objective, beta=beta, mu="adaptive", divergence_loss=DIVERGENCE, grad_clip=grad_clip)
     rec = {"trajectory": [p.detach().cpu().tolist()], "gaps": [], "lrs": [], "mus": [], "diverged_at": None}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", HypergradientWarning)  # counted in n_skipped below
@@ -177,11 +186,17 @@ def contour(prob: dict, n: int = 120) -> list[list[float]]:
 
 def main(argv=None) -> int:
     cfg = parse_config(argv)
+    with output_folder(cfg.out):
+        return _main(cfg)
+
+
+def _main(cfg: Config) -> int:
     device = resolve_device(cfg.device)
     from tqdm.auto import tqdm
     t0 = time.perf_counter()
     probs = problems(cfg)
-    result = {"config": asdict(cfg), "environment": environment(), "problems": {}}
+    result = runs.new_results("hypergradient_demos", asdict(cfg))
+    result["problems"] = {}
     jobs = [(name, m, b) for name in probs for m in METHODS for b in cfg.betas]
     for name, method, beta in tqdm(jobs, desc="demo runs", disable=not cfg.progress, dynamic_ncols=True):
         prob = probs[name]
@@ -189,16 +204,17 @@ def main(argv=None) -> int:
             "title": prob["title"], "f_star": prob["f_star"], "start": prob["start"], "lr": prob["lr"],
             "steps": cfg.steps, "plot_box": prob["box"], "argmin_shown": prob["argmin"],
             "contour": contour(prob), "methods": {}})
-        out["methods"].setdefault(method, {})[f"{beta:g}"] = run_one(prob, method, beta, cfg.steps, device)
+        out["methods"].setdefault(method, {})[f"{beta:g}"] = run_one(prob, method, beta, cfg.steps, device, cfg.grad_clip)
     for name, out in result["problems"].items():
         out["best"] = {}
         for method, by_beta in out["methods"].items():
             ok = {b: r["best_gap"] for b, r in by_beta.items()
                   if r["diverged_at"] is None and r["best_gap"] is not None}
             out["best"][method] = float(min(ok, key=ok.get)) if ok else None
+        result["summary"][name] = {m: {"best_beta": b, "best_gap": None if b is None else
+                                       out["methods"][m][f"{b:g}"]["best_gap"]} for m, b in out["best"].items()}
     result["wall_s"] = time.perf_counter() - t0
-    os.makedirs(cfg.out, exist_ok=True)
-    write_json(os.path.join(cfg.out, "results.json"), result)
+    runs.write_json(os.path.join(cfg.out, "results.json"), result)
     from fig_marthe import plot_fig1
     plot_fig1(result, os.path.join(cfg.out, "fig1.png"))
 

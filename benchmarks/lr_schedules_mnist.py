@@ -26,9 +26,16 @@ validation accuracy is reported, as in Fig. 2.
 Also: ``--check-steps`` validates the online approximations on this very problem: with a fixed rate,
 MARTHE's Δη_T must equal the μ-discounted sum of LRS-OPT's exact hypergradient (eq. 9/11 vs eq. 4).
 
-Outputs in ``--out``: ``results.json`` (config, environment, data provenance, per-seed numbers and
-schedules, summary), ``fig2.png`` (drawn by ``paper_figs/fig_marthe.py``), and ``runs/`` with one
-cached JSON per finished run and LRS-OPT checkpoints, so that ``--resume`` loses nothing.
+Gradient-norm clipping (``--grad-clip``, default 100 as in the authors' public code; 0 disables it)
+applies to every method alike: the online controllers and LRS-OPT differentiate through it exactly,
+the constant rate and the hand-designed schedules clip before their SGD step.
+
+Outputs in ``--out`` (locked while the script runs): ``results.json`` (the ``l2l_zoo.runs`` schema:
+config, environment, data provenance, per-seed records with the per-step rates, hypergradients, μ
+and β, the β selection as a tuning record, summary), ``fig2.png`` (drawn by
+``paper_figs/fig_marthe.py``), and ``runs/`` with one cached JSON per finished run (keyed by a hash of
+everything it depends on) and LRS-OPT checkpoints, so that ``--resume`` loses nothing and never reuses
+a result computed under other settings.
 """
 from __future__ import annotations
 
@@ -46,10 +53,11 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, ".."))
 sys.path.insert(0, os.path.join(HERE, "..", "paper_figs"))
 
-from l2l_zoo.cli import (ArgumentParser, RunCache, UsageError, environment, parse_floats, parse_seeds,  # noqa: E402
-                         resolve_device, run_main, write_json)
-from l2l_zoo.schedules import (HD, MARTHE, BASELINES, BETA_RULES, LRSOpt, ScheduleDiverged,  # noqa: E402
-                               SGDDynamics, flat_functional, make_baseline, schedule_hypergradient)
+from l2l_zoo import runs  # noqa: E402
+from l2l_zoo.cli import (ArgumentParser, UsageError, output_folder, parse_floats, parse_seeds,  # noqa: E402
+                         resolve_device, run_main)
+from l2l_zoo.schedules import (HD, MARTHE, BASELINES, BETA_RULES, LRSOpt, SGDDynamics,  # noqa: E402
+                               flat_functional, make_baseline, schedule_hypergradient)
 from l2l_zoo.tasks import MLP, Task, glorot_init_  # noqa: E402
 from l2l_zoo.tasks.data import load_mnist  # noqa: E402
 
@@ -78,6 +86,7 @@ class Config:
     lrs_opt_outer_lr: float
     lrs_opt_outer: str
     check_steps: int
+    grad_clip: float | None
     data_seed: int
     data_dir: str | None
     device: str
@@ -121,12 +130,16 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--check-steps", type=int, default=64,
                    help="horizon of the check of the online hypergradients against LRS-OPT's exact one "
                         "(0 skips it)")
+    p.add_argument("--grad-clip", type=float, default=100.0,
+                   help="maximum global gradient norm of every method's SGD step (the authors' public code: "
+                        "100); 0 disables clipping")
     p.add_argument("--data-seed", type=int, default=0, help="seed of the train/validation/test carve")
-    p.add_argument("--data-dir", default=None, help="dataset folder (default: $L2L_ZOO_DATA, then ./data)")
+    p.add_argument("--data-dir", default=None, help="dataset folder; must exist if given (default: $L2L_ZOO_DATA, then ./data)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0 = torch's default)")
     p.add_argument("--out", default=os.path.join("results", "lr_schedules_mnist"), help="output folder")
-    p.add_argument("--resume", action="store_true", help="reuse finished runs and LRS-OPT checkpoints in --out")
+    p.add_argument("--resume", action="store_true",
+                   help="reuse finished runs and LRS-OPT checkpoints in --out that have the same settings")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
 
@@ -167,6 +180,10 @@ def parse_config(argv=None) -> Config:
         raise UsageError(f"--batch-size must be <= 7000 (the training split), got {a.batch_size}")
     if a.val_batch > 700:
         raise UsageError(f"--val-batch must be <= 700 (the validation split; 0 = all), got {a.val_batch}")
+    if not (math.isfinite(a.grad_clip) and a.grad_clip >= 0):
+        raise UsageError(f"--grad-clip must be a number >= 0 (0 = off), got {a.grad_clip}")
+    if a.data_dir is not None and not os.path.isdir(a.data_dir):
+        raise UsageError(f"--data-dir: no such folder {a.data_dir!r}")
     resolve_device(a.device)  # validates
     return Config(seeds=parse_seeds(a.seeds), methods=methods, baselines=baselines,
                   betas=parse_floats(a.betas, "--betas"), mus=mus,
@@ -174,7 +191,7 @@ def parse_config(argv=None) -> Config:
                   lr=a.lr, batch_size=a.batch_size, val_batch=a.val_batch, eval_every=a.eval_every,
                   lrs_opt_seeds=a.lrs_opt_seeds, lrs_opt_iters=a.lrs_opt_iters,
                   lrs_opt_outer_lr=a.lrs_opt_outer_lr, lrs_opt_outer=a.lrs_opt_outer,
-                  check_steps=a.check_steps, data_seed=a.data_seed, data_dir=a.data_dir, device=a.device,
+                  check_steps=a.check_steps, grad_clip=a.grad_clip or None, data_seed=a.data_seed, data_dir=a.data_dir, device=a.device,
                   threads=a.threads, out=a.out, resume=a.resume, progress=not a.no_progress)
 
 
@@ -250,71 +267,70 @@ def _val_loss_fn(task: Task, model, n: int, gen: torch.Generator):
     return fn
 
 
+class ListSchedule:
+    """A fixed per-step schedule (LRS-OPT's optimised rates) as a scheduler: after step t the rate of
+    step t+1 is set."""
+
+    def __init__(self, optimizer, lrs: list[float]):
+        self.optimizer, self.lrs, self.t = optimizer, list(lrs), 0
+        self._set()
+
+    def _set(self):
+        for g in self.optimizer.param_groups:
+            g["lr"] = self.lrs[min(self.t, len(self.lrs) - 1)]
+
+    def step(self):
+        self.t += 1
+        self._set()
+
+    def state_dict(self):
+        return {"t": self.t}
+
+    def load_state_dict(self, sd):
+        self.t = int(sd["t"])
+        self._set()
+
+
 def train_run(task: Task, cfg: Config, spec: Spec, seed: int, *, lrs: list[float] | None = None,
               progress: bool = False, desc: str = "") -> dict:
-    """Train the seed's MLP for T steps under ``spec`` (or the fixed schedule ``lrs``)."""
+    """Train the seed's MLP for T steps under ``spec`` (or the fixed schedule ``lrs``): a run record
+    of the results schema with the per-step ``lr`` (and, for the online methods, ``hypergradient``,
+    ``mu``, ``beta``) in ``step_log``, validation metrics every ``eval_every`` steps and the final
+    validation, test and training metrics."""
     model = task.build_model(seed=seed)
     opt = torch.optim.SGD(model.parameters(), lr=cfg.lr if lrs is None else lrs[0])
     gen = torch.Generator().manual_seed(10_000 + seed)       # minibatch order: same for every method
     vgen = torch.Generator().manual_seed(20_000 + seed)
-    ctrl, sched = None, None
     val_fn = _val_loss_fn(task, model, cfg.val_batch, vgen)
+    loss_fn = lambda m, b: task.loss(m(b[0]), b[1])  # noqa: E731
+    ctrl = None
     if spec.kind == "hd":
-        ctrl = HD(opt, val_fn, beta=spec.beta, divergence_loss=DIVERGENCE_LOSS)
+        ctrl = HD(opt, val_fn, beta=spec.beta, divergence_loss=DIVERGENCE_LOSS, grad_clip=cfg.grad_clip)
     elif spec.kind in ONLINE:
         ctrl = MARTHE(opt, val_fn, beta=spec.beta, mu=spec.mu, beta_lr=spec.beta_lr, beta_rule=cfg.beta_rule,
-                      divergence_loss=DIVERGENCE_LOSS)
-    elif spec.kind in BASELINES:
-        sched = make_baseline(spec.kind, opt, total_steps=cfg.steps)
-    rec = {"seed": seed, "spec": asdict(spec), "lrs": [], "mus": [], "betas": [], "hypergradients": [],
-           "eval_steps": [], "val_loss": [], "val_acc": [], "diverged_at": None, "error": None}
-
-    def evaluate(step):
-        loss, acc = task.evaluate(model, "val")
-        rec["eval_steps"].append(step)
-        rec["val_loss"].append(loss)
-        rec["val_acc"].append(acc)
-
-    from tqdm.auto import tqdm
-    evaluate(0)
-    t0 = time.perf_counter()
-    for step in tqdm(range(1, cfg.steps + 1), desc=desc, disable=not progress, leave=False, dynamic_ncols=True):
-        x, y = task.sample_batch(gen)
-        loss = task.loss(model(x), y)
-        if ctrl is not None:
-            try:
-                ctrl.step(loss)
-            except ScheduleDiverged as e:
-                rec["diverged_at"], rec["error"] = step, str(e)
-                break
-            rec["lrs"].append(ctrl.last["lr"])
-            rec["hypergradients"].append(ctrl.last["hypergradient"])
-            rec["mus"].append(ctrl.last.get("mu"))
-            rec["betas"].append(ctrl.last["beta"])
-        else:
-            value = float(loss.detach())
-            if not math.isfinite(value) or value > DIVERGENCE_LOSS:
-                rec["diverged_at"], rec["error"] = step, f"minibatch loss {value:.4g} at step {step}"
-                break
-            if lrs is not None:
-                opt.param_groups[0]["lr"] = lrs[step - 1]
-            rec["lrs"].append(opt.param_groups[0]["lr"])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            if sched is not None:
-                sched.step()
-        if step % cfg.eval_every == 0 or step == cfg.steps:
-            evaluate(step)
-    rec["wall_s"] = time.perf_counter() - t0
-    rec["step_ms"] = 1000 * rec["wall_s"] / max(1, len(rec["lrs"]))
-    rec["n_skipped"] = getattr(ctrl, "n_skipped", 0)
-    if rec["diverged_at"] is None:
-        rec["final"] = {"val_loss": rec["val_loss"][-1], "val_acc": rec["val_acc"][-1]}
-        rec["final"]["test_loss"], rec["final"]["test_acc"] = task.evaluate(model, "test")
-        rec["final"]["train_loss"], rec["final"]["train_acc"] = task.evaluate(model, "train")
+                      divergence_loss=DIVERGENCE_LOSS, grad_clip=cfg.grad_clip)
+    if ctrl is not None:
+        stepper = runs.ControllerStepper(model, ctrl, loss_fn)
     else:
-        rec["final"] = None
+        sched = (ListSchedule(opt, lrs) if lrs is not None else
+                 make_baseline(spec.kind, opt, total_steps=cfg.steps) if spec.kind in BASELINES else None)
+        stepper = runs.OptimizerStepper(model, opt, loss_fn, scheduler=sched, grad_clip=cfg.grad_clip)
+
+    def evaluate():
+        loss, acc = task.evaluate(model, "val")
+        return {"val_loss": loss, "val_acc": acc}
+
+    def final():
+        out = {}
+        out["test_loss"], out["test_acc"] = task.evaluate(model, "test")
+        out["train_loss"], out["train_acc"] = task.evaluate(model, "train")
+        return out
+
+    rec = runs.train(stepper, lambda aux: task.sample_batch(gen), steps=cfg.steps, evaluate=evaluate,
+                     eval_every=cfg.eval_every, final=final, divergence_loss=DIVERGENCE_LOSS,
+                     progress=progress, desc=desc)
+    rec.update(seed=seed, spec=asdict(spec), n_skipped=getattr(ctrl, "n_skipped", 0),
+               step_ms=1000 * rec["wall_s"] / max(1, len(rec["step_log"].get("loss", []))))
     return rec
 
 
@@ -340,10 +356,12 @@ def lrs_opt_run(task: Task, cfg: Config, seed: int, ckpt_path: str, log, progres
     history = {"val_loss": [], "hypergradient_norm": [], "wall_s": []}
     # Everything but the iteration budget must match for a checkpoint to be continued, so that
     # `--resume --lrs-opt-iters N` with a larger N extends a finished optimisation.
-    ck_sig = {k: getattr(cfg, k) for k in ("steps", "lr", "batch_size", "data_seed", "lrs_opt_outer_lr",
-                                            "lrs_opt_outer")}
+    ck_sig = runs.canonical({**{k: getattr(cfg, k) for k in RUN_KEYS + LRS_KEYS if k != "lrs_opt_iters"},
+                             "seed": seed, "data": task.data.summary()})
     if cfg.resume and os.path.exists(ckpt_path):
-        ck = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        ck = runs.load_torch(ckpt_path, what="LRS-OPT checkpoint")
+        if not isinstance(ck, dict) or "outer" not in ck:
+            raise runs.CheckpointError(f"{ckpt_path!r} is not an LRS-OPT checkpoint")
         if ck.get("signature") == ck_sig and ck["outer"]["iteration"] <= cfg.lrs_opt_iters:
             outer.load_state_dict(ck["outer"])
             gen.set_state(ck["gen"])
@@ -356,7 +374,7 @@ def lrs_opt_run(task: Task, cfg: Config, seed: int, ckpt_path: str, log, progres
     while outer.iteration < cfg.lrs_opt_iters:
         t0 = time.perf_counter()
         batches = [torch.randperm(len(yt), generator=gen)[:cfg.batch_size].to(xt.device) for _ in range(cfg.steps)]
-        value, h = schedule_hypergradient(w0, outer.lrs, batches, loss_fn, val_fn, dyn)
+        value, h = schedule_hypergradient(w0, outer.lrs, batches, loss_fn, val_fn, dyn, grad_clip=cfg.grad_clip)
         if not (math.isfinite(value) and bool(torch.isfinite(h).all())):
             history["stopped"] = f"non-finite validation loss or hypergradient at outer iteration {outer.iteration}"
             log(f"[lrs-opt] seed {seed}: {history['stopped']}; keeping the last finite schedule")
@@ -365,9 +383,8 @@ def lrs_opt_run(task: Task, cfg: Config, seed: int, ckpt_path: str, log, progres
         history["val_loss"].append(value)
         history["hypergradient_norm"].append(float(h.norm()))
         history["wall_s"].append(time.perf_counter() - t0)
-        torch.save({"outer": outer.state_dict(), "gen": gen.get_state(), "history": history,
-                    "signature": ck_sig}, ckpt_path + ".tmp")
-        os.replace(ckpt_path + ".tmp", ckpt_path)  # never a half-written checkpoint
+        runs.save_torch(ckpt_path, {"outer": outer.state_dict(), "gen": gen.get_state(), "history": history,
+                                    "signature": ck_sig})  # atomic: never a half-written checkpoint
         bar.update(1)
         bar.set_postfix(E=f"{value:.4f}")
     bar.close()
@@ -391,12 +408,14 @@ def check_hypergradients(task: Task, cfg: Config, seed: int) -> dict:
     xv, yv = task.data.x_val.double(), task.data.y_val
     value, h = schedule_hypergradient(
         w0, torch.full((t_check,), cfg.lr, dtype=w0.dtype, device=w0.device), idx,
-        lambda w, i: task.loss(forward(w, xt[i]), yt[i]), lambda w: task.loss(forward(w, xv), yv), SGDDynamics())
-    out = {"steps": t_check, "seed": seed, "dtype": "float64", "exact_hypergradient": h.cpu().tolist(),
-           "E": value, "by_mu": {}}
+        lambda w, i: task.loss(forward(w, xt[i]), yt[i]), lambda w: task.loss(forward(w, xv), yv), SGDDynamics(),
+        grad_clip=cfg.grad_clip)
+    out = {"steps": t_check, "seed": seed, "dtype": "float64", "grad_clip": cfg.grad_clip,
+           "exact_hypergradient": h.cpu().tolist(), "E": value, "by_mu": {}}
     for mu in (0.0, 0.9, 0.99, 1.0):
         m = task.build_model(seed=seed).double()
-        ctrl = MARTHE(torch.optim.SGD(m.parameters(), lr=cfg.lr), lambda: task.loss(m(xv), yv), beta=0.0, mu=mu)
+        ctrl = MARTHE(torch.optim.SGD(m.parameters(), lr=cfg.lr), lambda: task.loss(m(xv), yv), beta=0.0, mu=mu,
+                      grad_clip=cfg.grad_clip)
         for i in idx:
             ctrl.step(task.loss(m(xt[i]), yt[i]))
         weights = torch.tensor([mu ** (t_check - 1 - t) for t in range(t_check)], dtype=h.dtype, device=h.device)
@@ -409,90 +428,90 @@ def check_hypergradients(task: Task, cfg: Config, seed: int) -> dict:
 
 # ---------------------------------------------------------------------------------- summary
 
-def _stats(vals):
-    vals = [v for v in vals if v is not None]
-    return (float(np.mean(vals)), float(np.std(vals))) if vals else (None, None)
-
-
-def summarize(runs: dict[str, list[dict]], all_specs: list[Spec]) -> dict:
+def summarize(run_table: dict[str, list[dict]], all_specs: list[Spec]) -> tuple[dict, dict]:
     """Per configuration: mean ± std over seeds; per method: the configuration with the best mean
     validation accuracy among those where no seed diverged (Fig. 2: 'the value of β that achieves
-    the best average final validation accuracy')."""
+    the best average final validation accuracy'), chosen by :func:`l2l_zoo.runs.tune` over the
+    method's configurations. Returns ``(summary, tuning)``."""
     configs = {}
     for spec in all_specs:
-        rs = runs.get(spec.key, [])
+        rs = run_table.get(spec.key, [])
         if not rs:
             continue
-        ok = [r for r in rs if r["final"] is not None]
-        va, va_sd = _stats([r["final"]["val_acc"] for r in ok])
-        te, te_sd = _stats([r["final"]["test_acc"] for r in ok])
+        s = runs.summarize(rs, ("val_acc", "test_acc", "val_loss", "train_loss"))
         configs[spec.key] = {"method": spec.method, "kind": spec.kind, "beta": spec.beta, "mu": spec.mu,
-                             "beta_lr": spec.beta_lr, "x": spec.x, "n_seeds": len(rs),
-                             "diverged": len(rs) - len(ok), "val_acc": va, "val_acc_std": va_sd,
-                             "test_acc": te, "test_acc_std": te_sd,
+                             "beta_lr": spec.beta_lr, "x": spec.x, **s,
                              "step_ms": float(np.mean([r["step_ms"] for r in rs]))}
-    best = {}
-    for key, c in configs.items():
-        if c["diverged"] or c["val_acc"] is None:
-            continue
-        cur = best.get(c["method"])
-        if cur is None or c["val_acc"] > configs[cur]["val_acc"]:
-            best[c["method"]] = key
-    return {"configs": configs, "best": best}
+    best, tuning = {}, {}
+    for method in dict.fromkeys(c["method"] for c in configs.values()):
+        keys = [k for k, c in configs.items() if c["method"] == method]
+        # a configuration with a diverged seed competes with no score (never selected)
+        t = runs.tune(keys, lambda k: {"final": {"val_acc": None if configs[k]["diverged"] else configs[k]["val_acc"]}},
+                      criterion="val_acc", note="best mean validation accuracy over seeds, configurations "
+                                                "with a diverged seed excluded (Fig. 2)")
+        tuning[method] = t.to_dict()
+        if t.best is not None:
+            best[method] = t.best
+    return {"configs": configs, "best": best}, tuning
 
 
 # ---------------------------------------------------------------------------------- main
 
+# Which results each field decides (the run cache keys on these groups; a test checks that every
+# field is classified, so a new flag cannot be forgotten by the cache).
+RUN_KEYS = ("steps", "lr", "batch_size", "val_batch", "eval_every", "beta_rule", "grad_clip", "data_seed",
+            "data_dir", "device", "threads")
+LRS_KEYS = ("lrs_opt_iters", "lrs_opt_outer_lr", "lrs_opt_outer")
+SELECTION_KEYS = ("seeds", "methods", "baselines", "betas", "mus", "beta_lrs", "lrs_opt_seeds", "check_steps")
+NO_RESULT_KEYS = ("out", "resume", "progress")
+
+
 def main(argv=None) -> int:
     cfg = parse_config(argv)
+    with output_folder(cfg.out):
+        return _main(cfg)
+
+
+def _main(cfg: Config) -> int:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = resolve_device(cfg.device)
     from tqdm.auto import tqdm
     log = tqdm.write
-    os.makedirs(os.path.join(cfg.out, "runs"), exist_ok=True)
     t_start = time.perf_counter()
     task = make_task(cfg, device)
     log(f"[data] {task.data.note}")
     log(f"[setup] MLP 784-500-500-500-10 ({task.num_params:,} parameters, Glorot init) on {device}, "
         f"T={cfg.steps}, η0={cfg.lr}, batch {cfg.batch_size}, E on {cfg.val_batch or 700} validation "
-        f"images per step; out: {cfg.out}")
-    run_keys = ("steps", "lr", "batch_size", "val_batch", "eval_every", "beta_rule", "data_seed")
-    signature = {k: getattr(cfg, k) for k in run_keys}
-    cache = RunCache(os.path.join(cfg.out, "runs"), signature, cfg.resume)
-    result = {"config": asdict(cfg), "environment": environment(), "data": task.data.summary(),
-              "paper": {"val_acc_percent": PAPER}, "runs": {}, "divergence_loss": DIVERGENCE_LOSS}
+        f"images per step, gradient clip {cfg.grad_clip}; out: {cfg.out}")
+    setup = {**{k: getattr(cfg, k) for k in RUN_KEYS}, "data": task.data.summary()}
+    cache = runs.RunCache(os.path.join(cfg.out, "runs"), enabled=cfg.resume)
+    result = runs.new_results("lr_schedules_mnist", asdict(cfg), data=task.data.summary())
+    result.update(paper={"val_acc_percent": PAPER}, divergence_loss=DIVERGENCE_LOSS)
 
     def save():
-        result["wall_s_total"] = time.perf_counter() - t_start
-        write_json(os.path.join(cfg.out, "results.json"), result)
+        result["wall_s"] = time.perf_counter() - t_start
+        runs.write_json(os.path.join(cfg.out, "results.json"), result)
 
     all_specs = specs(cfg)
     jobs = [(spec, seed) for seed in cfg.seeds for spec in all_specs]
     bar = tqdm(jobs, desc="online runs", disable=not cfg.progress, dynamic_ncols=True)
     for spec, seed in bar:
         key = f"{spec.key}_seed{seed}"
-        rec = cache.get(key)
-        if rec is None:
-            rec = train_run(task, cfg, spec, seed, progress=cfg.progress, desc=key)
-            cache.put(key, rec)
-            if rec["diverged_at"] is not None:
-                log(f"[diverged] {key}: {rec['error']}")
+        unit = {**setup, "spec": asdict(spec), "seed": seed}
+        rec = cache.run(unit, lambda: train_run(task, cfg, spec, seed, progress=cfg.progress, desc=key), name=key)
+        if rec["diverged_at"] is not None:
+            log(f"[diverged] {key}: {rec['error']}")
         result["runs"].setdefault(spec.key, []).append(rec)
         save()  # a partial result is on disk after every run
     bar.close()
 
     if "lrs-opt" in cfg.methods and cfg.lrs_opt_seeds:
-        lrs_signature = dict(signature, iters=cfg.lrs_opt_iters, outer_lr=cfg.lrs_opt_outer_lr,
-                             outer=cfg.lrs_opt_outer)
-        lcache = RunCache(os.path.join(cfg.out, "runs"), lrs_signature, cfg.resume)
         for seed in cfg.seeds[:cfg.lrs_opt_seeds]:
             key = f"lrs-opt_seed{seed}"
-            rec = lcache.get(key)
-            if rec is None:
-                ckpt = os.path.join(cfg.out, "runs", f"lrs-opt_seed{seed}.ckpt.pt")
-                rec = lrs_opt_run(task, cfg, seed, ckpt, log, cfg.progress)
-                lcache.put(key, rec)
+            unit = {**setup, **{k: getattr(cfg, k) for k in LRS_KEYS}, "spec": "lrs-opt", "seed": seed}
+            ckpt = os.path.join(cfg.out, "runs", f"{key}-{runs.config_hash(unit)}.ckpt.pt")
+            rec = cache.run(unit, lambda: lrs_opt_run(task, cfg, seed, ckpt, log, cfg.progress), name=key)
             result["runs"].setdefault("lrs-opt", []).append(rec)
             save()
         all_specs = all_specs + [Spec("lrs-opt")]
@@ -501,7 +520,7 @@ def main(argv=None) -> int:
         log(f"[check] online vs exact hypergradients over {cfg.check_steps} steps (seed {cfg.seeds[0]})")
         result["hypergradient_check"] = check_hypergradients(task, cfg, cfg.seeds[0])
 
-    result["summary"] = summarize(result["runs"], all_specs)
+    result["summary"], result["tuning"] = summarize(result["runs"], all_specs)
     save()
     from fig_marthe import plot_fig2
     plot_fig2(result, os.path.join(cfg.out, "fig2.png"))
@@ -512,7 +531,7 @@ def main(argv=None) -> int:
         f"(best β or α per method by mean validation accuracy)")
     log(f"{'method':<16}{'config':<22}{'val acc %':>16}{'test acc %':>16}{'paper val %':>13}{'diverged':>10}"
         f"{'ms/step':>9}")
-    for method in [m for m in dict.fromkeys(c["method"] for c in s["configs"].values())]:
+    for method in dict.fromkeys(c["method"] for c in s["configs"].values()):
         key = s["best"].get(method)
         if key is None:
             log(f"{method:<16}{'(every config had a diverged seed)':<22}")
@@ -528,7 +547,7 @@ def main(argv=None) -> int:
             log(f"[check] μ={mu}: MARTHE Δη_T = {v['online']:.6g}, exact Σ μ^(T-1-t) ∂f/∂η_t = {v['exact']:.6g} "
                 f"(rel. error {v['rel_error']:.1e})")
     log(f"results: {os.path.join(cfg.out, 'results.json')}  figure: {os.path.join(cfg.out, 'fig2.png')}  "
-        f"({result['wall_s_total']:.0f} s)")
+        f"({result['wall_s']:.0f} s)")
     return 0
 
 

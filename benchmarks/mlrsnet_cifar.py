@@ -29,11 +29,13 @@ Protocol.
   base optimizer as MLR-SNet (``--baseline-momentum`` to give them momentum, as §4.2.1 does). On
   ``long`` the α0 tuned on ``cifar`` is reused with the schedule rescaled, as §4.2.2 does.
 
-Outputs in ``--out``: ``results.json`` (full config, environment, data notes, meta-training
-history, tuning tables, every run's per-step loss and rate and periodic validation/test metrics,
-summary), ``mlrsnet_cifar.png`` (``paper_figs/fig_mlrsnet.py``), the k selected nets
-(``nets/mlrsnet_*.pt``, ``l2l_zoo.load`` reads them) and checkpoints so that ``--resume`` loses
-nothing (meta-training and every run checkpoint every epoch; finished runs are reused).
+Outputs in ``--out`` (locked while the script runs): ``results.json`` (the ``l2l_zoo.runs`` schema:
+full config, environment, data notes, meta-training run, tuning records, every run's per-step loss
+and rate and periodic validation/test metrics under ``"<task>/<method>"`` labels, summary),
+``mlrsnet_cifar.png`` (``paper_figs/fig_mlrsnet.py``), the k selected nets (``nets/mlrsnet_*.pt``,
+``l2l_zoo.load`` reads them) and checkpoints so that ``--resume`` loses nothing (meta-training and
+every run checkpoint every epoch; finished runs are reused only when everything they depend on is
+unchanged).
 """
 from __future__ import annotations
 
@@ -44,7 +46,6 @@ import time
 from dataclasses import asdict, dataclass
 from functools import partial
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -52,12 +53,12 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import l2l_zoo  # noqa: E402
 from l2l_zoo import MLRSNet  # noqa: E402
-from l2l_zoo.cli import (ArgumentParser, UsageError, environment, parse_floats, parse_seeds,  # noqa: E402
-                         read_json, resolve_device, run_main, write_json)
-from l2l_zoo.optimizers.mlrsnet import MLRSNetController  # noqa: E402
-from l2l_zoo.schedules.mlrsnet_train import (HAND_DESIGNED, MLRSNetMetaTrainer,  # noqa: E402
-                                             MLRSNetTrainConfig, ScheduledStepper, hand_designed_scheduler,
-                                             resumable_train_loop, select_snapshots)
+from l2l_zoo import runs  # noqa: E402
+from l2l_zoo.cli import (ArgumentParser, UsageError, output_folder, parse_floats, parse_seeds,  # noqa: E402
+                         resolve_device, run_main)
+from l2l_zoo.meta.mlrsnet import MLRSNetMetaTrainer, MLRSNetTrainConfig, select_snapshots  # noqa: E402
+from l2l_zoo.schedules.baselines import BASELINES as HAND_DESIGNED, make_baseline  # noqa: E402
+from l2l_zoo.schedules.mlrsnet import MLRSNetController  # noqa: E402
 from l2l_zoo.tasks import ConvNet, LeNet, MLP, Task, load_dataset  # noqa: E402
 
 TRANSFERS = ("cifar", "mnist", "arch", "long")
@@ -160,10 +161,16 @@ def parse_config(argv=None) -> Config:
                           ("--meta-seed", a.meta_seed, 0), ("--data-seed", a.data_seed, 0)):
         if val < lo:
             raise UsageError(f"{flag} must be >= {lo}, got {val}")
-    for flag, val in (("--momentum", a.momentum), ("--weight-decay", a.weight_decay),
-                      ("--meta-weight-decay", a.meta_weight_decay), ("--baseline-momentum", a.baseline_momentum)):
-        if val is not None and not (math.isfinite(val) and val >= 0):
+    for flag, val in (("--weight-decay", a.weight_decay), ("--meta-weight-decay", a.meta_weight_decay)):
+        if not (math.isfinite(val) and val >= 0):
             raise UsageError(f"{flag} must be a number >= 0, got {val}")
+    for flag, val in (("--momentum", a.momentum), ("--baseline-momentum", a.baseline_momentum)):
+        if val is not None and not (math.isfinite(val) and 0 <= val < 1):
+            raise UsageError(f"{flag} must be in [0, 1), got {val}")
+    if a.n_meta > 5000:
+        raise UsageError(f"--n-meta must be <= 5000 (it is carved out of the training images), got {a.n_meta}")
+    if a.data_dir is not None and not os.path.isdir(a.data_dir):
+        raise UsageError(f"--data-dir: no such folder {a.data_dir!r}")
     if not (math.isfinite(a.meta_lr) and a.meta_lr > 0):
         raise UsageError(f"--meta-lr must be > 0, got {a.meta_lr}")
     if a.arch not in ARCHS:
@@ -225,53 +232,55 @@ def sgd(model, lr, momentum, wd):
 
 # ---------------------------------------------------------------------------------- runs
 
+# Which results each field decides (a test checks that every field is classified).
+SELECTION_KEYS = ("seeds", "transfers", "schedules", "lr_grid", "official")
+NO_RESULT_KEYS = ("out", "resume", "progress")
+DIVERGENCE_LOSS = 1e4
+
+
 class Runner:
-    """Runs one training run (resumable), caches finished ones as JSON."""
+    """Runs one training run (checkpointed every epoch, resumable) and caches finished ones under a
+    hash of everything they depend on."""
 
-    def __init__(self, cfg: Config, device, log):
-        self.cfg, self.device, self.log = cfg, device, log
+    def __init__(self, cfg: Config, log):
+        self.cfg, self.log = cfg, log
         self.ckpt_dir = os.path.join(cfg.out, "ckpt")
-        self.run_dir = os.path.join(cfg.out, "runs")
-        os.makedirs(self.run_dir, exist_ok=True)
-        self.signature = {k: v for k, v in asdict(cfg).items()
-                          if k not in ("resume", "progress", "out", "device", "threads", "seeds", "transfers",
-                                       "schedules", "lr_grid", "official", "evals")}
+        self.cache = runs.RunCache(os.path.join(cfg.out, "runs"), enabled=cfg.resume)
+        self.setup = {k: v for k, v in asdict(cfg).items() if k not in SELECTION_KEYS + NO_RESULT_KEYS}
 
-    def _json(self, key):
-        return os.path.join(self.run_dir, key + ".json")
+    def unit(self, method: dict, task: Task, steps: int, seed: int) -> dict:
+        return {**self.setup, "method": method, "steps": steps, "seed": seed, "task": task.name,
+                "data": task.data.summary()}
 
-    def cached(self, key, identity):
-        p = self._json(key)
-        if self.cfg.resume and os.path.exists(p):
-            d = read_json(p)
-            if d.get("identity") == identity:
-                return d["run"]
-        return None
-
-    def run(self, key: str, identity: dict, task: Task, steps: int, seed: int, make_stepper, desc: str) -> dict:
-        identity = {**identity, "signature": self.signature, "steps": steps, "seed": seed, "task": task.name}
-        done = self.cached(key, identity)
-        if done is not None:
-            return done
-        model = task.build_model(seed=seed)
-        stepper = make_stepper(model)
-        gen = torch.Generator().manual_seed(10_000 + seed)
+    def train(self, key, unit, task, steps, seed, stepper, gens, *, keep_final=False):
         spe = math.ceil(len(task.data.y_train) / task.batch_size)
-        torch.manual_seed(seed)
-        h = resumable_train_loop(
-            stepper, lambda aux: task.sample_batch(gen), path=os.path.join(self.ckpt_dir, key + ".pt"),
-            identity=identity, generators={"data": gen}, resume=self.cfg.resume, checkpoint_every=spe,
-            steps=steps, evaluate=evaluator(task, model), eval_every=max(1, steps // self.cfg.evals),
-            progress=self.cfg.progress, desc=desc)
-        run = {"seed": seed, "steps": steps, **h}
-        if isinstance(stepper.policy, MLRSNetController):
-            run["gammas"] = stepper.policy.gammas
-        write_json(self._json(key), {"identity": identity, "run": run})
-        return run
+        return runs.train(stepper, lambda aux: task.sample_batch(gens["data"]), steps=steps,
+                          evaluate=evaluator(task, stepper.model), eval_every=max(1, steps // self.cfg.evals),
+                          divergence_loss=DIVERGENCE_LOSS,
+                          checkpoint=os.path.join(self.ckpt_dir, f"{key}-{runs.config_hash(unit)}.pt"),
+                          checkpoint_every=spe, identity=unit, generators=gens, resume=self.cfg.resume,
+                          keep_final=keep_final, progress=self.cfg.progress, desc=key, log=self.log)
+
+    def run(self, key: str, method: dict, task: Task, steps: int, seed: int, make_stepper) -> dict:
+        unit = self.unit(method, task, steps, seed)
+
+        def compute():
+            model = task.build_model(seed=seed)
+            stepper = make_stepper(model)
+            gen = torch.Generator().manual_seed(10_000 + seed)
+            torch.manual_seed(seed)
+            rec = self.train(key, unit, task, steps, seed, stepper, {"data": gen})
+            rec["seed"] = seed
+            ctl = getattr(stepper, "controller", None)
+            if isinstance(ctl, MLRSNetController):
+                rec["gammas"] = ctl.gammas
+            return rec
+        return self.cache.run(unit, compute, name=key)
 
 
-def meta_train(cfg: Config, task: Task, steps: int, runner: Runner, device, log):
-    """Algorithm 1 on the CIFAR-10 task; returns (run record, trainer)."""
+def meta_train(cfg: Config, task: Task, steps: int, runner: Runner, log):
+    """Algorithm 1 on the CIFAR-10 task; returns (run record, trainer). The final state is kept in its
+    checkpoint, so a resumed run gets the trained snapshots back without training again."""
     torch.manual_seed(cfg.meta_seed)
     net = MLRSNet(layout=cfg.layout, num_classes=10)
     spe = math.ceil(len(task.data.y_train) / task.batch_size)
@@ -283,58 +292,53 @@ def meta_train(cfg: Config, task: Task, steps: int, runner: Runner, device, log)
     trainer = MLRSNetMetaTrainer(net, model, opt, loss_fn=ce, val_batch_fn=lambda: task.sample_batch(gval, "val"),
                                  config=tcfg, train_loss_fn=lambda: task.evaluate(model, "train")[0], log=log)
     gen = torch.Generator().manual_seed(10_000 + cfg.meta_seed)
-    identity = {"what": "meta-train", "signature": runner.signature, "steps": steps, "task": task.name}
+    unit = runner.unit({"what": "meta-train"}, task, steps, cfg.meta_seed)
     torch.manual_seed(cfg.meta_seed)
-    h = resumable_train_loop(
-        trainer, lambda aux: task.sample_batch(gen), path=os.path.join(runner.ckpt_dir, "metatrain.pt"),
-        identity=identity, generators={"data": gen, "val": gval}, resume=cfg.resume, checkpoint_every=spe,
-        steps=steps, evaluate=evaluator(task, model), eval_every=max(1, steps // cfg.evals),
-        progress=cfg.progress, desc="meta-train MLR-SNet")
-    run = {"seed": cfg.meta_seed, "steps": steps, **h, "gamma": trainer.gamma,
-           "meta_failures": trainer.total_failures, "snapshot_steps": [t for t, _ in trainer.snapshots],
-           "config": tcfg.to_dict(), "net_config": net.config}
-    return run, trainer
+    rec = runner.train("metatrain", unit, task, steps, cfg.meta_seed, trainer, {"data": gen, "val": gval},
+                       keep_final=True)
+    rec.update(seed=cfg.meta_seed, gamma=trainer.gamma, meta_failures=trainer.total_failures,
+               meta_updates=sum(v is not None for v in rec["step_log"].get("meta_loss", [])),
+               snapshot_steps=[t for t, _ in trainer.snapshots], config=tcfg.to_dict(), net_config=net.config)
+    return rec, trainer
 
 
 def final(run, key):
-    if run["diverged_at"] is not None or not run["eval"]:
-        return None
-    return run["eval"][-1].get(key)
-
-
-def summarize(runs: list[dict]) -> dict:
-    out = {"n_seeds": len(runs), "diverged": sum(r["diverged_at"] is not None for r in runs)}
-    for key in ("test_acc", "test_loss", "val_acc"):
-        vals = [v for v in (final(r, key) for r in runs) if v is not None]
-        out[key] = float(np.mean(vals)) if vals else None
-        out[key + "_std"] = float(np.std(vals)) if vals else None
-    return out
+    return None if not run.get("final") else run["final"].get(key)
 
 
 # ---------------------------------------------------------------------------------- main
 
 def main(argv=None) -> int:
     cfg = parse_config(argv)
+    with output_folder(cfg.out):
+        return _main(cfg)
+
+
+def _main(cfg: Config) -> int:
     device = resolve_device(cfg.device)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    os.makedirs(cfg.out, exist_ok=True)
     from tqdm.auto import tqdm
     log = tqdm.write
     t_start = time.perf_counter()
     tasks = make_tasks(cfg, device)
     for name, (task, steps) in tasks.items():
         log(f"[data] {name}: {task.name} ({task.num_params:,} parameters), {steps} steps; {task.data.note}")
-    runner = Runner(cfg, device, log)
-    result = {"benchmark": "mlrsnet_cifar", "config": asdict(cfg), "environment": environment(),
-              "data": {n: {**t.data.summary(), "task": t.name, "steps": s, "num_params": t.num_params}
-                       for n, (t, s) in tasks.items()},
-              "meta_training": None, "tuning": {}, "runs": {}, "summary": {}, "notes": []}
+    runner = Runner(cfg, log)
+    result = runs.new_results("mlrsnet_cifar", asdict(cfg),
+                              data={n: {**t.data.summary(), "task": t.name, "steps": s, "num_params": t.num_params}
+                                    for n, (t, s) in tasks.items()})
+    result["tasks"] = {}
+
+    def add(task_name, label, recs):
+        key = f"{task_name}/{label}"
+        result["runs"][key] = recs
+        result["tasks"].setdefault(task_name, []).append(key)
 
     # 1. Meta-training (Algorithm 1).
     cifar_task, T = tasks["cifar"]
-    mt_run, trainer = meta_train(cfg, cifar_task, T, runner, device, log)  # MetaUpdateFailed: exit 4
-    result["meta_training"] = mt_run
+    mt_run, trainer = meta_train(cfg, cifar_task, T, runner, log)  # MetaUpdateFailed: exit 4
+    result["meta_training"] = {k: v for k, v in mt_run.items() if k not in ("step_log", "eval")}
     nets = []
     if mt_run["diverged_at"] is not None or not trainer.snapshots:
         msg = (f"meta-training diverged at step {mt_run['diverged_at']} (saved {len(trainer.snapshots)} "
@@ -344,14 +348,13 @@ def main(argv=None) -> int:
     else:
         idx = select_snapshots(len(trainer.snapshots), cfg.k)
         nets = trainer.snapshot_nets(idx)
-        os.makedirs(os.path.join(cfg.out, "nets"), exist_ok=True)
         for i, (j, n) in enumerate(zip(idx, nets)):
             l2l_zoo.save(n, os.path.join(cfg.out, "nets", f"mlrsnet_{i + 1}.pt"), epoch=j + 1,
                          meta_task=cifar_task.name)
-        mt_run["selected_epochs"] = [j + 1 for j in idx]
-        log(f"[meta-train] {T} steps, {len(mt_run['meta'])} meta-updates, γ={mt_run['gamma']:.4f}, final test "
+        mt_run["selected_epochs"] = result["meta_training"]["selected_epochs"] = [j + 1 for j in idx]
+        log(f"[meta-train] {T} steps, {mt_run['meta_updates']} meta-updates, γ={mt_run['gamma']:.4f}, final test "
             f"acc {final(mt_run, 'test_acc')}, nets kept from epochs {mt_run['selected_epochs']}")
-    result["runs"].setdefault("cifar", {})["MLR-SNet (meta-train run)"] = [mt_run]
+    add("cifar", "MLR-SNet (meta-train run)", [mt_run])
 
     official = None
     if cfg.official:
@@ -366,61 +369,59 @@ def main(argv=None) -> int:
 
     # 2. Meta-test on every task, and the tuned baselines.
     for name, (task, steps) in tasks.items():
-        runs = result["runs"].setdefault(name, {})
         C = task.data.num_classes
-        mlr_sets = [("MLR-SNet (ours, transferred)", [copy_with_classes(n, C) for n in nets])] if nets else []
+        mlr_sets = [("MLR-SNet (ours, transferred)", "ours", [copy_with_classes(n, C) for n in nets])] if nets else []
         if official is not None:
-            mlr_sets.append(("MLR-SNet (official nets)", [copy_with_classes(n, C) for n in official]))
-        for label, ns in mlr_sets:
+            mlr_sets.append(("MLR-SNet (official nets)", "official", [copy_with_classes(n, C) for n in official]))
+        for label, tag, ns in mlr_sets:
             def make(model, ns=ns, task=task, steps=steps):
                 opt = sgd(model, 0.0, cfg.momentum, cfg.weight_decay)
                 ctl = MLRSNetController(opt, ns, total_steps=steps,
                                         train_loss_fn=lambda: task.evaluate(model, "train")[0])
-                return ScheduledStepper(model, opt, loss_fn=ce, policy=ctl)
-            key = f"{name}_{'ours' if 'ours' in label else 'official'}"
-            runs[label] = [runner.run(f"{key}_seed{s}", {"method": label}, task, steps, s, make,
-                                      f"{name} {label} seed {s}") for s in cfg.seeds]
+                return runs.ControllerStepper(model, ctl, ce)
+            method = {"method": label, "nets": [{k: v.tolist() for k, v in n.state_dict().items()} for n in ns]
+                      if tag == "ours" else "official"}
+            add(name, label, [runner.run(f"{name}_{tag}_seed{s}", method, task, steps, s, make) for s in cfg.seeds])
         for sched in cfg.schedules:
             def make_b(lr, sched=sched, steps=steps):
                 def make(model):
                     opt = sgd(model, lr, cfg.baseline_momentum, cfg.weight_decay)
-                    return ScheduledStepper(model, opt, loss_fn=ce,
-                                            policy=hand_designed_scheduler(sched, opt, steps))
+                    return runs.OptimizerStepper(model, opt, ce, scheduler=make_baseline(
+                        sched, opt, total_steps=steps, preset="mlrsnet"))
                 return make
-            if name == "long" and "cifar" in result["tuning"] and sched in result["tuning"]["cifar"]:
-                best = result["tuning"]["cifar"][sched]["best_lr"]
-                result["tuning"].setdefault(name, {})[sched] = {"best_lr": best, "from": "cifar (§4.2.2)"}
+            cifar_key = f"cifar/{sched}"
+            if name == "long" and cifar_key in result["tuning"] and result["tuning"][cifar_key]["best"] is not None:
+                best = result["tuning"][cifar_key]["best"]
+                result["tuning"][f"{name}/{sched}"] = {"best": best, "from": "cifar (§4.2.2)"}
             else:
-                scores = {}
-                for lr in cfg.lr_grid:
-                    r = runner.run(f"{name}_{sched}_lr{lr:g}_seed{cfg.seeds[0]}", {"method": sched, "lr": lr},
-                                   task, steps, cfg.seeds[0], make_b(lr), f"{name} {sched} lr={lr:g}")
-                    v = final(r, "val_acc")
-                    scores[f"{lr:g}"] = -1.0 if v is None else v
-                best = max(cfg.lr_grid, key=lambda lr: scores[f"{lr:g}"])
-                result["tuning"].setdefault(name, {})[sched] = {"val_acc_by_lr": scores, "best_lr": best,
-                                                                 "criterion": "final validation accuracy, seed "
-                                                                              f"{cfg.seeds[0]}"}
-            runs[f"{sched} (α0={best:g})"] = [
+                tuned = runs.tune(cfg.lr_grid, lambda lr: runner.run(
+                    f"{name}_{sched}_lr{lr:g}_seed{cfg.seeds[0]}", {"method": sched, "lr": lr}, task, steps,
+                    cfg.seeds[0], make_b(lr)), criterion="val_acc", note=f"seed {cfg.seeds[0]}")
+                result["tuning"][f"{name}/{sched}"] = tuned.to_dict()
+                best = tuned.best
+                if best is None:
+                    result["notes"].append(f"{name}/{sched}: every α0 of the grid diverged; not evaluated")
+                    continue
+            add(name, f"{sched} (α0={best:g})", [
                 runner.run(f"{name}_{sched}_lr{best:g}_seed{s}", {"method": sched, "lr": best}, task, steps, s,
-                           make_b(best), f"{name} {sched} lr={best:g} seed {s}") for s in cfg.seeds]
-        result["summary"][name] = {label: summarize(rs) for label, rs in runs.items()}
-        write_json(os.path.join(cfg.out, "results.json"), result)
+                           make_b(best)) for s in cfg.seeds])
+        result["summary"] = {k: runs.summarize(v) for k, v in result["runs"].items()}
+        runs.write_json(os.path.join(cfg.out, "results.json"), result)
 
-    result["wall_s_total"] = time.perf_counter() - t_start
-    write_json(os.path.join(cfg.out, "results.json"), result)
+    result["wall_s"] = time.perf_counter() - t_start
+    runs.write_json(os.path.join(cfg.out, "results.json"), result)
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "paper_figs"))
     from fig_mlrsnet import plot  # noqa: E402
     plot(result, os.path.join(cfg.out, "mlrsnet_cifar.png"))
 
     log(f"\n{'task':<7}{'method':<34}{'test acc':>16}{'test loss':>11}{'diverged':>9}")
-    for name, table in result["summary"].items():
-        for label, s in table.items():
-            acc = "n/a" if s["test_acc"] is None else f"{100 * s['test_acc']:.2f} ± {100 * s['test_acc_std']:.2f}"
-            loss = "n/a" if s["test_loss"] is None else f"{s['test_loss']:.4f}"
-            log(f"{name:<7}{label:<34}{acc:>16}{loss:>11}{s['diverged']:>6}/{s['n_seeds']}")
+    for key, s in result["summary"].items():
+        name, label = key.split("/", 1)
+        acc = "n/a" if s.get("test_acc") is None else f"{100 * s['test_acc']:.2f} ± {100 * s['test_acc_std']:.2f}"
+        loss = "n/a" if s.get("test_loss") is None else f"{s['test_loss']:.4f}"
+        log(f"{name:<7}{label:<34}{acc:>16}{loss:>11}{s['diverged']:>6}/{s['n_seeds']}")
     log(f"results: {os.path.join(cfg.out, 'results.json')}  plot: {os.path.join(cfg.out, 'mlrsnet_cifar.png')}  "
-        f"({result['wall_s_total']:.0f} s)")
+        f"({result['wall_s']:.0f} s)")
     return 0
 
 

@@ -6,8 +6,9 @@
 
 Contenders, each with its own copy of the same initial model and the same minibatches:
 * ``sgd``: forward, backward, ``torch.optim.SGD.step()`` with a fixed rate (the reference);
-* ``mlrsnet_test``: Algorithm 2 (meta-test) — the same plus ``MLRSNetController.step(loss)``, the
-  rate of 3 switched nets (what a user pays to use a meta-learned schedule);
+* ``mlrsnet_test``: Algorithm 2 (meta-test) — the same, driven by ``MLRSNetController.step(loss)``
+  (backward, the rate of 3 switched nets, the optimizer step: what a user pays to use a meta-learned
+  schedule);
 * ``mlrsnet_train``: Algorithm 1 (meta-training) with ``--t-val`` (default 100, the paper's): every
   step also runs the schedule net, every T_val-th step a ``higher`` virtual step and a validation
   forward/backward and an Adam step on MLR-SNet;
@@ -39,9 +40,10 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import l2l_zoo  # noqa: E402
 from l2l_zoo import MLRSNet  # noqa: E402
-from l2l_zoo.cli import ArgumentParser, UsageError, environment, resolve_device, run_main, write_json  # noqa: E402
-from l2l_zoo.optimizers.mlrsnet import MLRSNetController  # noqa: E402
-from l2l_zoo.schedules.mlrsnet_train import MLRSNetMetaTrainer, MLRSNetTrainConfig, ScheduledStepper  # noqa: E402
+from l2l_zoo import runs  # noqa: E402
+from l2l_zoo.cli import ArgumentParser, UsageError, output_file, resolve_device, run_main  # noqa: E402
+from l2l_zoo.meta.mlrsnet import MLRSNetMetaTrainer, MLRSNetTrainConfig  # noqa: E402
+from l2l_zoo.schedules.mlrsnet import MLRSNetController  # noqa: E402
 from l2l_zoo.tasks import ConvNet, LeNet, MLP, Task, load_dataset  # noqa: E402
 
 TARGETS = {"mlrsnet_test": 1.05, "mlrsnet_train": 1.2}
@@ -89,9 +91,19 @@ def main(argv=None) -> int:
              "mlp": partial(MLP, 3072, (500,), 10)}
     if a.arch not in archs:
         raise UsageError(f"--arch must be one of {sorted(archs)}, got {a.arch!r}")
+    if a.warmup + a.steps < 3:
+        raise UsageError(f"--warmup + --steps must be >= 3 (the meta-test contender switches between 3 nets), "
+                         f"got {a.warmup} + {a.steps}")
+    if a.data_dir is not None and not os.path.isdir(a.data_dir):
+        raise UsageError(f"--data-dir: no such folder {a.data_dir!r}")
     device = resolve_device(a.device)
     if a.threads:
         torch.set_num_threads(a.threads)
+    with output_file(a.out):
+        return _main(a, archs, device)
+
+
+def _main(a, archs, device) -> int:
     data = load_dataset("cifar10", a.data_dir, seed=0)
     task = Task(f"cifar10_{a.arch}", archs[a.arch], data, batch_size=a.batch_size, device=device)
     print(f"[data] {data.note}")
@@ -107,10 +119,10 @@ def main(argv=None) -> int:
         return m, torch.optim.SGD(m.parameters(), lr=0.05, weight_decay=5e-4)
 
     m, o = sgd_model()
-    steppers = {"sgd": ScheduledStepper(m, o, loss_fn=ce)}
+    steppers = {"sgd": runs.OptimizerStepper(m, o, ce)}
     m, o = sgd_model()
-    steppers["mlrsnet_test"] = ScheduledStepper(m, o, loss_fn=ce, policy=MLRSNetController(
-        o, nets, total_steps=total, gamma=0.1 / 0.5, recompute_gamma=False))
+    steppers["mlrsnet_test"] = runs.ControllerStepper(m, MLRSNetController(
+        o, nets, total_steps=total, gamma=0.1 / 0.5, recompute_gamma=False), ce)
     m, o = sgd_model()
     vb = iter(range(10 ** 9))
     steppers["mlrsnet_train"] = MLRSNetMetaTrainer(
@@ -140,9 +152,7 @@ def main(argv=None) -> int:
                 times[n].append(time.perf_counter() - t0)
     ref = sum(times["sgd"])
     chunk = a.t_val if a.steps >= a.t_val else a.steps
-    res = {"config": vars(a), "environment": environment(), "device": str(device), "model": task.name,
-           "num_params": task.num_params, "per_step_ms": {}, "ratio": {}, "ratio_chunk_median": {},
-           "targets": TARGETS, "meets_target": {}}
+    res = {"per_step_ms": {}, "ratio": {}, "ratio_chunk_median": {}, "targets": TARGETS, "meets_target": {}}
     # The meta-trainer's meta-updates fall on its own steps 0, T_val, 2·T_val, ...: the warm-up shifts
     # them, but every window of T_val consecutive timed steps still holds exactly one.
     for n in names:
@@ -153,7 +163,10 @@ def main(argv=None) -> int:
         res["ratio_chunk_median"][n] = statistics.median(chunks) if chunks else None
         if n in TARGETS:
             res["meets_target"][n] = res["ratio"][n] <= TARGETS[n]
-    write_json(a.out, res)
+    results = runs.new_results("mlrsnet_overhead", vars(a), data={"note": data.note})
+    results["summary"] = res
+    results.update(device=str(device), model=task.name, num_params=task.num_params)
+    runs.write_json(a.out, results)
     print(f"\nmodel {task.name} ({task.num_params:,} parameters), batch {a.batch_size}, {a.steps} timed steps each, "
           f"T_val={a.t_val}, device {device}")
     print(f"{'contender':<16}{'ms/step':>10}{'ratio':>9}{'chunk median':>14}{'target':>9}")

@@ -26,9 +26,11 @@ Methods (every run: same initialisation and data order per seed):
   by 4 when the validation loss did not decrease over an epoch; α0 tuned over ``--sgd-grid`` /
   ``--adam-grid`` by final validation perplexity on the first seed.
 
-Outputs in ``--out``: ``results.json`` (config, environment, data, every run's per-step loss and rate,
-periodic validation/test perplexity, tuning table, summary), ``mlrsnet_ptb.png``
-(``paper_figs/fig_mlrsnet.py``), checkpoints every epoch so that ``--resume`` loses nothing.
+Outputs in ``--out`` (locked while the script runs): ``results.json`` (the ``l2l_zoo.runs`` schema:
+config, environment, data, every run's per-step loss and rate, periodic validation/test perplexity
+under ``"ptb/<method>"`` labels, tuning records, summary), ``mlrsnet_ptb.png``
+(``paper_figs/fig_mlrsnet.py``), checkpoints every epoch so that ``--resume`` loses nothing; finished
+runs are reused only when everything they depend on is unchanged.
 """
 from __future__ import annotations
 
@@ -38,7 +40,6 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -47,11 +48,11 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import l2l_zoo  # noqa: E402
 from l2l_zoo import MLRSNet  # noqa: E402
-from l2l_zoo.cli import (ArgumentParser, UsageError, environment, parse_floats, parse_seeds,  # noqa: E402
-                         read_json, resolve_device, run_main, write_json)
-from l2l_zoo.optimizers.mlrsnet import MLRSNetController  # noqa: E402
-from l2l_zoo.schedules.mlrsnet_train import (MLRSNetMetaTrainer, MLRSNetTrainConfig,  # noqa: E402
-                                             ScheduledStepper, resumable_train_loop)
+from l2l_zoo import runs  # noqa: E402
+from l2l_zoo.cli import (ArgumentParser, UsageError, output_folder, parse_floats, parse_seeds,  # noqa: E402
+                         resolve_device, run_main)
+from l2l_zoo.meta.mlrsnet import MLRSNetMetaTrainer, MLRSNetTrainConfig  # noqa: E402
+from l2l_zoo.schedules.mlrsnet import MLRSNetController  # noqa: E402
 from l2l_zoo.tasks import DataNotFoundError  # noqa: E402
 from l2l_zoo.tasks.data import resolve_data_dirs  # noqa: E402
 
@@ -135,6 +136,14 @@ def parse_config(argv=None) -> Config:
     for t in transfer:
         if not os.path.isfile(t):
             raise UsageError(f"--transfer: no such file {t!r}")
+        try:
+            n = l2l_zoo.load(t)
+        except (ValueError, KeyError, TypeError) as e:
+            raise UsageError(f"--transfer: {e}") from None
+        if not isinstance(n, MLRSNet):
+            raise UsageError(f"--transfer: {t!r} holds a {n.name!r} optimizer, not an MLR-SNet")
+    if a.data_dir is not None and not os.path.isdir(a.data_dir):
+        raise UsageError(f"--data-dir: no such folder {a.data_dir!r}")
     resolve_device(a.device)
     return Config(epochs=a.epochs, hidden=a.hidden, layers=a.layers, dropout=a.dropout, batch_size=a.batch_size,
                   bptt=a.bptt, clip=a.clip, weight_decay=a.weight_decay, val_fraction=a.val_fraction, t_val=a.t_val,
@@ -233,7 +242,7 @@ def stream_loss(model, data: torch.Tensor, bptt: int) -> float:
 class ValStrategy:
     """Divide every param group's lr by 4 when the validation loss did not decrease over an epoch
     (paper §4.1.2, "Val Strategy"); ``torch.optim.lr_scheduler.ReduceLROnPlateau`` checked once per
-    epoch, stepped by :class:`ScheduledStepper` after every optimizer step."""
+    epoch, stepped as a scheduler after every optimizer step."""
 
     def __init__(self, optimizer, steps_per_epoch: int, val_loss_fn):
         self.plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="min", factor=0.25, patience=0)
@@ -254,12 +263,22 @@ class ValStrategy:
 
 # ---------------------------------------------------------------------------------- runs
 
+# Which results each field decides (a test checks that every field is classified).
+SELECTION_KEYS = ("seeds", "official", "transfer", "sgd_grid", "adam_grid")
+NO_RESULT_KEYS = ("out", "resume", "progress")
+DIVERGENCE_LOSS = 1e4
+
+
 def main(argv=None) -> int:
     cfg = parse_config(argv)
+    with output_folder(cfg.out):
+        return _main(cfg)
+
+
+def _main(cfg: Config) -> int:
     device = resolve_device(cfg.device)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    os.makedirs(cfg.out, exist_ok=True)
     from tqdm.auto import tqdm
     log = tqdm.write
     t_start = time.perf_counter()
@@ -273,13 +292,12 @@ def main(argv=None) -> int:
     steps = cfg.epochs * spe
     n_val_chunks = (val_chunks.shape[0] - 1) // cfg.bptt
     log(f"[setup] vocabulary {V}, {spe} steps per epoch, {steps} steps per run, device {device}")
-    signature = {k: v for k, v in asdict(cfg).items()
-                 if k not in ("resume", "progress", "out", "device", "threads", "seeds", "evals", "official",
-                              "transfer", "sgd_grid", "adam_grid")}
-    result = {"benchmark": "mlrsnet_ptb", "config": asdict(cfg), "environment": environment(),
-              "data": {"note": corpus.note, "vocab": V, "train_tokens": len(corpus.train),
-                       "val_tokens": len(corpus.val), "test_tokens": len(corpus.test), "steps_per_epoch": spe},
-              "tuning": {}, "runs": {"ptb": {}}, "summary": {}, "notes": []}
+    data = {"note": corpus.note, "vocab": V, "train_tokens": len(corpus.train), "val_tokens": len(corpus.val),
+            "test_tokens": len(corpus.test), "steps_per_epoch": spe}
+    setup = {**{k: v for k, v in asdict(cfg).items() if k not in SELECTION_KEYS + NO_RESULT_KEYS}, "data": data}
+    cache = runs.RunCache(os.path.join(cfg.out, "runs"), enabled=cfg.resume)
+    result = runs.new_results("mlrsnet_ptb", asdict(cfg), data=data)
+    result["tasks"] = {"ptb": []}
 
     def new_model(seed):
         torch.manual_seed(seed)
@@ -300,29 +318,31 @@ def main(argv=None) -> int:
             return {"val_loss": vl, "val_ppl": math.exp(vl), "test_loss": tl, "test_ppl": math.exp(tl)}
         return evaluate
 
-    def run(key, identity, seed, make_stepper, desc, gens=None):
-        identity = {**identity, "signature": signature, "seed": seed, "steps": steps}
-        jpath = os.path.join(cfg.out, "runs", key + ".json")
-        if cfg.resume and os.path.exists(jpath):
-            d = read_json(jpath)
-            if d.get("identity") == identity:
-                return d["run"]
-        model = new_model(seed)
-        stepper = make_stepper(model)
-        torch.manual_seed(seed)  # dropout masks
-        h = resumable_train_loop(stepper, batches(stepper), path=os.path.join(cfg.out, "ckpt", key + ".pt"),
-                                 identity=identity, generators=gens or {}, resume=cfg.resume,
-                                 checkpoint_every=spe, steps=steps, evaluate=evaluate_fn(model),
-                                 eval_every=max(1, steps // cfg.evals), progress=cfg.progress, desc=desc)
-        r = {"seed": seed, "steps": steps, **h}
-        if isinstance(getattr(stepper, "policy", None), MLRSNetController):
-            r["gammas"] = stepper.policy.gammas
-        if isinstance(stepper, MLRSNetMetaTrainer):
-            r.update(gamma=stepper.gamma, meta_failures=stepper.total_failures)
-        write_json(jpath, {"identity": identity, "run": r})
-        return r
+    def run(key, method, seed, make_stepper, gens=None):
+        unit = {**setup, "method": method, "seed": seed, "steps": steps}
 
-    runs = result["runs"]["ptb"]
+        def compute():
+            model = new_model(seed)
+            stepper = make_stepper(model)
+            torch.manual_seed(seed)  # dropout masks
+            rec = runs.train(stepper, batches(stepper), steps=steps, evaluate=evaluate_fn(model),
+                             eval_every=max(1, steps // cfg.evals), divergence_loss=DIVERGENCE_LOSS,
+                             checkpoint=os.path.join(cfg.out, "ckpt", f"{key}-{runs.config_hash(unit)}.pt"),
+                             checkpoint_every=spe, identity=unit, generators=gens or {}, resume=cfg.resume,
+                             progress=cfg.progress, desc=key, log=log)
+            rec["seed"] = seed
+            ctl = getattr(stepper, "controller", None)
+            if isinstance(ctl, MLRSNetController):
+                rec["gammas"] = ctl.gammas
+            if isinstance(stepper, MLRSNetMetaTrainer):
+                rec.update(gamma=stepper.gamma, meta_failures=stepper.total_failures)
+            return rec
+        return cache.run(unit, compute, name=key)
+
+    def add(label, recs):
+        result["runs"][f"ptb/{label}"] = recs
+        result["tasks"]["ptb"].append(f"ptb/{label}")
+
     # 1. MLR-SNet meta-trained online (Algorithm 1) with the normalised loss input.
     def make_meta(model, gval, seed):
         torch.manual_seed(30_000 + seed)  # MLR-SNet's initialisation
@@ -342,8 +362,8 @@ def main(argv=None) -> int:
         gval = torch.Generator().manual_seed(20_000 + s)
         # MetaUpdateFailed (repeated non-finite meta-updates) ends the script: one line, exit status 4.
         out.append(run(f"mlrsnet_meta_seed{s}", {"method": label}, s, lambda m: make_meta(m, gval, s),
-                       f"{label} seed {s}", gens={"val": gval}))
-    runs[label] = out
+                       gens={"val": gval}))
+    add(label, out)
 
     # 2. Transferred nets (Algorithm 2).
     sets = []
@@ -352,28 +372,27 @@ def main(argv=None) -> int:
         paths = [os.path.join(d, f"mlr_snet_{e}.pth") for e in (1, 100, 200)]
         if all(os.path.isfile(p) for p in paths):
             sets.append(("MLR-SNet (official nets)", [MLRSNet.from_official_checkpoint(
-                p, layout="meta-test", objective="language_model", num_classes=V) for p in paths]))
+                p, layout="meta-test", objective="language_model", num_classes=V) for p in paths],
+                [runs.file_digest(p) for p in paths]))
         else:
             result["notes"].append(f"official nets not found in {d}: skipped")
     if cfg.transfer:
         ours = []
         for p in cfg.transfer:
             n = l2l_zoo.load(p)
-            if not isinstance(n, MLRSNet):
-                raise UsageError(f"--transfer: {p!r} holds a {n.name!r} optimizer, not an MLR-SNet")
             m = MLRSNet(**{**n.config, "objective": "language_model", "num_classes": V})
             m.load_state_dict(n.state_dict())
             ours.append(m)
-        sets.append(("MLR-SNet (ours from CIFAR-10)", ours))
-    for label, nets in sets:
+        sets.append(("MLR-SNet (ours from CIFAR-10)", ours, [runs.file_digest(p) for p in cfg.transfer]))
+    for label, nets, digests in sets:
         def make_ctl(model, nets=nets):
             opt = torch.optim.SGD(model.parameters(), lr=0.0, weight_decay=cfg.weight_decay)
-            ctl = MLRSNetController(opt, nets, total_steps=steps,
+            ctl = MLRSNetController(opt, nets, total_steps=steps, grad_clip=cfg.clip,
                                     train_loss_fn=lambda: stream_loss(model, train, cfg.bptt))
-            return ScheduledStepper(model, opt, loss_fn=lm_loss, policy=ctl, grad_clip=cfg.clip)
+            return runs.ControllerStepper(model, ctl, lm_loss)
         tag = "official" if "official" in label else "ours"
-        runs[label] = [run(f"mlrsnet_{tag}_seed{s}", {"method": label, "nets": [n.config for n in nets]}, s,
-                           make_ctl, f"{label} seed {s}") for s in cfg.seeds]
+        add(label, [run(f"mlrsnet_{tag}_seed{s}", {"method": label, "nets": digests}, s, make_ctl)
+                    for s in cfg.seeds])
 
     # 3. Tuned baselines with the Val Strategy.
     for name, grid in (("SGD", cfg.sgd_grid), ("Adam", cfg.adam_grid)):
@@ -382,43 +401,32 @@ def main(argv=None) -> int:
                 opt = (torch.optim.SGD(model.parameters(), lr=lr, weight_decay=cfg.weight_decay) if name == "SGD" else
                        torch.optim.Adam(model.parameters(), lr=lr, betas=(0.0, 0.999), weight_decay=cfg.weight_decay))
                 pol = ValStrategy(opt, spe, lambda: stream_loss(model, val_eval, cfg.bptt))
-                return ScheduledStepper(model, opt, loss_fn=lm_loss, policy=pol, grad_clip=cfg.clip)
+                return runs.OptimizerStepper(model, opt, lm_loss, scheduler=pol, grad_clip=cfg.clip)
             return make
-        scores = {}
-        for lr in grid:
-            r = run(f"{name}_lr{lr:g}_seed{cfg.seeds[0]}", {"method": name, "lr": lr}, cfg.seeds[0], make_b(lr),
-                    f"{name}+Val lr={lr:g}")
-            ok = r["diverged_at"] is None and r["eval"]
-            scores[f"{lr:g}"] = r["eval"][-1]["val_ppl"] if ok else math.inf
-        best = min(grid, key=lambda lr: scores[f"{lr:g}"])
-        result["tuning"][name] = {"val_ppl_by_lr": scores, "best_lr": best,
-                                  "criterion": f"final validation perplexity, seed {cfg.seeds[0]}"}
-        runs[f"{name} + Val Strategy (α0={best:g})"] = [
-            run(f"{name}_lr{best:g}_seed{s}", {"method": name, "lr": best}, s, make_b(best), f"{name}+Val seed {s}")
-            for s in cfg.seeds]
+        tuned = runs.tune(grid, lambda lr: run(f"{name}_lr{lr:g}_seed{cfg.seeds[0]}", {"method": name, "lr": lr},
+                                               cfg.seeds[0], make_b(lr)),
+                          criterion="val_ppl", note=f"seed {cfg.seeds[0]}")
+        result["tuning"][name] = tuned.to_dict()
+        if tuned.best is None:
+            result["notes"].append(f"{name}: every α0 of the grid diverged; not evaluated")
+            continue
+        best = tuned.best
+        add(f"{name} + Val Strategy (α0={best:g})", [
+            run(f"{name}_lr{best:g}_seed{s}", {"method": name, "lr": best}, s, make_b(best)) for s in cfg.seeds])
 
-    def summarize(rs):
-        ok = [r for r in rs if r["diverged_at"] is None and r["eval"]]
-        out = {"n_seeds": len(rs), "diverged": len(rs) - len(ok)}
-        for k in ("test_ppl", "val_ppl"):
-            vals = [r["eval"][-1][k] for r in ok]
-            out[k] = float(np.mean(vals)) if vals else None
-            out[k + "_std"] = float(np.std(vals)) if vals else None
-        return out
-
-    result["summary"]["ptb"] = {label: summarize(rs) for label, rs in runs.items()}
-    result["wall_s_total"] = time.perf_counter() - t_start
-    write_json(os.path.join(cfg.out, "results.json"), result)
+    result["summary"] = {k: runs.summarize(v) for k, v in result["runs"].items()}
+    result["wall_s"] = time.perf_counter() - t_start
+    runs.write_json(os.path.join(cfg.out, "results.json"), result)
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "paper_figs"))
     from fig_mlrsnet import plot  # noqa: E402
     plot(result, os.path.join(cfg.out, "mlrsnet_ptb.png"))
     log(f"\n{'method':<36}{'test ppl':>18}{'val ppl':>10}{'diverged':>9}   ({cfg.epochs} epochs, {steps} steps)")
-    for label, s in result["summary"]["ptb"].items():
-        tp = "n/a" if s["test_ppl"] is None else f"{s['test_ppl']:.2f} ± {s['test_ppl_std']:.2f}"
-        vp = "n/a" if s["val_ppl"] is None else f"{s['val_ppl']:.2f}"
-        log(f"{label:<36}{tp:>18}{vp:>10}{s['diverged']:>6}/{s['n_seeds']}")
+    for key, s in result["summary"].items():
+        tp = "n/a" if s.get("test_ppl") is None else f"{s['test_ppl']:.2f} ± {s['test_ppl_std']:.2f}"
+        vp = "n/a" if s.get("val_ppl") is None else f"{s['val_ppl']:.2f}"
+        log(f"{key.split('/', 1)[1]:<36}{tp:>18}{vp:>10}{s['diverged']:>6}/{s['n_seeds']}")
     log(f"results: {os.path.join(cfg.out, 'results.json')}  plot: {os.path.join(cfg.out, 'mlrsnet_ptb.png')}  "
-        f"({result['wall_s_total']:.0f} s)")
+        f"({result['wall_s']:.0f} s)")
     return 0
 
 

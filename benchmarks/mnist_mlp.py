@@ -13,14 +13,17 @@ base MLP 784→500→10 (``--meta-task``) with runs of ``--horizon`` 200 optimiz
 truncations of ``--unroll`` 20, Adam on the meta-parameters; then it trains freshly initialised
 models of ``--task`` for ``--eval-steps`` steps (default 1000, 5× the training horizon) through the
 ``torch.optim`` adapter. Hand-designed baselines (SGD, SGD with momentum 0.9, Adam) get the best
-learning rate of ``--lr-grid`` (Chen et al.: {1, 0.1, 0.01, 0.001}), chosen by the final training-set
-loss on the first seed, and are then run on every seed with the same initialisations and minibatch
-order as the learned optimizer.
+learning rate of ``--lr-grid`` (Chen et al.: {1, 0.1, 0.01, 0.001}), chosen by ``--tune-criterion``
+(default: the final full validation-set loss; never a test metric) on the first seed, and are then
+run on every seed with the same initialisations and minibatch order as the learned optimizer.
 
-Outputs in ``--out``: ``results.json`` (full config, environment, data provenance, meta-training
-history, per-step minibatch loss and periodic full train/test loss and accuracy of every run, wall
-times, summary), ``curves.png``, the trained ``optimizer.pt`` (``l2l_zoo.load`` reads it), the
-meta-training checkpoint, and one cached JSON per finished run so that ``--resume`` loses nothing.
+Outputs in ``--out`` (locked while the script runs: a second run on the same folder is refused):
+``results.json`` (the ``l2l_zoo.runs`` results schema: full config, environment, data provenance,
+meta-training history, per-step minibatch loss and periodic full train/validation/test loss and
+accuracy of every run, tuning record, summary), ``curves.png``, the trained ``optimizer.pt``
+(``l2l_zoo.load`` reads it), the meta-training checkpoint, and one cached JSON per finished run
+(keyed by a hash of everything it depends on) so that ``--resume`` loses nothing and never reuses a
+result computed under other settings.
 """
 from __future__ import annotations
 
@@ -30,14 +33,14 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 
-import numpy as np
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 import l2l_zoo  # noqa: E402
-from l2l_zoo.cli import (ArgumentParser, RunCache, UsageError, environment, parse_floats,  # noqa: E402
-                         parse_kv, parse_seeds, plot_curves, resolve_device, run_main, write_json)
+from l2l_zoo import runs  # noqa: E402
+from l2l_zoo.cli import (ArgumentParser, UsageError, output_folder, parse_floats, parse_kv,  # noqa: E402
+                         parse_seeds, plot_curves, resolve_device, run_main)
 from l2l_zoo.evaluation import train_optimizee  # noqa: E402
 from l2l_zoo.meta import META_LOSSES, MetaTrainConfig, MetaTrainer  # noqa: E402
 from l2l_zoo.regularizers import parse_smooth  # noqa: E402
@@ -45,9 +48,12 @@ from l2l_zoo.tasks import TASKS, make_task  # noqa: E402
 
 LEARNED = ("simple", "dm", "rnnprop")
 HAND = ("sgd", "sgdm", "adam")
+CRITERIA = ("val_loss", "val_acc")
 # Meta-steps that fit the default run into ~10 minutes on 2 CPU cores (the per-meta-step cost on
 # the 397,510-coordinate MLP is ~1.5 s for SimpleOptimizer and ~15-20x more for the LSTMs).
 DEFAULT_META_STEPS = {"simple": 200, "dm": 20, "rnnprop": 20}
+DIVERGENCE_LOSS = 1e4
+CHECKPOINT_EVERY = 1000  # optimizee steps between checkpoints of an evaluation run
 
 
 @dataclass
@@ -71,6 +77,7 @@ class Config:
     seeds: list
     meta_seed: int
     lr_grid: list
+    tune_criterion: str
     baselines: list
     batch_size: int
     device: str
@@ -78,6 +85,16 @@ class Config:
     out: str
     resume: bool
     progress: bool
+
+
+# Which results each field decides (the run cache keys on these groups; a test checks that every
+# field is classified, so a new flag cannot be forgotten by the cache).
+EVAL_KEYS = ("task", "eval_steps", "eval_every", "batch_size", "device", "data_dir", "finetune")
+META_KEYS = ("opt", "smooth", "meta_task", "meta_steps", "horizon", "unroll", "meta_lr", "meta_loss",
+             "meta_grad_clip", "backend", "opt_config", "load", "finetune", "meta_seed", "batch_size",
+             "device", "data_dir")
+SELECTION_KEYS = ("seeds", "lr_grid", "tune_criterion", "baselines")  # which runs, not what they give
+NO_RESULT_KEYS = ("out", "resume", "progress")
 
 
 def build_parser() -> ArgumentParser:
@@ -110,18 +127,23 @@ def build_parser() -> ArgumentParser:
                         "rate on the same subsample")
     p.add_argument("--eval-steps", type=int, default=1000, help="optimizee steps of each evaluation run")
     p.add_argument("--eval-every", type=int, default=None,
-                   help="steps between full train/test evaluations (default eval-steps/20)")
+                   help="steps between full train/validation/test evaluations (default eval-steps/20)")
     p.add_argument("--seeds", default="1", help="evaluation seeds: a count N (seeds 0..N-1) or a comma list")
     p.add_argument("--meta-seed", type=int, default=0, help="seed of meta-training (meta-parameter init, data order)")
     p.add_argument("--lr-grid", default="1,0.1,0.01,0.001", help="learning rates tried for each hand-designed optimizer")
+    p.add_argument("--tune-criterion", default="val_loss",
+                   help=f"how a baseline's learning rate is chosen on the first seed, one of {list(CRITERIA)}: "
+                        "final full validation-set loss (minimised) or accuracy (maximised); never a test metric")
     p.add_argument("--baselines", default=None,
                    help="comma list of hand-designed optimizers to compare with, or 'none' (default: all "
                         "three for a learned --opt, none otherwise)")
-    p.add_argument("--batch-size", type=int, default=128, help="optimizee minibatch size")
+    p.add_argument("--batch-size", type=int, default=128, help="optimizee minibatch size (at most the training-set size)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    p.add_argument("--data-dir", default=None, help="dataset folder (default: $L2L_ZOO_DATA, then ./data)")
+    p.add_argument("--data-dir", default=None,
+                   help="dataset folder; must exist if given (default: $L2L_ZOO_DATA, then ./data)")
     p.add_argument("--out", default=None, help="output folder (default results/mnist_mlp/<task>_<opt>[_smooth])")
-    p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted run in --out: finished runs with the same settings are reused")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
 
@@ -145,6 +167,8 @@ def parse_config(argv=None) -> Config:
         raise UsageError(f"--meta-loss must be one of {list(META_LOSSES)}, got {a.meta_loss!r}")
     if a.backend not in ("func", "higher"):
         raise UsageError(f"--backend must be func or higher, got {a.backend!r}")
+    if a.tune_criterion not in CRITERIA:
+        raise UsageError(f"--tune-criterion must be one of {list(CRITERIA)}, got {a.tune_criterion!r}")
     for flag, val, lo in (("--meta-steps", a.meta_steps, 1), ("--horizon", a.horizon, 1),
                           ("--unroll", a.unroll, 1), ("--eval-steps", a.eval_steps, 1),
                           ("--eval-every", a.eval_every, 1), ("--batch-size", a.batch_size, 1),
@@ -173,8 +197,19 @@ def parse_config(argv=None) -> Config:
             l2l_zoo.create(a.opt, **opt_config)
         except (TypeError, ValueError) as e:
             raise UsageError(f"--opt-config: {e}") from None
-    if a.load is not None and not os.path.isfile(a.load):
-        raise UsageError(f"--load: no such file {a.load!r}")
+    if a.load is not None:
+        if a.opt in HAND:
+            raise UsageError("--load applies to learned optimizers only")
+        if not os.path.isfile(a.load):
+            raise UsageError(f"--load: no such file {a.load!r}")
+        try:
+            loaded = l2l_zoo.load(a.load)
+        except (ValueError, KeyError, TypeError) as e:
+            raise UsageError(f"--load: {e}") from None
+        if loaded.name != a.opt:
+            raise UsageError(f"--load holds a {loaded.name!r} optimizer but --opt is {a.opt!r}")
+    if a.data_dir is not None and not os.path.isdir(a.data_dir):
+        raise UsageError(f"--data-dir: no such folder {a.data_dir!r}")
     resolve_device(a.device)  # validates
     tag = f"{a.task}_{a.opt}" + ("_smooth" if smooth else "") + ("_ft" if a.finetune else "")
     return Config(
@@ -183,8 +218,8 @@ def parse_config(argv=None) -> Config:
         meta_lr=a.meta_lr, meta_loss=a.meta_loss, meta_grad_clip=a.meta_grad_clip, backend=a.backend,
         opt_config=opt_config, load=a.load, finetune=a.finetune, eval_steps=a.eval_steps,
         eval_every=a.eval_every or max(1, a.eval_steps // 20), seeds=parse_seeds(a.seeds),
-        meta_seed=a.meta_seed, lr_grid=parse_floats(a.lr_grid, "--lr-grid"), baselines=baselines,
-        batch_size=a.batch_size, device=a.device, data_dir=a.data_dir,
+        meta_seed=a.meta_seed, lr_grid=parse_floats(a.lr_grid, "--lr-grid"), tune_criterion=a.tune_criterion,
+        baselines=baselines, batch_size=a.batch_size, device=a.device, data_dir=a.data_dir,
         out=a.out or os.path.join("results", "mnist_mlp", tag), resume=a.resume,
         progress=not a.no_progress)
 
@@ -199,15 +234,21 @@ def hand_optimizer(name: str, lr: float):
     return lambda params: torch.optim.Adam(params, lr=lr)
 
 
-def final_loss(run: dict) -> float:
-    """Final full training-set loss; +inf for a diverged run (so it is never selected)."""
-    if run["diverged_at"] is not None or run["train_loss"][-1] is None:
-        return math.inf
-    return run["train_loss"][-1]
+def learned_label(cfg: Config) -> str:
+    return cfg.opt + ("+smooth" if cfg.smooth else "") + ("+ft" if cfg.finetune else "")
+
+
+def meta_identity(cfg: Config) -> dict:
+    """Everything the learned optimizer depends on (a loaded one: the file's content)."""
+    ident = {k: getattr(cfg, k) for k in META_KEYS}
+    if cfg.load:
+        ident["load"] = runs.file_digest(cfg.load)
+    return ident
 
 
 def meta_train(cfg: Config, device, log) -> tuple[l2l_zoo.LearnedOptimizer, dict]:
-    ckpt = os.path.join(cfg.out, "metatrain.ckpt")
+    ident = meta_identity(cfg)
+    ckpt = os.path.join(cfg.out, f"metatrain-{runs.config_hash(ident)}.ckpt")
     torch.manual_seed(cfg.meta_seed)
     lopt = l2l_zoo.create(cfg.opt, **cfg.opt_config)  # options validated by parse_config
     meta_task = make_task(cfg.meta_task, data_dir=cfg.data_dir, device=device, batch_size=cfg.batch_size)
@@ -228,112 +269,105 @@ def meta_train(cfg: Config, device, log) -> tuple[l2l_zoo.LearnedOptimizer, dict
     return lopt, info
 
 
-def summarize(runs: list[dict]) -> dict:
-    def stat(key):
-        vals = [r[key][-1] for r in runs if r["diverged_at"] is None and r[key][-1] is not None]
-        if not vals:
-            return None, None
-        return float(np.mean(vals)), float(np.std(vals))
-
-    out = {"n_seeds": len(runs), "diverged": sum(r["diverged_at"] is not None for r in runs),
-           "steps": runs[0]["steps"] if runs else None,  # the horizon (a diverged run stops earlier)
-           "wall_s_mean": float(np.mean([r["wall_s"] for r in runs]))}
-    for key in ("train_loss", "train_acc", "test_loss", "test_acc"):
-        out[f"final_{key}"], out[f"final_{key}_std"] = stat(key)
-    return out
-
-
-def mean_curves(runs: list[dict]) -> dict:
-    ok = [r for r in runs if r["diverged_at"] is None] or runs
-    n = min(len(r["eval_steps"]) for r in ok)
-    series = {"x": ok[0]["eval_steps"][:n]}
-    for key in ("train_loss", "test_loss", "test_acc"):
-        arr = np.array([[np.nan if v is None else v for v in r[key][:n]] for r in ok], dtype=float)
-        series[key] = [None if np.isnan(v) else float(v) for v in np.nanmean(arr, 0)]
-        series[f"{key}_std"] = [0.0 if np.isnan(v) else float(v) for v in np.nanstd(arr, 0)]
-    return series
+def report(results: dict, cfg: Config, log) -> None:
+    log(f"\n{'optimizer':<22}{'train loss':>14}{'val loss':>12}{'test loss':>12}{'test acc':>10}{'diverged':>10}"
+        f"  (step {cfg.eval_steps})")
+    f = lambda v, d=4: "nan" if v is None else f"{v:.{d}g}"  # noqa: E731
+    for label, s in results["summary"].items():
+        log(f"{label:<22}{f(s.get('train_loss')):>14}{f(s.get('val_loss')):>12}{f(s.get('test_loss')):>12}"
+            f"{f(s.get('test_acc'), 3):>10}{s['diverged']:>7}/{s['n_seeds']}")
 
 
 # ---------------------------------------------------------------------------------- main
 
 def main(argv=None) -> int:
     cfg = parse_config(argv)
+    with output_folder(cfg.out):
+        return _main(cfg)
+
+
+def _main(cfg: Config) -> int:
     device = resolve_device(cfg.device)
-    os.makedirs(cfg.out, exist_ok=True)
     from tqdm.auto import tqdm
     log = tqdm.write
     t_start = time.perf_counter()
     task = make_task(cfg.task, data_dir=cfg.data_dir, device=device, batch_size=cfg.batch_size)
     log(f"[data] evaluation data: {task.data.note}")
     log(f"[setup] task {cfg.task} ({task.num_params:,} parameters) on {device}; out: {cfg.out}")
-    signature = {k: v for k, v in asdict(cfg).items() if k not in ("resume", "progress", "out", "device")}
-    cache = RunCache(os.path.join(cfg.out, "runs"), signature, cfg.resume)
-    result = {"config": asdict(cfg), "environment": environment(), "data": task.data.summary(),
-              "runs": {}, "tuning": {}, "summary": {}}
+    results = runs.new_results("mnist_mlp", asdict(cfg), data=task.data.summary())
+    cache = runs.RunCache(os.path.join(cfg.out, "runs"), enabled=cfg.resume)
+    eval_setup = {**{k: getattr(cfg, k) for k in EVAL_KEYS}, "data": task.data.summary()}
     tune_task = task.subsample(0.05, seed=0) if cfg.finetune else task
 
-    def run(label, make_opt, seed, on_task=None):
-        key = f"{label}_seed{seed}" + ("_tune" if on_task is not None else "")
-        cached = cache.get(key)
-        if cached is not None:
-            return cached
-        r = train_optimizee(on_task or task, make_opt, steps=cfg.eval_steps, seed=seed,
-                            eval_every=cfg.eval_every, progress=cfg.progress, desc=f"{label} seed {seed}")
-        cache.put(key, r)
-        return r
+    def run(name: str, method: dict, make_opt, seed: int, on_task=None) -> dict:
+        """One evaluation run, cached under everything it depends on."""
+        unit = {**eval_setup, "method": method, "seed": seed, "tune_task": on_task is not None}
+        ckpt = os.path.join(cfg.out, "ckpt", f"{name}-seed{seed}-{runs.config_hash(unit)}.pt")
+        return cache.run(unit, lambda: train_optimizee(
+            on_task or task, make_opt, steps=cfg.eval_steps, seed=seed, eval_every=cfg.eval_every,
+            divergence_loss=DIVERGENCE_LOSS, progress=cfg.progress, desc=f"{name} seed {seed}",
+            checkpoint=ckpt, checkpoint_every=CHECKPOINT_EVERY, identity=unit, resume=cfg.resume, log=log),
+            name=f"{name}-seed{seed}")
 
     # Learned optimizer: meta-train (or load), optionally fine-tune, evaluate on every seed.
     if cfg.opt in LEARNED:
         if cfg.load:
             lopt, extra = l2l_zoo.load(cfg.load, with_extra=True)
-            if lopt.name != cfg.opt:
-                raise UsageError(f"--load holds a {lopt.name!r} optimizer but --opt is {cfg.opt!r}")
-            result["meta_training"] = {"loaded_from": os.path.abspath(cfg.load), **extra}
+            results["meta_training"] = {"loaded_from": os.path.abspath(cfg.load),
+                                        "sha256": runs.file_digest(cfg.load), **extra}
         else:
-            lopt, result["meta_training"] = meta_train(cfg, device, log)
-        label = cfg.opt + ("+smooth" if cfg.smooth else "") + ("+ft" if cfg.finetune else "")
+            lopt, results["meta_training"] = meta_train(cfg, device, log)
         if cfg.finetune:
             ft_cfg = MetaTrainConfig(meta_lr=cfg.meta_lr, meta_loss=cfg.meta_loss, unroll=cfg.unroll,
                                      seed=cfg.meta_seed, smooth=parse_smooth(cfg.smooth) if cfg.smooth else None)
             torch.manual_seed(cfg.meta_seed)
             ft = MetaTrainer(lopt, task, ft_cfg, log=log)
-            result["finetune"] = ft.finetune(progress=cfg.progress)
+            results["finetune"] = ft.finetune(progress=cfg.progress)
             l2l_zoo.save(lopt, os.path.join(cfg.out, "optimizer_finetuned.pt"))
         lopt = lopt.to(device)
-        runs = [run(label, lambda params: l2l_zoo.LearnedOptimizerAdapter(params, lopt), s) for s in cfg.seeds]
-        result["runs"][label] = runs
-        result["summary"][label] = summarize(runs)
+        label = learned_label(cfg)
+        method = {"learned": meta_identity(cfg)}
+        results["runs"][label] = [run(label, method, lambda params: l2l_zoo.LearnedOptimizerAdapter(params, lopt), s)
+                                  for s in cfg.seeds]
 
-    # Hand-designed baselines: tune the learning rate on the first seed, then run every seed.
+    # Hand-designed baselines: tune the learning rate on the first seed (validation split), then run
+    # every seed with the chosen one.
     for name in cfg.baselines:
-        scores = {}
-        for lr in cfg.lr_grid:
-            r = run(f"{name}_lr{lr:g}", hand_optimizer(name, lr), cfg.seeds[0],
-                    on_task=tune_task if cfg.finetune else None)
-            scores[f"{lr:g}"] = final_loss(r)
-        best = min(cfg.lr_grid, key=lambda lr: scores[f"{lr:g}"])
-        result["tuning"][name] = {"final_train_loss_by_lr": scores, "best_lr": best,
-                                  "criterion": "final full training-set loss, seed "
-                                               f"{cfg.seeds[0]}" + (" on the 5% subsample" if cfg.finetune else "")}
-        label = f"{name}(lr={best:g})"
-        runs = [run(f"{name}_lr{best:g}", hand_optimizer(name, best), s) for s in cfg.seeds]
-        result["runs"][label] = runs
-        result["summary"][label] = summarize(runs)
+        tuned = runs.tune(cfg.lr_grid, lambda lr: run(f"{name}_lr{lr:g}", {"hand": name, "lr": lr},
+                                                      hand_optimizer(name, lr), cfg.seeds[0],
+                                                      on_task=tune_task if cfg.finetune else None),
+                          criterion=cfg.tune_criterion,
+                          note=f"seed {cfg.seeds[0]}" + (", 5% fine-tuning subsample" if cfg.finetune else ""))
+        results["tuning"][name] = tuned.to_dict()
+        if tuned.best is None:
+            results["notes"].append(f"{name}: every learning rate of the grid diverged; not evaluated")
+            log(f"[tune] {name}: every learning rate of {cfg.lr_grid} diverged")
+            continue
+        best = tuned.best
+        results["runs"][f"{name}(lr={best:g})"] = [
+            run(f"{name}_lr{best:g}", {"hand": name, "lr": best}, hand_optimizer(name, best), s) for s in cfg.seeds]
 
-    result["wall_s_total"] = time.perf_counter() - t_start
-    write_json(os.path.join(cfg.out, "results.json"), result)
-    plot_curves(os.path.join(cfg.out, "curves.png"), {k: mean_curves(v) for k, v in result["runs"].items()},
+    results["summary"] = {label: runs.summarize(recs) for label, recs in results["runs"].items()}
+    results["wall_s"] = time.perf_counter() - t_start
+    runs.write_json(os.path.join(cfg.out, "results.json"), results)
+    plot_curves(os.path.join(cfg.out, "curves.png"), curve_series(results["runs"]),
                 title=f"{cfg.task}: {cfg.eval_steps} steps, {len(cfg.seeds)} seed(s)")
-
-    # Report.
-    log(f"\n{'optimizer':<22}{'train loss':>14}{'test loss':>14}{'test acc':>10}{'diverged':>10}  (step {cfg.eval_steps})")
-    for label, s in result["summary"].items():
-        f = lambda v, d=4: "nan" if v is None else f"{v:.{d}g}"  # noqa: E731
-        log(f"{label:<22}{f(s['final_train_loss']):>14}{f(s['final_test_loss']):>14}"
-            f"{f(s['final_test_acc'], 3):>10}{s['diverged']:>7}/{s['n_seeds']}")
+    report(results, cfg, log)
     log(f"results: {os.path.join(cfg.out, 'results.json')}  plot: {os.path.join(cfg.out, 'curves.png')}  "
-        f"({result['wall_s_total']:.0f} s)")
+        f"({results['wall_s']:.0f} s)")
     return 0
+
+
+def curve_series(run_table: dict, metrics=("train_loss", "test_loss", "test_acc")) -> dict:
+    """Mean ± std curves per label for :func:`l2l_zoo.cli.plot_curves`."""
+    series = {}
+    for label, recs in run_table.items():
+        s = {}
+        for m in metrics:
+            x, mean, std = runs.mean_curve(recs, m)
+            s.update({"x": x, m: mean, f"{m}_std": std})
+        series[label] = s
+    return series
 
 
 if __name__ == "__main__":

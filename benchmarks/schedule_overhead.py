@@ -35,7 +35,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from l2l_zoo.cli import ArgumentParser, UsageError, environment, resolve_device, run_main, write_json  # noqa: E402
+from l2l_zoo import runs  # noqa: E402
+from l2l_zoo.cli import ArgumentParser, UsageError, output_file, resolve_device, run_main  # noqa: E402
 from l2l_zoo.schedules import HD, MARTHE, RTHO  # noqa: E402
 from l2l_zoo.tasks import MLP, glorot_init_  # noqa: E402
 from l2l_zoo.tasks.data import DataNotFoundError, load_mnist  # noqa: E402
@@ -62,9 +63,18 @@ def main(argv=None) -> int:
             raise UsageError(f"{flag} must be an integer >= {lo}, got {v}")
     if not (a.beta >= 0 and a.beta_lr >= 0):
         raise UsageError(f"--beta and --beta-lr must be >= 0, got {a.beta}, {a.beta_lr}")
+    if a.batch_size > 700:
+        raise UsageError(f"--batch-size must be <= 700 (the validation split), got {a.batch_size}")
+    if a.data_dir is not None and not os.path.isdir(a.data_dir):
+        raise UsageError(f"--data-dir: no such folder {a.data_dir!r}")
     if a.threads:
         torch.set_num_threads(a.threads)
     device = resolve_device(a.device)
+    with output_file(a.out):
+        return _main(a, device)
+
+
+def _main(a, device) -> int:
     try:
         data = load_mnist(a.data_dir, n_train=7000, n_val=700, normalize="unit", download=False).to(device)
         xt, yt, xv, yv, source = data.x_train, data.y_train, data.x_val, data.y_val, data.note
@@ -74,8 +84,6 @@ def main(argv=None) -> int:
         xv, yv = torch.rand(700, 1, 28, 28, generator=g), torch.randint(0, 10, (700,), generator=g)
         xt, yt, xv, yv = (t.to(device) for t in (xt, yt, xv, yv))
         source = "synthetic images (MNIST not found)"
-    if a.batch_size > 700:
-        raise UsageError(f"--batch-size must be <= 700 (the validation split), got {a.batch_size}")
     make_model = partial(MLP, 784, (500, 500, 500), 10)
     torch.manual_seed(0)
     init = glorot_init_(make_model()).state_dict()
@@ -117,23 +125,23 @@ def main(argv=None) -> int:
         return steps, mus
 
     kinds = ("sgd", "hd", "rtho", "marthe")
-    runs, mus = {}, {}
+    timed, mus = {}, {}
     for k in kinds:
-        runs[k], mus[k] = contender(k)
+        timed[k], mus[k] = contender(k)
     for _ in range(a.warmup):
-        for r in runs.values():
+        for r in timed.values():
             r()
     # FLOPs per step (matrix products; torch's own counter), over one untimed block each: the
     # floor that a step-time ratio can only undercut through the baseline's non-matmul costs.
     flops = {}
-    for k, r in runs.items():
+    for k, r in timed.items():
         with FlopCounterMode(display=False) as fc:
             r()
         flops[k] = fc.get_total_flops() / a.block
     flop_ratios = {f"{k}/sgd": flops[k] / flops["sgd"] for k in kinds[1:]}
     samples = {k: [] for k in kinds}
     for _ in range(a.repeats):  # interleaved
-        for k, r in runs.items():
+        for k, r in timed.items():
             t = time.perf_counter()
             r()
             samples[k].append((time.perf_counter() - t) / a.block)
@@ -154,12 +162,12 @@ def main(argv=None) -> int:
               f"{flop_ratios[k]:.2f}x){verdict}")
     print(f"  (MARTHE's adaptive μ was 0, skipping the Hessian product, on {100 * frac_mu0:.0f}% of its steps; "
           "RTHO is its worst case)")
-    write_json(a.out, {"device": str(device), "median_ms_per_step": ms, "ratios": ratios, "paired_ratios": paired,
-                       "flops_per_step": flops, "flop_ratios": flop_ratios,
-                       "target": TARGET,
-                       "marthe_frac_mu0": frac_mu0, "data": source,
-                       "samples_ms": {k: [1e3 * s for s in v] for k, v in samples.items()},
-                       "config": vars(a), "environment": environment()})
+    results = runs.new_results("schedule_overhead", vars(a), data={"note": source})
+    results["summary"] = {"median_ms_per_step": ms, "ratios": ratios, "paired_ratios": paired,
+                          "flop_ratios": flop_ratios, "target": TARGET, "marthe_frac_mu0": frac_mu0}
+    results.update(device=str(device), flops_per_step=flops,
+                   samples_ms={k: [1e3 * s for s in v] for k, v in samples.items()})
+    runs.write_json(a.out, results)
     print(f"results: {a.out}")
     return 0
 

@@ -8,7 +8,11 @@ For each subsample size (0 = every coordinate) and each seed, meta-trains a smoo
 (``--opt``, default SimpleOptimizer, whose mean embedding makes the subsample an approximation; for DM
 and RNNProp it is exactly unbiased) on the base MNIST MLP, then trains fresh MLPs with it. Reports the
 final training/test loss per setting (mean ± std over seeds), the difference of means against the
-seed-to-seed standard deviation, and the meta-step time of each setting. Writes JSON + PNG.
+seed-to-seed standard deviation, and the meta-step time of each setting. Writes a results JSON (the
+``l2l_zoo.runs`` schema: one label per subsample size, one record per meta-training seed) and a PNG.
+With ``--resume``, finished (setting, seed) pairs whose full settings match are reused (the run cache
+keys on every flag that affects the result) and an interrupted meta-training continues from its
+checkpoint.
 """
 from __future__ import annotations
 
@@ -16,23 +20,44 @@ import os
 import statistics
 import sys
 import time
+from dataclasses import asdict, dataclass
 
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 import l2l_zoo  # noqa: E402
-from l2l_zoo.cli import (ArgumentParser, UsageError, environment, parse_seeds, read_json,  # noqa: E402
-                         resolve_device, run_main, write_json)
+from l2l_zoo import runs  # noqa: E402
+from l2l_zoo.cli import (ArgumentParser, UsageError, output_folder, parse_seeds, resolve_device,  # noqa: E402
+                         run_main)
 from l2l_zoo.evaluation import train_optimizee  # noqa: E402
 from l2l_zoo.meta import MetaTrainConfig, MetaTrainer  # noqa: E402
 from l2l_zoo.regularizers import parse_smooth  # noqa: E402
 from l2l_zoo.tasks import TASKS, make_task  # noqa: E402
 
+LEARNED = ("simple", "dm", "rnnprop")
 
-def main(argv=None) -> int:
+
+@dataclass
+class Config:
+    opt: str
+    smooth: str
+    subsamples: list
+    task: str
+    meta_steps: int
+    eval_steps: int
+    eval_seeds: int
+    seeds: list
+    device: str
+    data_dir: str | None
+    out: str
+    resume: bool
+    progress: bool
+
+
+def parse_config(argv=None) -> Config:
     p = ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--opt", default="simple", help="learned optimizer: simple, dm or rnnprop")
+    p.add_argument("--opt", default="simple", help=f"learned optimizer, one of {list(LEARNED)}")
     p.add_argument("--smooth", default="eps=0.1", help="regularizer spec without subsample (see mnist_mlp.py --help)")
     p.add_argument("--subsamples", default="4096,0", help="comma list of subsample sizes to compare (0 = all)")
     p.add_argument("--task", default="mlp", help=f"meta-training and evaluation task, one of {sorted(TASKS)}")
@@ -41,103 +66,123 @@ def main(argv=None) -> int:
     p.add_argument("--eval-seeds", type=int, default=2, help="evaluation runs per trained optimizer")
     p.add_argument("--seeds", default="3", help="meta-training seeds: a count or a comma list")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    p.add_argument("--data-dir", default=None, help="dataset folder (default $L2L_ZOO_DATA)")
+    p.add_argument("--data-dir", default=None, help="dataset folder; must exist if given (default $L2L_ZOO_DATA)")
     p.add_argument("--out", default="results/smooth_subsample", help="output folder")
-    p.add_argument("--resume", action="store_true", help="reuse finished (setting, seed) results in --out")
+    p.add_argument("--resume", action="store_true",
+                   help="reuse finished (setting, seed) results in --out that were computed with the same settings")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     a = p.parse_args(argv)
-    if a.opt not in ("simple", "dm", "rnnprop"):
-        raise UsageError(f"--opt must be simple, dm or rnnprop, got {a.opt!r}")
+    if a.opt not in LEARNED:
+        raise UsageError(f"--opt must be one of {list(LEARNED)}, got {a.opt!r}")
     if a.task not in TASKS:
         raise UsageError(f"--task must be one of {sorted(TASKS)}, got {a.task!r}")
-    if "subsample" in a.smooth:
+    try:
+        spec = parse_smooth(a.smooth)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    if any(item.split("=")[0].strip() == "subsample" for item in a.smooth.split(",")):
         raise UsageError("--smooth must not set subsample here: use --subsamples")
     try:
         subs = [int(s) for s in a.subsamples.split(",") if s.strip()]
-        if not subs or min(subs) < 0:
+        if not subs or min(subs) < 0 or len(set(subs)) != len(subs):
             raise ValueError
     except ValueError:
-        raise UsageError(f"--subsamples must be a comma list of integers >= 0, got {a.subsamples!r}") from None
+        raise UsageError(f"--subsamples must be a comma list of distinct integers >= 0, got {a.subsamples!r}") from None
     for flag, v in (("--meta-steps", a.meta_steps), ("--eval-steps", a.eval_steps), ("--eval-seeds", a.eval_seeds)):
         if v < 1:
             raise UsageError(f"{flag} must be >= 1, got {v}")
-    try:
-        parse_smooth(a.smooth)
-    except ValueError as e:
-        raise UsageError(str(e)) from None
-    seeds = parse_seeds(a.seeds)
-    device = resolve_device(a.device)
-    task = make_task(a.task, data_dir=a.data_dir, device=device)
+    if a.data_dir is not None and not os.path.isdir(a.data_dir):
+        raise UsageError(f"--data-dir: no such folder {a.data_dir!r}")
+    resolve_device(a.device)
+    del spec
+    return Config(opt=a.opt, smooth=a.smooth, subsamples=subs, task=a.task, meta_steps=a.meta_steps,
+                  eval_steps=a.eval_steps, eval_seeds=a.eval_seeds, seeds=parse_seeds(a.seeds), device=a.device,
+                  data_dir=a.data_dir, out=a.out, resume=a.resume, progress=not a.no_progress)
+
+
+def one_setting(cfg: Config, task, sub: int, seed: int, unit: dict) -> dict:
+    """Meta-train with penalty subsample ``sub`` from ``seed``, then train fresh models with it."""
+    torch.manual_seed(seed)
+    lopt = l2l_zoo.create(cfg.opt)
+    mcfg = MetaTrainConfig(meta_steps=cfg.meta_steps, seed=seed, smooth=parse_smooth(f"{cfg.smooth},subsample={sub}"))
+    ckpt = os.path.join(cfg.out, "ckpt", f"sub{sub}-seed{seed}-{runs.config_hash(unit)}.ckpt")
+    tr = MetaTrainer(lopt, task, mcfg, checkpoint_path=ckpt)
+    t0 = time.perf_counter()
+    tr.train(resume=cfg.resume, progress=cfg.progress)
+    meta_s = time.perf_counter() - t0
+    lopt.to(task.device)
+    evals = [train_optimizee(task, lambda ps: l2l_zoo.LearnedOptimizerAdapter(ps, lopt), steps=cfg.eval_steps,
+                             seed=1000 + k, eval_every=cfg.eval_steps, progress=cfg.progress)
+             for k in range(cfg.eval_seeds)]
+    ok = [r for r in evals if r["diverged_at"] is None]
+    final = None
+    if ok:
+        final = {k: statistics.mean(r["final"][k] for r in ok)
+                 for k in ("train_loss", "val_loss", "test_loss", "test_acc")}
+        final["meta_step_s"] = tr.elapsed / max(1, tr.meta_step)
+    rec = runs.new_record(cfg.eval_steps, seed=seed, subsample=sub, meta_wall_s=meta_s,
+                          eval_diverged=len(evals) - len(ok), evaluation_runs=evals)
+    rec["final"], rec["wall_s"] = final, meta_s + sum(r["wall_s"] for r in evals)
+    if not ok:
+        rec["diverged_at"], rec["error"] = evals[0]["diverged_at"], "every evaluation run diverged"
+    if os.path.exists(ckpt):
+        os.remove(ckpt)
+    return rec
+
+
+def main(argv=None) -> int:
+    cfg = parse_config(argv)
+    with output_folder(cfg.out):
+        return _main(cfg)
+
+
+def _main(cfg: Config) -> int:
+    device = resolve_device(cfg.device)
+    task = make_task(cfg.task, data_dir=cfg.data_dir, device=device)
     print(f"[data] {task.data.note}")
-    os.makedirs(a.out, exist_ok=True)
-    results = {}
-    for sub in subs:
-        spec = f"{a.smooth},subsample={sub}"
-        for seed in seeds:
-            cache = os.path.join(a.out, f"sub{sub}_seed{seed}.json")
-            if a.resume and os.path.exists(cache):
-                results.setdefault(sub, []).append(read_json(cache))
-                continue
-            torch.manual_seed(seed)
-            lopt = l2l_zoo.create(a.opt)
-            cfg = MetaTrainConfig(meta_steps=a.meta_steps, seed=seed, smooth=parse_smooth(spec))
-            tr = MetaTrainer(lopt, task, cfg, checkpoint_path=os.path.join(a.out, f"sub{sub}_seed{seed}.ckpt"))
-            t0 = time.perf_counter()
-            tr.train(resume=a.resume, progress=not a.no_progress)
-            meta_s = time.perf_counter() - t0
-            lopt.to(device)
-            runs = [train_optimizee(task, lambda ps: l2l_zoo.LearnedOptimizerAdapter(ps, lopt), steps=a.eval_steps,
-                                    seed=1000 + k, eval_every=a.eval_steps, progress=not a.no_progress)
-                    for k in range(a.eval_seeds)]
-            ok = [r for r in runs if r["diverged_at"] is None]
-            rec = {"subsample": sub, "seed": seed, "meta_step_s": tr.elapsed / max(1, tr.meta_step),
-                   "meta_wall_s": meta_s, "diverged": len(runs) - len(ok),
-                   "final_train_loss": statistics.mean(r["train_loss"][-1] for r in ok) if ok else None,
-                   "final_test_loss": statistics.mean(r["test_loss"][-1] for r in ok) if ok else None,
-                   "final_test_acc": statistics.mean(r["test_acc"][-1] for r in ok) if ok else None}
-            write_json(cache, rec)
-            results.setdefault(sub, []).append(rec)
+    results = runs.new_results("smooth_subsample", asdict(cfg), data=task.data.summary())
+    cache = runs.RunCache(os.path.join(cfg.out, "runs"), enabled=cfg.resume)
+    setup = {k: v for k, v in asdict(cfg).items() if k not in ("subsamples", "seeds", "out", "resume", "progress")}
+    setup["data"] = task.data.summary()
+    for sub in cfg.subsamples:
+        label = "all" if sub == 0 else str(sub)
+        for seed in cfg.seeds:
+            unit = {**setup, "subsample": sub, "seed": seed}
+            rec = cache.run(unit, lambda: one_setting(cfg, task, sub, seed, unit), name=f"sub{sub}-seed{seed}")
+            results["runs"].setdefault(label, []).append(rec)
+    results["summary"] = {label: runs.summarize(recs) for label, recs in results["runs"].items()}
 
-    def ms(vals):
-        vals = [v for v in vals if v is not None]
-        if not vals:
-            return None, None
-        return statistics.mean(vals), (statistics.stdev(vals) if len(vals) > 1 else 0.0)
-
-    summary = {}
     print(f"\n{'subsample':>10}{'train loss':>22}{'test loss':>22}{'test acc':>18}{'s/meta-step':>13}")
-    for sub, recs in results.items():
-        s = {k: ms([r[k] for r in recs]) for k in ("final_train_loss", "final_test_loss", "final_test_acc", "meta_step_s")}
-        summary[str(sub)] = s
-        fmt = lambda t, d=4: "n/a" if t[0] is None else f"{t[0]:.{d}g} ± {t[1]:.2g}"  # noqa: E731
-        print(f"{('all' if sub == 0 else sub):>10}{fmt(s['final_train_loss']):>22}{fmt(s['final_test_loss']):>22}"
-              f"{fmt(s['final_test_acc'], 3):>18}{s['meta_step_s'][0]:>13.2f}")
-    if len(subs) >= 2:
-        a0, b0 = summary[str(subs[0])], summary[str(subs[-1])]
-        if a0["final_train_loss"][0] is not None and b0["final_train_loss"][0] is not None:
-            diff = a0["final_train_loss"][0] - b0["final_train_loss"][0]
-            noise = max(a0["final_train_loss"][1], b0["final_train_loss"][1])
+    fmt = lambda m, s, d=4: "n/a" if s is None or s.get(m) is None else f"{s[m]:.{d}g} ± {s[m + '_std']:.2g}"  # noqa: E731
+    for label, s in results["summary"].items():
+        print(f"{label:>10}{fmt('train_loss', s):>22}{fmt('test_loss', s):>22}{fmt('test_acc', s, 3):>18}"
+              f"{(s.get('meta_step_s') or float('nan')):>13.2f}")
+    labels = list(results["summary"])
+    if len(labels) >= 2:
+        a0, b0 = results["summary"][labels[0]], results["summary"][labels[-1]]
+        if a0.get("train_loss") is not None and b0.get("train_loss") is not None:
+            diff = a0["train_loss"] - b0["train_loss"]
+            noise = max(a0["train_loss_std"], b0["train_loss_std"])
             verdict = "within" if abs(diff) <= noise else "OUTSIDE"
-            print(f"difference of mean final train loss ({subs[0]} vs {subs[-1]}): {diff:+.4g}; "
+            print(f"difference of mean final train loss ({labels[0]} vs {labels[-1]}): {diff:+.4g}; "
                   f"seed std {noise:.4g}: {verdict} seed noise")
-            summary["difference"] = {"train_loss_diff": diff, "seed_std": noise, "within_noise": abs(diff) <= noise}
-    write_json(os.path.join(a.out, "results.json"), {"config": vars(a), "environment": environment(),
-                                                     "data": task.data.summary(), "runs": results,
-                                                     "summary": summary})
-    plot(summary, subs, os.path.join(a.out, "subsample.png"))
-    print(f"results: {os.path.join(a.out, 'results.json')}")
+            results["difference"] = {"pair": [labels[0], labels[-1]], "train_loss_diff": diff,
+                                     "seed_std": noise, "within_noise": abs(diff) <= noise}
+    runs.write_json(os.path.join(cfg.out, "results.json"), results)
+    plot(results["summary"], os.path.join(cfg.out, "subsample.png"))
+    print(f"results: {os.path.join(cfg.out, 'results.json')}")
     return 0
 
 
-def plot(summary, subs, path):
+def plot(summary, path):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, axes = plt.subplots(1, 2, figsize=(8, 3.2))
-    labels = ["all" if s == 0 else str(s) for s in subs]
-    for ax, key in zip(axes, ("final_train_loss", "final_test_loss")):
-        means = [summary[str(s)][key][0] or float("nan") for s in subs]
-        stds = [summary[str(s)][key][1] or 0.0 for s in subs]
+    labels = list(summary)
+    for ax, key in zip(axes, ("train_loss", "test_loss")):
+        means = [summary[k].get(key) or float("nan") for k in labels]
+        stds = [summary[k].get(f"{key}_std") or 0.0 for k in labels]
         ax.bar(labels, means, yerr=stds, capsize=4, color="tab:blue", alpha=0.7)
         ax.set_xlabel("coordinates in the penalty")
         ax.set_ylabel(key.replace("_", " "))

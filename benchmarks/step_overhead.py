@@ -26,7 +26,8 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 import l2l_zoo  # noqa: E402
-from l2l_zoo.cli import ArgumentParser, UsageError, environment, resolve_device, run_main, write_json  # noqa: E402
+from l2l_zoo import runs  # noqa: E402
+from l2l_zoo.cli import ArgumentParser, UsageError, output_file, resolve_device, run_main  # noqa: E402
 from l2l_zoo.tasks import MLP  # noqa: E402
 
 # Multiply-add FLOPs per coordinate of each network's matrix products (2 FLOPs per MAC).
@@ -58,6 +59,11 @@ def main(argv=None) -> int:
     if a.repeats < 1 or a.warmup < 0:
         raise UsageError(f"--repeats must be >= 1 and --warmup >= 0, got {a.repeats}, {a.warmup}")
     device = resolve_device(a.device)
+    with output_file(a.out):
+        return _main(a, device)
+
+
+def _main(a, device) -> int:
     torch.manual_seed(0)
     model = MLP().to(device)
     x = torch.randn(128, 784, device=device)
@@ -87,13 +93,13 @@ def main(argv=None) -> int:
         m = max(1, round((flops * n / 2) ** (1 / 3)))
         S = torch.randn(m, m, device=device)
         contenders[f"square_matmul_{name}"] = lambda S=S: S @ S
-    runs = {k: timer(v, device) for k, v in contenders.items()}
+    timed = {k: timer(v, device) for k, v in contenders.items()}
     for _ in range(a.warmup):
-        for r in runs.values():
+        for r in timed.values():
             r()
-    samples = {k: [] for k in runs}
+    samples = {k: [] for k in timed}
     for _ in range(a.repeats):  # interleaved, so load changes hit every contender alike
-        for k, r in runs.items():
+        for k, r in timed.items():
             samples[k].append(r())
     ms = {k: 1e3 * statistics.median(v) for k, v in samples.items()}
     ratios = {"simple/adam": ms["simple"] / ms["adam"],
@@ -109,10 +115,11 @@ def main(argv=None) -> int:
         t = targets.get(k)
         verdict = "" if t is None else (f"  target <= {t:g}: " + ("met" if v <= t else "NOT met"))
         print(f"  {k:<24}{v:10.2f}x{verdict}")
-    write_json(a.out, {"device": str(device), "coordinates": n, "median_ms": ms, "ratios": ratios,
-                       "targets": targets, "flops_per_coordinate": FLOPS_PER_COORD,
-                       "samples_ms": {k: [1e3 * s for s in v] for k, v in samples.items()},
-                       "config": vars(a), "environment": environment()})
+    results = runs.new_results("step_overhead", vars(a))
+    results["summary"] = {"median_ms": ms, "ratios": ratios, "targets": targets}
+    results.update(device=str(device), coordinates=n, flops_per_coordinate=FLOPS_PER_COORD,
+                   samples_ms={k: [1e3 * s for s in v] for k, v in samples.items()})
+    runs.write_json(a.out, results)
     print(f"results: {a.out}")
     return 0
 

@@ -22,7 +22,8 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 import l2l_zoo  # noqa: E402
-from l2l_zoo.cli import ArgumentParser, UsageError, environment, resolve_device, run_main, write_json  # noqa: E402
+from l2l_zoo import runs  # noqa: E402
+from l2l_zoo.cli import ArgumentParser, UsageError, output_file, resolve_device, run_main  # noqa: E402
 from l2l_zoo.meta import MetaTrainConfig, MetaTrainer  # noqa: E402
 from l2l_zoo.tasks import TASKS, make_task  # noqa: E402
 
@@ -43,7 +44,14 @@ def main(argv=None) -> int:
         raise UsageError(f"--task must be one of {sorted(TASKS)}, got {a.task!r}")
     if a.unroll < 1 or a.repeats < 1:
         raise UsageError(f"--unroll and --repeats must be >= 1, got {a.unroll}, {a.repeats}")
+    if a.data_dir is not None and not os.path.isdir(a.data_dir):
+        raise UsageError(f"--data-dir: no such folder {a.data_dir!r}")
     device = resolve_device(a.device)
+    with output_file(a.out):
+        return _main(a, device)
+
+
+def _main(a, device) -> int:
     task = make_task(a.task, data_dir=a.data_dir, device=device)
     times = {"func": [], "higher": []}
     grads, losses = {}, {}
@@ -67,9 +75,11 @@ def main(argv=None) -> int:
     for k, v in med.items():
         print(f"  {k:<8}{v:8.2f} s per truncation (median of {a.repeats})   meta-loss {losses[k]:.6g}")
     print(f"  higher/func time ratio {med['higher'] / med['func']:.2f}; meta-gradient relative difference {rel:.2e}")
-    write_json(a.out, {"config": vars(a), "environment": environment(), "seconds": times, "median_s": med,
-                       "ratio_higher_over_func": med["higher"] / med["func"], "meta_loss": losses,
-                       "meta_gradient_rel_diff": rel})
+    results = runs.new_results("unroll_backends", vars(a), data=task.data.summary())
+    results["summary"] = {"median_s": med, "ratio_higher_over_func": med["higher"] / med["func"],
+                          "meta_loss": losses, "meta_gradient_rel_diff": rel}
+    results["seconds"] = times
+    runs.write_json(a.out, results)
     print(f"results: {a.out}")
     return 0
 

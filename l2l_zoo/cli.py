@@ -1,19 +1,22 @@
 """Command-line helpers shared by the benchmark and figure scripts: one-line errors, flag parsing,
-device selection, atomic JSON output and learning-curve plots."""
+device selection, output locations and learning-curve plots. Writing, caching, tuning and the results
+schema live in :mod:`l2l_zoo.runs` (``write_json``, ``read_json`` and ``environment`` are re-exported
+here for the scripts)."""
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
-import platform
 import sys
 from typing import Any, Callable
 
 import torch
 
-__all__ = ["ArgumentParser", "RunCache", "UsageError", "parse_seeds", "parse_floats", "parse_kv", "resolve_device",
-           "write_json", "read_json", "environment", "run_main", "plot_curves"]
+from . import runs
+from .runs import environment, read_json, write_json
+
+__all__ = ["ArgumentParser", "UsageError", "parse_seeds", "parse_floats", "parse_kv", "resolve_device",
+           "output_folder", "output_file", "write_json", "read_json", "environment", "run_main", "plot_curves"]
 
 
 class UsageError(ValueError):
@@ -79,6 +82,8 @@ def parse_kv(spec: str | None, flag: str) -> dict[str, Any]:
         if "=" not in item:
             raise UsageError(f"{flag}: expected key=value, got {item!r}")
         k, v = (s.strip() for s in item.split("=", 1))
+        if k in out:
+            raise UsageError(f"{flag}: key {k!r} given twice ({spec!r})")
         out[k] = _auto(v)
     return out
 
@@ -93,84 +98,63 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def environment() -> dict:
-    """What produced a result: versions and hardware."""
-    return {"python": platform.python_version(), "torch": torch.__version__,
-            "platform": platform.platform(), "cpu_threads": torch.get_num_threads(),
-            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-            "argv": sys.argv}
+def output_folder(path: str | os.PathLike) -> "runs.OutputLock":
+    """Validate an output folder before any work (created if missing, writable, not a file) and lock
+    it against a second concurrent run; use as ``with output_folder(cfg.out): ...``."""
+    return runs.OutputLock.for_folder(runs.check_writable(path, kind="folder"))
 
 
-def _clean(obj):
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, dict):
-        return {str(k): _clean(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_clean(v) for v in obj]
-    if isinstance(obj, torch.Tensor):
-        return _clean(obj.tolist())
-    return obj
-
-
-def write_json(path: str | os.PathLike, obj) -> None:
-    """Atomic JSON write (NaN/inf become null, which strict JSON readers accept). The temporary
-    file is per process, so that two runs sharing an output folder never move each other's."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{os.fspath(path)}.{os.getpid()}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(_clean(obj), f, indent=1)
-    os.replace(tmp, path)
-
-
-def read_json(path):
-    with open(path) as f:
-        return json.load(f)
-
-
-class RunCache:
-    """One JSON per finished run, keyed by a label and tagged with the run's configuration
-    ``signature``; with ``enabled`` (--resume) a cached run with the same signature is reused."""
-
-    def __init__(self, folder: str, signature: dict, enabled: bool):
-        self.folder, self.signature, self.enabled = folder, signature, enabled
-        os.makedirs(folder, exist_ok=True)
-
-    def _path(self, key):
-        return os.path.join(self.folder, key.replace("/", "_") + ".json")
-
-    def get(self, key):
-        p = self._path(key)
-        if self.enabled and os.path.exists(p):
-            d = read_json(p)
-            if d.get("signature") == self.signature:
-                return d["run"]
-        return None
-
-    def put(self, key, run):
-        write_json(self._path(key), {"signature": self.signature, "run": run})
+def output_file(path: str | os.PathLike) -> "runs.OutputLock":
+    """The same for a single output file (e.g. a results JSON path): not a folder, its folder
+    writable, locked while the script runs."""
+    return runs.OutputLock.for_file(runs.check_writable(path, kind="file"))
 
 
 def run_main(main: Callable[[], int | None]) -> None:
-    """Run a script's ``main`` turning user mistakes into one-line errors with non-zero exits."""
-    from .meta.trainer import MetaTrainingDiverged
-    from .tasks.data import DataNotFoundError
+    """Run a script's ``main``, turning user mistakes into one-line errors with non-zero exits:
 
+    * 2: a bad flag or value (``UsageError``), a bad input or output file, a checkpoint or results
+      file that cannot be used, an output folder in use by another run, or any ``ValueError`` /
+      ``KeyError`` / ``TypeError`` the library raised about its arguments (their messages name the
+      parameter and what is allowed);
+    * 3: data not found or unreadable;
+    * 4: training diverged beyond recovery (repeated non-finite meta-updates, non-finite updates);
+    * 130: interrupted (a later ``--resume`` continues).
+
+    Set ``L2L_ZOO_TRACEBACK=1`` to get the full traceback instead (for bug reports)."""
+    from .meta.trainer import MetaTrainingDiverged
+    from .tasks import data as _data
+
+    data_errors = tuple(c for c in (getattr(_data, "DataNotFoundError", None),
+                                    getattr(_data, "DataFormatError", None)) if isinstance(c, type))
     prog = os.path.basename(sys.argv[0])
+
+    def fail(code: int, message: str):
+        line = " ".join(str(message).split())  # one line, whatever the message held
+        sys.stderr.write(f"{prog}: error: {line}\n")
+        sys.exit(code)
+
     try:
         code = main()
-    except UsageError as e:
-        sys.stderr.write(f"{prog}: error: {e}\n")
-        sys.exit(2)
-    except DataNotFoundError as e:
-        sys.stderr.write(f"{prog}: error: {e}\n")
-        sys.exit(3)
-    except MetaTrainingDiverged as e:
-        sys.stderr.write(f"{prog}: error: {e}\n")
-        sys.exit(4)
     except KeyboardInterrupt:
         sys.stderr.write(f"{prog}: interrupted; rerun with --resume to continue\n")
         sys.exit(130)
+    except Exception as e:  # noqa: BLE001 - sorted below; anything else is a bug and re-raised
+        if os.environ.get("L2L_ZOO_TRACEBACK"):
+            raise
+        if isinstance(e, UsageError):
+            fail(2, e)
+        if data_errors and isinstance(e, data_errors):
+            fail(3, e)
+        if isinstance(e, (MetaTrainingDiverged, FloatingPointError)):
+            fail(4, e)
+        if isinstance(e, KeyError):
+            fail(2, e.args[0] if e.args else e)
+        if isinstance(e, (ValueError, TypeError)):
+            fail(2, e)
+        if isinstance(e, OSError) and e.filename is not None:
+            fail(2, f"{e.strerror or e}: {e.filename!r}")
+        raise
     sys.exit(code or 0)
 
 

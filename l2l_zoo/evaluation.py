@@ -1,20 +1,22 @@
-"""Train an optimizee with any ``torch.optim.Optimizer`` (a learned one through the adapter, or a
-hand-designed one) and record learning curves. Used by every benchmark, so that learned and
-hand-designed optimizers see the same initialisation, the same minibatch order and the same metrics.
+"""Train an optimizee :class:`~l2l_zoo.tasks.Task` with any ``torch.optim.Optimizer`` (a learned one
+through the adapter, or a hand-designed one) and record learning curves: the task-level wrapper of
+:func:`l2l_zoo.runs.train` that every benchmark uses, so that learned and hand-designed optimizers
+see the same initialisation, the same minibatch order and the same metrics.
 """
 from __future__ import annotations
 
 import math
-import time
+import os
 from typing import Callable
 
 import torch
-from tqdm.auto import tqdm
 
+from . import runs
 from .tasks.task import Task
-from .torch_optim import LearnedOptimizerAdapter
 
-__all__ = ["train_optimizee", "eval_schedule"]
+__all__ = ["train_optimizee", "eval_schedule", "task_evaluator"]
+
+SPLITS = ("train", "val", "test")
 
 
 def eval_schedule(steps: int, every: int) -> list[int]:
@@ -25,59 +27,49 @@ def eval_schedule(steps: int, every: int) -> list[int]:
     return pts
 
 
+def task_evaluator(task: Task, model: torch.nn.Module, splits=SPLITS) -> Callable[[], dict]:
+    """``() -> {"<split>_loss", "<split>_acc"}``: mean loss and accuracy over whole splits."""
+    for s in splits:
+        if s not in SPLITS:
+            raise ValueError(f"splits must be drawn from {SPLITS}, got {s!r}")
+
+    def evaluate():
+        out = {}
+        for s in splits:
+            out[f"{s}_loss"], out[f"{s}_acc"] = task.evaluate(model, s)
+        return out
+    return evaluate
+
+
 def train_optimizee(task: Task, make_optimizer: Callable, *, steps: int, seed: int, eval_every: int,
                     progress: bool = True, desc: str = "", divergence_loss: float = 1e4,
-                    eval_splits: tuple[str, ...] = ("train", "test")) -> dict:
-    """Train a freshly initialised model (seed ``seed``) for ``steps`` minibatch steps.
+                    eval_splits: tuple[str, ...] = SPLITS, grad_clip: float | None = None,
+                    checkpoint: str | os.PathLike | None = None, checkpoint_every: int = 0,
+                    identity=None, resume: bool = False, log=None) -> dict:
+    """Train a freshly initialised model (seed ``seed``) of ``task`` for ``steps`` minibatch steps.
 
-    ``make_optimizer(params) -> torch.optim.Optimizer``. Returns a dict with the per-step minibatch
-    loss (``batch_loss``), full-split loss/accuracy at ``eval_steps``, wall time, and
-    ``diverged_at`` (the step at which the loss became non-finite or exceeded ``divergence_loss``,
-    after which training stops; None if it never did).
+    ``make_optimizer(params) -> torch.optim.Optimizer``. The minibatch order is drawn from a
+    generator seeded with ``10_000 + seed``. Returns a run record of the results schema
+    (:func:`l2l_zoo.runs.train`): per-step minibatch ``loss`` in ``step_log``, full-split loss and
+    accuracy of ``eval_splits`` every ``eval_every`` steps in ``eval``, the last of them in
+    ``final``, ``diverged_at`` (the step at which the loss became non-finite or exceeded
+    ``divergence_loss``, or the gradient non-finite; training stops there), ``wall_s`` and ``seed``.
+    ``checkpoint``/``checkpoint_every``/``identity``/``resume`` are passed to
+    :func:`l2l_zoo.runs.train` (a killed run resumes exactly).
     """
+    if not (isinstance(eval_every, int) and eval_every >= 1):
+        raise ValueError(f"eval_every must be an integer >= 1, got {eval_every!r}")
+    if not divergence_loss > 0:
+        raise ValueError(f"divergence_loss must be > 0, got {divergence_loss!r}")
     model = task.build_model(seed=seed)
     model.train()
     opt = make_optimizer(model.parameters())
-    # Learned optimizers that read the loss (MLR-SNet) get it through the adapter's step(loss=...).
-    pass_loss = isinstance(opt, LearnedOptimizerAdapter) and opt.lopt.needs_loss
     gen = torch.Generator().manual_seed(10_000 + seed)
-    eval_at = set(eval_schedule(steps, eval_every))
-    out = {"seed": seed, "steps": steps, "batch_loss": [], "eval_steps": [],
-           **{f"{s}_{m}": [] for s in eval_splits for m in ("loss", "acc")}, "diverged_at": None}
-
-    def record(step):
-        out["eval_steps"].append(step)
-        for s in eval_splits:
-            loss, acc = task.evaluate(model, s)
-            out[f"{s}_loss"].append(loss)
-            out[f"{s}_acc"].append(acc)
-
-    t0 = time.perf_counter()
-    record(0)
-    bar = tqdm(range(1, steps + 1), desc=desc, disable=not progress, dynamic_ncols=True, leave=False)
-    for step in bar:
-        x, y = task.sample_batch(gen)
-        opt.zero_grad(set_to_none=True)
-        loss = task.loss(model(x), y)
-        value = float(loss.detach())
-        if not math.isfinite(value) or value > divergence_loss:
-            out["batch_loss"].append(value if math.isfinite(value) else None)
-            out["diverged_at"] = step
-            break
-        loss.backward()
-        opt.step(loss=loss.detach()) if pass_loss else opt.step()
-        out["batch_loss"].append(value)
-        if step in eval_at:
-            record(step)
-            if not all(math.isfinite(out[f"{s}_loss"][-1]) for s in eval_splits):
-                out["diverged_at"] = step
-                break
-        if step % 50 == 0:
-            bar.set_postfix(loss=f"{value:.4g}")
-    bar.close()
-    out["wall_s"] = time.perf_counter() - t0
-    # JSON cannot hold NaN/inf: store them as None.
-    for k, v in out.items():
-        if isinstance(v, list):
-            out[k] = [None if isinstance(a, float) and not math.isfinite(a) else a for a in v]
-    return out
+    stepper = runs.OptimizerStepper(model, opt, lambda m, b: task.loss(m(b[0]), b[1]), grad_clip=grad_clip)
+    rec = runs.train(stepper, lambda aux: task.sample_batch(gen), steps=steps,
+                     evaluate=task_evaluator(task, model, eval_splits), eval_every=eval_every,
+                     divergence_loss=divergence_loss if math.isfinite(divergence_loss) else math.inf,
+                     checkpoint=checkpoint, checkpoint_every=checkpoint_every, identity=identity,
+                     generators={"data": gen}, resume=resume, progress=progress, desc=desc, log=log)
+    rec["seed"] = seed
+    return rec

@@ -12,7 +12,7 @@
   right, mean validation accuracy versus β (α for MARTHE with adaptive β), diverged configurations
   left out, with the constant rate and LRS-OPT as horizontal lines.
 
-Writes ``<out>_fig1.{png,pdf}`` and/or ``<out>_fig2.{png,pdf}``.
+Writes ``<out>_fig1.{png,pdf}`` and/or ``<out>_fig2.{png,pdf}`` (``--format`` picks other formats).
 """
 from __future__ import annotations
 
@@ -21,7 +21,8 @@ import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from l2l_zoo.cli import ArgumentParser, UsageError, read_json, run_main  # noqa: E402
+from l2l_zoo import runs  # noqa: E402
+from l2l_zoo.cli import ArgumentParser, UsageError, output_file, run_main  # noqa: E402
 
 NAMES = {"constant": "constant η", "hd": "HD", "rtho": "RTHO", "marthe-hmu": "MARTHE h_μ (fixed β)",
          "marthe": "MARTHE (adaptive μ, β)", "lrs-opt": "LRS-OPT", "multistep": "staircase",
@@ -57,17 +58,17 @@ def plot_fig2(result: dict, path: str) -> list[str]:
     """Fig. 2 from a ``lr_schedules_mnist.py`` results dict; ``path`` with an extension writes that
     file, without one writes .png and .pdf. Returns the paths written."""
     plt = _plt()
-    summary, runs = result["summary"], result["runs"]
+    summary, run_table = result["summary"], result["runs"]
     configs, best = summary["configs"], summary["best"]
     fig, axes = plt.subplots(1, 3, figsize=(17, 4.4))
 
     ax = axes[0]
-    for r in runs.get("lrs-opt", []):
+    for r in run_table.get("lrs-opt", []):
         ax.plot(r["lrs_opt"]["schedule"], label=f"seed {r['seed']} ({r['lrs_opt']['iterations']} it.)")
     ax.set_title("LRS-OPT schedules")
     ax.set_xlabel("step t")
     ax.set_ylabel("η_t")
-    if runs.get("lrs-opt"):
+    if run_table.get("lrs-opt"):
         ax.legend(fontsize=8)
     else:
         ax.text(0.5, 0.5, "LRS-OPT not in this run\n(--methods ...,lrs-opt)", ha="center", va="center",
@@ -77,12 +78,12 @@ def plot_fig2(result: dict, path: str) -> list[str]:
     ax = axes[1]
     seed0 = result["config"]["seeds"][0]
     for method, key in best.items():
-        rec = next((r for r in runs.get(key, []) if r["seed"] == seed0), None)
+        rec = next((r for r in run_table.get(key, []) if r["seed"] == seed0), None)
         if rec is None or method in ("multistep", "exponential", "sgdr"):
             continue
         c = configs[key]
         tag = "" if c["x"] is None else (f" α={c['beta_lr']:g}" if c["beta_lr"] is not None else f" β={c['beta']:g}")
-        ax.plot(rec["lrs"], label=_name(method) + tag, lw=2 if method == "lrs-opt" else 1.2)
+        ax.plot(rec["step_log"]["lr"], label=_name(method) + tag, lw=2 if method == "lrs-opt" else 1.2)
     ax.set_title(f"schedules, seed {seed0} (best β per method)")
     ax.set_xlabel("step t")
     ax.set_ylabel("η_t")
@@ -177,25 +178,32 @@ def plot_fig1(result: dict, path: str) -> list[str]:
     return out
 
 
+FORMATS = ("png", "pdf", "svg")
+
+
 def main(argv=None) -> int:
     p = ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--mnist", default=None, help="results.json of benchmarks/lr_schedules_mnist.py (Fig. 2)")
     p.add_argument("--demos", default=None, help="results.json of benchmarks/hypergradient_demos.py (Fig. 1)")
     p.add_argument("--out", default=os.path.join("figs", "marthe"),
-                   help="output prefix: writes <out>_fig1/_fig2 .png and .pdf")
+                   help="output prefix: writes <out>_fig1 and/or <out>_fig2 in each --format")
+    p.add_argument("--format", default="png,pdf", help=f"comma list of image formats from {list(FORMATS)}")
     a = p.parse_args(argv)
     if a.mnist is None and a.demos is None:
         raise UsageError("give --mnist and/or --demos")
+    formats = [f.strip().lower() for f in a.format.split(",") if f.strip()]
+    if not formats or any(f not in FORMATS for f in formats):
+        raise UsageError(f"--format must be a comma list from {list(FORMATS)}, got {a.format!r}")
+    jobs = []  # read and validate every input before drawing anything
+    for path, bench, fn in ((a.demos, "hypergradient_demos", plot_fig1), (a.mnist, "lr_schedules_mnist", plot_fig2)):
+        if path is not None:
+            jobs.append((runs.read_results(path, benchmark=bench), fn))
     written = []
-    for path, key, fn in ((a.demos, "problems", plot_fig1), (a.mnist, "summary", plot_fig2)):
-        if path is None:
-            continue
-        if not os.path.isfile(path):
-            raise UsageError(f"no such results file: {path!r}")
-        res = read_json(path)
-        if key not in res:
-            raise UsageError(f"{path!r} lacks {key!r}: not a results file of the expected benchmark")
-        written += fn(res, f"{a.out}_{'fig1' if fn is plot_fig1 else 'fig2'}")
+    for res, fn in jobs:
+        for fmt in formats:
+            target = f"{a.out}_{'fig1' if fn is plot_fig1 else 'fig2'}.{fmt}"
+            with output_file(target):
+                written += fn(res, target)
     print("wrote " + ", ".join(written))
     return 0
 

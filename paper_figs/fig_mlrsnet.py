@@ -8,12 +8,15 @@ trains.
 """
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import sys
 
 import numpy as np
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from l2l_zoo import runs  # noqa: E402
+from l2l_zoo.cli import ArgumentParser, UsageError, output_file, run_main  # noqa: E402
 
 METRICS = {"mlrsnet_cifar": ("test_acc", "test accuracy", False),
            "mlrsnet_ptb": ("test_ppl", "test perplexity", True)}
@@ -22,35 +25,30 @@ COLOURS = (("meta-train", "C0"), ("ours", "C1"), ("official", "C2"), ("fixed", "
            ("multistep", "C4"), ("Adam", "C4"), ("exponential", "C5"), ("sgdr", "C6"))
 TITLES = {"cifar": "CIFAR-10 (meta-training task)", "mnist": "transfer: MNIST (dataset)",
           "arch": "transfer: another architecture", "long": "transfer: longer horizon", "ptb": "Penn Treebank"}
-
-
-def _mean_curve(runs: list[dict], key: str):
-    ok = [r for r in runs if r.get("eval")]
-    if not ok:
-        return None, None
-    n = min(len(r["eval"]) for r in ok)
-    x = [e["step"] for e in ok[0]["eval"][:n]]
-    ys = np.array([[np.nan if e.get(key) is None else e[key] for e in r["eval"][:n]] for r in ok], dtype=float)
-    return x, np.nanmean(ys, axis=0)
+FORMATS = (".png", ".pdf", ".svg")
 
 
 def plot(result: dict, path: str) -> None:
-    """Write the figure for ``result`` (a benchmark results dict) to ``path``."""
+    """Write the figure for ``result`` (a validated benchmark results dict) to ``path``."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    key, label, logy = METRICS[result.get("benchmark", "mlrsnet_cifar")]
-    tasks = [t for t in result["runs"] if result["runs"][t]]
+    key, label, logy = METRICS[result["benchmark"]]
+    tasks = {t: keys for t, keys in result.get("tasks", {}).items() if keys}
+    if not tasks:
+        raise runs.ResultsFormatError(f"{result['benchmark']} results hold no runs to plot")
     fig, axes = plt.subplots(len(tasks), 2, figsize=(12, 3.6 * len(tasks)), squeeze=False)
-    for row, task in zip(axes, tasks):
-        for method, runs in result["runs"][task].items():
-            x, y = _mean_curve(runs, key)
-            if x is None:
+    for row, (task, keys) in zip(axes, tasks.items()):
+        for run_key in keys:
+            recs = result["runs"].get(run_key, [])
+            method = run_key.split("/", 1)[-1]
+            x, y, _ = runs.mean_curve(recs, key, include_diverged=True)
+            if not x:
                 continue
             colour = next((c for k, c in COLOURS if k in method), None)
-            line, = row[0].plot(x, y, label=method, lw=1.4, color=colour)
-            lr = [v for v in runs[0].get("lr", []) if v is not None]
+            line, = row[0].plot(x, [np.nan if v is None else v for v in y], label=method, lw=1.4, color=colour)
+            lr = [v for v in recs[0].get("step_log", {}).get("lr", []) if v is not None]
             if lr:
                 row[1].plot(np.arange(1, len(lr) + 1), lr, color=line.get_color(), lw=1.0, label=method)
         row[0].set_title(f"{TITLES.get(task, task)}: {label}", fontsize=10)
@@ -72,25 +70,20 @@ def plot(result: dict, path: str) -> None:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description="MLR-SNet figure from a benchmark results JSON (never trains).")
+    p = ArgumentParser(description="MLR-SNet figure from a benchmark results JSON (never trains).")
     p.add_argument("results", help="results.json of benchmarks/mlrsnet_cifar.py or benchmarks/mlrsnet_ptb.py")
-    p.add_argument("--out", default=None, help="output image (default: next to the results, fig_mlrsnet.png)")
+    p.add_argument("--out", default=None,
+                   help=f"output image, one of {list(FORMATS)} (default: next to the results, fig_mlrsnet.png)")
     a = p.parse_args(argv)
-    try:
-        with open(a.results) as f:
-            result = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-        sys.stderr.write(f"fig_mlrsnet.py: error: cannot read {a.results!r}: {e}\n")
-        return 2
-    if result.get("benchmark") not in METRICS:
-        sys.stderr.write(f"fig_mlrsnet.py: error: {a.results!r} is not an MLR-SNet benchmark result "
-                         f"(benchmark={result.get('benchmark')!r}; expected one of {sorted(METRICS)})\n")
-        return 2
     out = a.out or os.path.join(os.path.dirname(os.path.abspath(a.results)), "fig_mlrsnet.png")
-    plot(result, out)
+    if os.path.splitext(out)[1].lower() not in FORMATS:
+        raise UsageError(f"--out must end in one of {list(FORMATS)}, got {out!r}")
+    result = runs.read_results(a.results, benchmark=sorted(METRICS))
+    with output_file(out):
+        plot(result, out)
     print(out)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_main(main)

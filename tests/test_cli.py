@@ -38,10 +38,15 @@ def test_bad_values_exit_nonzero_with_one_line(args, message, tmp_path):
 
 
 def test_missing_data_is_a_one_line_error(tmp_path):
-    r = run("--opt", "sgd", "--data-dir", str(tmp_path / "nothing"), "--out", str(tmp_path / "o"),
-            "--no-progress", env_extra={"L2L_ZOO_DATA": str(tmp_path / "nothing")})
+    (tmp_path / "empty").mkdir()
+    r = run("--opt", "sgd", "--data-dir", str(tmp_path / "empty"), "--out", str(tmp_path / "o"),
+            "--no-progress", env_extra={"L2L_ZOO_DATA": str(tmp_path / "empty")})
     lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
-    assert r.returncode == 3 and len(lines) == 1 and "MNIST not found" in lines[0]
+    assert r.returncode == 3 and len(lines) == 1 and "MNIST not found" in lines[0], r.stderr
+    # a --data-dir that does not exist is an error, not silently replaced by $L2L_ZOO_DATA
+    r = run("--opt", "sgd", "--data-dir", str(tmp_path / "typo"), "--out", str(tmp_path / "o"), "--no-progress")
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert r.returncode == 2 and len(lines) == 1 and "--data-dir: no such folder" in lines[0]
 
 
 def test_help_explains_every_flag():
@@ -52,6 +57,35 @@ def test_help_explains_every_flag():
         assert flag in r.stdout
 
 
+def _load(name):
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(f"_bench_{name}", os.path.join(ROOT, "benchmarks", f"{name}.py"))
+    mod = importlib.util.module_from_spec(spec)
+    sys.path.insert(0, os.path.join(ROOT, "paper_figs"))
+    sys.modules[f"_bench_{name}"] = mod  # dataclasses resolve annotations through sys.modules
+    try:
+        spec.loader.exec_module(mod)
+    finally:
+        sys.path.pop(0)
+    return mod
+
+
+@pytest.mark.parametrize("name,groups", [
+    ("mnist_mlp", ("EVAL_KEYS", "META_KEYS", "SELECTION_KEYS", "NO_RESULT_KEYS")),
+    ("lr_schedules_mnist", ("RUN_KEYS", "LRS_KEYS", "SELECTION_KEYS", "NO_RESULT_KEYS")),
+])
+def test_every_config_field_is_classified_for_the_run_cache(name, groups):
+    """The run cache keys on named groups of config fields: a field in none of them would be ignored
+    by the cache, which is how stale results were once reused. Adding a flag without classifying it
+    fails here."""
+    from dataclasses import fields
+    mod = _load(name)
+    classified = set().union(*(getattr(mod, g) for g in groups))
+    names = {f.name for f in fields(mod.Config)}
+    assert names - classified == set(), f"unclassified config fields: {sorted(names - classified)}"
+    assert classified - names == set(), f"stale names in the groups: {sorted(classified - names)}"
+
+
 def test_tiny_end_to_end_run_and_resume(data_dir, tmp_path):
     out = tmp_path / "run"
     args = ["--opt", "simple", "--smooth", "eps=0.1,steps=2", "--meta-steps", "2", "--horizon", "4",
@@ -60,16 +94,28 @@ def test_tiny_end_to_end_run_and_resume(data_dir, tmp_path):
     r = run(*args)
     assert r.returncode == 0, r.stderr
     res = json.loads((out / "results.json").read_text())
+    assert res["schema"] == "l2l_zoo.results" and res["benchmark"] == "mnist_mlp"
     assert res["config"]["smooth"] == "eps=0.1,steps=2" and res["config"]["eval_steps"] == 30
-    assert set(res["runs"]) == {"simple+smooth", "sgd(lr=0.1)"} or set(res["runs"]) == {"simple+smooth", "sgd(lr=0.01)"}
+    tuning = res["tuning"]["sgd"]
+    assert tuning["criterion"] == "val_loss" and tuning["split"] == "val" and tuning["runs"] == 2
+    best = min(tuning["scores"], key=tuning["scores"].get)  # the lower final validation loss wins
+    assert float(best) == tuning["best"]
+    assert set(res["runs"]) == {"simple+smooth", f"sgd(lr={best})"}
     run0 = res["runs"]["simple+smooth"][0]
-    assert len(run0["batch_loss"]) == 30 and run0["eval_steps"] == [0, 10, 20, 30]
+    assert len(run0["step_log"]["loss"]) == 30 and run0["eval"]["step"] == [0, 10, 20, 30]
+    assert set(run0["final"]) >= {"train_loss", "val_loss", "test_loss", "test_acc"}
     assert len(res["meta_training"]["history"]) == 2
     assert "only the MNIST test set is available" in res["data"]["note"]
     assert (out / "curves.png").stat().st_size > 1000 and (out / "optimizer.pt").exists()
     assert "train loss" in r.stderr + r.stdout
-    # --resume: everything is cached, so the run is identical and fast
+    # --resume: everything is cached, so the run is identical
     r2 = run(*args, "--resume")
     assert r2.returncode == 0, r2.stderr
     res2 = json.loads((out / "results.json").read_text())
     assert res2["runs"] == res["runs"]
+    # --resume with other settings must not reuse the old numbers (the probe's worst finding)
+    r3 = run(*[a if a != "eps=0.1,steps=2" else "eps=0.5,steps=2" for a in args], "--resume")
+    assert r3.returncode == 0, r3.stderr
+    res3 = json.loads((out / "results.json").read_text())
+    assert res3["runs"]["simple+smooth"][0]["step_log"] != run0["step_log"]
+    assert res3["runs"][f"sgd(lr={best})"] == res["runs"][f"sgd(lr={best})"], "baselines do not depend on --smooth"

@@ -26,6 +26,7 @@ import torch
 import torch.utils.checkpoint
 from tqdm.auto import tqdm
 
+from .. import runs
 from ..base import LearnedOptimizer, OptState
 from ..regularizers.smoothness import SmoothnessConfig, SmoothnessRegularizer
 from ..tasks.task import Task
@@ -242,8 +243,8 @@ class MetaTrainer:
             self.save_checkpoint()
             raise MetaTrainingDiverged(
                 f"meta-training aborted: {self.failures} consecutive non-finite meta-updates "
-                f"(last: {what} at {where}); try a smaller meta learning rate, --meta-grad-clip, or "
-                f"a shorter unroll")
+                f"(last: {what} at {where}); try a smaller meta_lr, a meta_grad_clip, or a shorter "
+                f"unroll")
 
     def _meta_update(self, ml: torch.Tensor) -> bool:
         """Back-propagate and step; False (and nothing changed) if anything is non-finite."""
@@ -318,26 +319,42 @@ class MetaTrainer:
                  max_steps: int = 2000, seed: int = 0, progress: bool = True) -> list[dict]:
         """Fine-tune on a new task: subsample ``fraction`` of its training set; ``repeats`` times,
         train a fresh optimizee with meta-updates every ``unroll`` steps until the mean minibatch loss
-        of a truncation is below ``threshold`` × the initial loss (or ``max_steps``)."""
+        of a truncation is below ``threshold`` × the initial loss (or ``max_steps``).
+
+        A non-finite meta-update restores the last good meta-parameters and restarts the repeat with
+        a fresh optimizee; ``max_failures`` consecutive failures (counted across repeats: a success
+        resets the count) abort with :class:`MetaTrainingDiverged`, so an untuned optimizer is never
+        returned as fine-tuned. Each record says whether the repeat reached the threshold."""
+        if not 0.0 < threshold < 1.0:
+            raise ValueError(f"threshold must be in (0, 1), got {threshold!r}")
+        if repeats < 1 or max_steps < 1:
+            raise ValueError(f"repeats and max_steps must be >= 1, got {repeats!r}, {max_steps!r}")
         sub = self.task.subsample(fraction, seed)
         self.backend.task = sub
         records = []
         try:
-            for rep in tqdm(range(repeats), desc="fine-tune", disable=not progress):
-                run = self._new_run(sub)
+            bar = tqdm(total=repeats, desc="fine-tune", disable=not progress)
+            while len(records) < repeats:
+                run = self.run = self._new_run(sub)
+                failed, reached, mean_loss = False, False, float("nan")
                 while run.step < max_steps:
                     ml, losses, _, P, state, loss, grad = self._truncation(run, self.cfg.unroll, sub)
                     mean_loss = float(torch.stack([torch.as_tensor(x).detach() for x in losses[1:]]).mean())
-                    if not self._meta_update(ml):
+                    if not self._meta_update(ml):  # raises MetaTrainingDiverged after max_failures
+                        failed = True
                         break
                     run.x = self.backend.flat(P).detach()
                     run.state, run.loss, run.grad = state.detach(), loss.detach(), grad.detach()
                     run.step += self.cfg.unroll
                     if mean_loss < threshold * run.initial_loss:
+                        reached = True
                         break
-                records.append({"repeat": rep, "steps": run.step, "initial_loss": run.initial_loss,
-                                "final_mean_loss": mean_loss})
-                self.failures = 0
+                if failed:
+                    continue  # the same repeat again, from a fresh optimizee
+                records.append({"repeat": len(records), "steps": run.step, "initial_loss": run.initial_loss,
+                                "final_mean_loss": mean_loss, "reached_threshold": reached})
+                bar.update(1)
+            bar.close()
         finally:
             self.backend.task = self.task
             self.run = None
@@ -360,23 +377,28 @@ class MetaTrainer:
             run = {"index": r.index, "step": r.step, "x": r.x, "state_step": r.state.step,
                    "stats": list(r.state.stats), "hidden": list(r.state.hidden), "loss": r.loss,
                    "grad": r.grad, "scale": r.scale, "initial_loss": r.initial_loss}
-        payload = {"identity": self._identity(), "meta_step": self.meta_step,
+        payload = {"identity": runs.canonical(self._identity()), "meta_step": self.meta_step,
                    "lopt": self.lopt.state_dict(), "meta_opt": self.meta_opt.state_dict(),
                    "good": self._good, "gens": {k: g.get_state() for k, g in self.gens.items()},
                    "run": run, "runs_started": self.runs_started, "history": self.history,
                    "failures": self.failures, "total_failures": self.total_failures,
                    "elapsed": self.elapsed}
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        tmp = f"{path}.tmp"
-        torch.save(payload, tmp)
-        os.replace(tmp, path)
+        payload["format"], payload["version"] = "l2l_zoo.meta_checkpoint", 1
+        runs.save_torch(path, payload)
 
     def load_checkpoint(self, path: str | None = None) -> None:
+        """Restore everything :meth:`save_checkpoint` wrote (read with ``weights_only=True``: a
+        checkpoint cannot run code). A file that is not a meta-training checkpoint, or one written by
+        a different setup, raises :class:`~l2l_zoo.runs.CheckpointError`."""
         path = path or self.checkpoint_path
-        ck = torch.load(path, map_location=self.task.device, weights_only=False)
-        if ck["identity"] != self._identity():
-            raise ValueError(f"checkpoint {path} was written by a different setup "
-                             f"({ck['identity']}); refusing to resume with {self._identity()}")
+        ck = runs.load_torch(path, map_location=self.task.device, what="meta-training checkpoint")
+        if not isinstance(ck, dict) or ck.get("format") != "l2l_zoo.meta_checkpoint":
+            raise runs.CheckpointError(f"{os.fspath(path)!r} is not an l2l_zoo meta-training checkpoint")
+        if ck["identity"] != runs.canonical(self._identity()):
+            raise runs.CheckpointError(
+                f"checkpoint {os.fspath(path)!r} was written by a different setup (identity "
+                f"{runs.config_hash(ck['identity'])}, this run {runs.config_hash(self._identity())}); "
+                "delete it or start without resume")
         self.meta_step = ck["meta_step"]
         self.lopt.load_state_dict(ck["lopt"])
         self.meta_opt.load_state_dict(ck["meta_opt"])

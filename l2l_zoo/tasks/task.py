@@ -30,6 +30,10 @@ class Task:
         self.model_fn = model_fn
         self.device = torch.device(device)
         self.data = data.to(self.device)
+        n_train = len(self.data.y_train)
+        if n_train and batch_size > n_train:
+            raise ValueError(f"batch_size {batch_size} exceeds the {n_train} training examples of "
+                             f"{data.name!r} (minibatches are drawn without replacement)")
         self.batch_size = batch_size
         self.init = init
         self.model = model_fn().to(self.device)  # functional template
