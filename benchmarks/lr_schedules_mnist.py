@@ -8,11 +8,11 @@ hand-designed schedules and the offline optimum LRS-OPT.
         --betas 1e-6,1e-5,1e-4,1e-3 --beta-lrs 1e-9,1e-8,1e-7,1e-6 --device cuda   # paper scale
     python benchmarks/lr_schedules_mnist.py --resume                 # continue a killed run
 
-Protocol (paper §5; REFERENCE.md "HD / RTHO / MARTHE"): 7000 training and 700 validation images
+Protocol (paper §5 and the authors' public code): 7000 training and 700 validation images
 carved (stratified, seed ``--data-seed``) from the MNIST test set in ``$L2L_ZOO_DATA``, the other
 2300 images as a test set that nothing is tuned on; pixels in [0, 1]; MLP 784-500-500-500-10 with
 ReLU, Glorot-uniform weights and zero biases (the authors' TensorFlow default; PyTorch's default
-init makes the constant-rate baseline meaningless, see REFERENCE.md); cross-entropy; plain SGD,
+init makes the constant-rate baseline meaningless: measured 52-56 % against 88-89 %); cross-entropy; plain SGD,
 batch 100, T = 512 steps, η0 = 0.01. The seed fixes the initial weights and the minibatch order,
 which are the same for every method. The online methods' objective E is the validation loss, on a
 random validation minibatch of ``--val-batch`` images per step (0 = the whole validation split).

@@ -7,12 +7,12 @@
 """
 from .base import LearnedOptimizer, MetaDefaults, OptState
 from .optimizers import REGISTRY, DMOptimizer, MLRSNet, RNNProp, SimpleOptimizer, register
-from .registry import create, load, save, available
+from .registry import LearnedOptimizerFileError, create, load, save, available
 from .torch_optim import LearnedOptimizerAdapter
 
 __version__ = "0.1.0"
 
 __all__ = [
     "LearnedOptimizer", "OptState", "MetaDefaults", "REGISTRY", "register", "create", "load", "save",
-    "available", "DMOptimizer", "RNNProp", "SimpleOptimizer", "MLRSNet", "LearnedOptimizerAdapter",
+    "available", "LearnedOptimizerFileError", "DMOptimizer", "RNNProp", "SimpleOptimizer", "MLRSNet", "LearnedOptimizerAdapter",
 ]

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import errno
+import inspect
+import numbers
 import os
 import re
 
@@ -33,7 +35,10 @@ def create(name: str, **options) -> LearnedOptimizer:
 
     >>> create("simple", bias=True).num_meta_parameters()
     143
-    Unknown names raise ``KeyError`` and unknown options ``TypeError``, listing what is allowed.
+    Unknown names raise ``KeyError``, unknown options ``TypeError``, listing what is allowed; an
+    option whose value has the wrong kind for its default (a string for a number, a number for a
+    flag) raises ``TypeError`` before anything is built (so a typo such as ``output_scale="abc"``
+    cannot surface later, in the middle of training).
     """
     if name not in REGISTRY:
         raise KeyError(f"unknown optimizer {name!r}; choose from {available()}")
@@ -42,7 +47,28 @@ def create(name: str, **options) -> LearnedOptimizer:
     unknown = sorted(set(options) - set(allowed))
     if unknown:
         raise TypeError(f"unknown option(s) {unknown} for optimizer {name!r}; allowed: {allowed}")
+    defaults = {k: v.default for k, v in inspect.signature(cls.__init__).parameters.items() if k in allowed}
+    for key, value in options.items():
+        _check_kind(name, key, value, defaults.get(key, inspect.Parameter.empty))
     return cls(**options)
+
+
+def _check_kind(name: str, key: str, value, default) -> None:
+    """``value`` must be of the kind of ``default`` (bool, integer, real number, string, sequence);
+    options whose default is None or absent are checked by the constructor itself."""
+    def real(v):
+        return isinstance(v, numbers.Real) and not isinstance(v, bool)
+
+    kinds = ((bool, lambda v: isinstance(v, bool), "true or false"),
+             (int, lambda v: isinstance(v, numbers.Integral) and not isinstance(v, bool), "an integer"),
+             (float, real, "a number"),
+             (str, lambda v: isinstance(v, str), "a string"),
+             ((tuple, list), lambda v: isinstance(v, (tuple, list)), "a sequence"))
+    for kind, ok, what in kinds:
+        if isinstance(default, kind):
+            if not ok(value):
+                raise TypeError(f"option {key!r} of optimizer {name!r} must be {what}, got {value!r}")
+            return
 
 
 # ------------------------------------------------------------------------------------------ save

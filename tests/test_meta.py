@@ -11,7 +11,10 @@ from l2l_zoo.meta import MetaTrainConfig, MetaTrainer, MetaTrainingDiverged, met
 from l2l_zoo.regularizers import SmoothnessConfig
 from l2l_zoo.tasks import MLP, DataSplits, QuadraticTask, Task
 
-ALL = ["simple", "dm", "rnnprop"]
+from conftest import LOPT_OPTIONS
+
+# every registered optimizer gets these tests because it is registered
+ALL = l2l_zoo.available()
 
 
 def tiny_mlp_task(dtype=torch.float64, seed=0):
@@ -25,8 +28,7 @@ def tiny_mlp_task(dtype=torch.float64, seed=0):
 
 def make_lopt(name, seed=0, dtype=torch.float64):
     torch.manual_seed(seed)
-    opts = {"dm": {"output_scale": 0.1}, "simple": {}, "rnnprop": {}, "mlrsnet": {"momentum": 0.9, "gamma": 0.05}}[name]
-    return l2l_zoo.create(name, **opts).to(dtype)
+    return l2l_zoo.create(name, **LOPT_OPTIONS.get(name, {})).to(dtype)
 
 
 def meta_grad(name, task, backend, second_order, smooth=None, seed=0, steps=4, theta=None, ckpt=False):
@@ -40,7 +42,7 @@ def meta_grad(name, task, backend, second_order, smooth=None, seed=0, steps=4, t
     return ml, torch.cat([g.reshape(-1) for g in grads]), lopt
 
 
-@pytest.mark.parametrize("name", ALL + ["mlrsnet"])
+@pytest.mark.parametrize("name", ALL)
 @pytest.mark.parametrize("second_order", [False, True])
 def test_backends_give_the_same_meta_gradient(name, second_order):
     task = tiny_mlp_task()
@@ -63,8 +65,11 @@ def test_network_checkpointing_gives_the_same_meta_gradient(name):
 @pytest.mark.parametrize("name", ALL)
 def test_meta_gradient_matches_finite_differences(name):
     """Exact (second-order) meta-gradient vs float64 central differences along random directions.
-    (MLR-SNet is left out: its loss input is data by design, detached as in its Algorithm 1, so its
-    meta-gradient is not the total derivative; tests/test_mlrsnet.py checks its own.)"""
+    Optimizers whose input is the loss (``needs_loss``, MLR-SNet) are left out: that input is data by
+    design, detached as in MLR-SNet's Algorithm 1, so their meta-gradient is not the total
+    derivative; tests/test_mlrsnet.py checks MLR-SNet's own against finite differences."""
+    if l2l_zoo.REGISTRY[name].needs_loss:
+        pytest.skip(f"{name} reads the (detached) loss: its meta-gradient is not the total derivative")
     task = QuadraticTask(5, seed=3, dtype=torch.float64, noise=0.1)
     ml, g, lopt = meta_grad(name, task, "func", second_order=True, steps=5)
     theta = torch.nn.utils.parameters_to_vector(lopt.parameters()).detach()

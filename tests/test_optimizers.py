@@ -10,7 +10,9 @@ import l2l_zoo
 from l2l_zoo.base import OptState
 from l2l_zoo.optimizers.features import log_sign_preprocess
 
-ALL = ["simple", "dm", "rnnprop"]
+from conftest import LOPT_OPTIONS
+
+ALL = l2l_zoo.available()  # every registered optimizer gets the contract test
 
 
 @pytest.mark.parametrize("name,options,count", [
@@ -19,6 +21,17 @@ ALL = ["simple", "dm", "rnnprop"]
 ])
 def test_exact_meta_parameter_counts(name, options, count):
     assert l2l_zoo.create(name, **options).num_meta_parameters() == count
+
+
+def test_create_rejects_options_of_the_wrong_kind_before_building():
+    """--opt-config output_scale=abc used to be accepted and to fail mid-training."""
+    for name, kw, msg in [("dm", {"output_scale": "abc"}, "'output_scale' of optimizer 'dm' must be a number"),
+                          ("dm", {"clamp": 1}, "'clamp' of optimizer 'dm' must be true or false"),
+                          ("simple", {"hidden_size": 2.5}, "'hidden_size' of optimizer 'simple' must be an integer"),
+                          ("rnnprop", {"step_scale": None}, "'step_scale' of optimizer 'rnnprop' must be a number")]:
+        with pytest.raises(TypeError, match=msg):
+            l2l_zoo.create(name, **kw)
+    assert l2l_zoo.create("dm", output_scale=1).config["output_scale"] == 1  # an int is a number
 
 
 def test_create_rejects_unknown_names_and_options():
@@ -33,15 +46,20 @@ def test_create_rejects_unknown_names_and_options():
 @pytest.mark.parametrize("name", ALL)
 def test_contract_shapes_purity_and_detach(name):
     torch.manual_seed(0)
-    lopt = l2l_zoo.create(name)
+    lopt = l2l_zoo.create(name, **LOPT_OPTIONS.get(name, {}))
     n = 37
     state = lopt.init_state(n)
+    before = [t.clone() for t in (*state.stats, *state.hidden)]
     g = torch.randn(n) * 1e-2
     g_copy = g.clone()
-    upd, new = lopt.update(g, state)
+    kw = {"loss": torch.tensor(2.0)} if lopt.needs_loss else {}
+    if lopt.needs_params:
+        kw["params"] = torch.randn(n)
+    upd, new = lopt.update(g, state, **kw)
     assert upd.shape == (n,) and torch.isfinite(upd).all()
     assert torch.equal(g, g_copy), "update must not modify its inputs"
-    assert all(torch.count_nonzero(t) == 0 for t in (*state.stats, *state.hidden)), "state mutated"
+    assert all(torch.equal(a, b) or (a.isnan().all() and b.isnan().all())
+               for a, b in zip(before, (*state.stats, *state.hidden))), "state mutated"
     assert new.step == 1
     # differentiable in the meta-parameters
     upd.sum().backward()

@@ -12,7 +12,7 @@ from l2l_zoo.base import LearnedOptimizer, OptState
 from l2l_zoo.regularizers import SmoothnessConfig, SmoothnessRegularizer, parse_smooth
 
 # Construction options an optimizer needs for these tests (everything else: its defaults).
-OPTIONS = {"mlrsnet": {"gamma": 0.1}}
+from conftest import LOPT_OPTIONS as OPTIONS  # one table of construction options
 # Coordinate-wise optimizers whose network still couples coordinates (so PGD does not decouple).
 COUPLED = {"simple": "the mean embedding couples coordinates"}
 ALL = l2l_zoo.available()

@@ -9,7 +9,7 @@ meta learning rates and λ mean the same across truncation lengths.
 * ``last``: f_T only, the last step of each truncation (Lv et al. 2017; Chen et al. §3.2).
 * ``wdiff``: Σ_i w_i (f_i − f_{i−1}), w_i ∝ i² (Chen et al. 2020, eq. 6). Eq. 6 prints
   (f_{i−1} − f_i), which minimised literally rewards increasing the loss; the intent (weighted
-  *decreases*, see §3.2's argument and REFERENCE.md) is implemented.
+  *decreases*, see §3.2's argument; the public smoothed-optimizer code does the same) is implemented.
 * ``linear``: Σ_i w_i f_i with w_i ∝ i (smoothness paper, §4.3: w_t = t mod T).
 
 With a regularizer, step i's term gets + λ R_i before weighting (smoothness paper eqs. 4-5).

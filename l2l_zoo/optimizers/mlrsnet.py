@@ -6,7 +6,7 @@ the minibatch training loss and outputs one learning rate for the whole model (�
     c_t = F ⊙ c_{t-1} + I ⊙ g,   h_t = O ⊙ tanh(c_t)
     p_t = σ(W3 h_t),             α_t = γ · p_t                                           (8)
 
-Sizes follow the authors' released code and checkpoints (see ``REFERENCE.md``): the preprocessing
+Sizes follow the authors' released code and checkpoints (their public repository): the preprocessing
 is two separate MLPs, ``fc_i2h = Linear(1→25)-ReLU-Linear(25→200)`` on the loss and
 ``fc_h2h = Linear(50→25)-ReLU-Linear(25→200)`` on h, their sum split into 4 gate chunks of 50, and
 ``layer3 = Linear(50→1)``: 11,776 meta-parameters.

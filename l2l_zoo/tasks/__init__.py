@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from functools import partial
 
-from .data import DataNotFoundError, DataSplits, load_dataset
+from .data import DataFormatError, DataNotFoundError, DataSplits, load_dataset
 from .models import MLP, ConvNet, LeNet, glorot_init_
 from .quadratic import QuadraticTask
 from .task import Task
@@ -32,4 +32,4 @@ def make_task(name: str, *, data_dir=None, device="cpu", batch_size: int = 128, 
 
 
 __all__ = ["Task", "QuadraticTask", "TASKS", "make_task", "MLP", "LeNet", "ConvNet", "glorot_init_",
-           "DataSplits", "DataNotFoundError", "load_dataset"]
+           "DataSplits", "DataNotFoundError", "DataFormatError", "load_dataset"]
