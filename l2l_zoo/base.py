@@ -127,6 +127,15 @@ class LearnedOptimizer(nn.Module):
         """Updates ``u_t`` of shape ``(n,)`` and the new hidden state."""
         raise NotImplementedError
 
+    def initial_params(self, params: torch.Tensor) -> torch.Tensor:
+        """The optimizee's starting point for a run, given the task's fresh initialisation ``params``
+        (flat, shape (n,)). Default: ``params`` itself. An optimizer that meta-learns the
+        initialisation (Meta-LSTM's c₀, Ravi & Larochelle 2017 §3.2, whose cell state starts at the
+        learner's learned initial parameters) returns its own parameter, differentiably, so that the
+        meta-gradient reaches it through the unrolled trajectory; it is a meta-parameter like any
+        other (in ``parameters()``, trained by the meta-optimizer, saved and loaded)."""
+        return params
+
     def step(self, grads: torch.Tensor, state: OptState, *, params: torch.Tensor | None = None,
              loss: torch.Tensor | None = None, network=None) -> Step:
         """One pure step with its intermediates (see :class:`Step`). ``network`` replaces

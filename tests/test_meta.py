@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 import l2l_zoo
-from l2l_zoo.meta import MetaTrainConfig, MetaTrainer, MetaTrainingDiverged, meta_loss, step_weights
+from l2l_zoo.meta import MetaTrainConfig, MetaTrainer, MetaTrainingDiverged, adapt, meta_loss, step_weights
 from l2l_zoo.regularizers import SmoothnessConfig
 from l2l_zoo.tasks import MLP, DataSplits, QuadraticTask, Task
 
@@ -273,3 +273,129 @@ def test_finetune_aborts_on_repeated_non_finite_meta_updates(mnist_small, monkey
     with pytest.raises(MetaTrainingDiverged, match="3 consecutive non-finite meta-updates"):
         tr.finetune(fraction=0.05, repeats=5, max_steps=50, progress=False)
     assert all(torch.equal(v, lopt.state_dict()[k]) for k, v in before.items())
+
+
+# ----------------------------------------------------------------------------- task families, outer meta-loss
+
+class LearnedInitGD(l2l_zoo.LearnedOptimizer):
+    """Test optimizer: gradient descent with a learned log-rate and a learned initialisation c0
+    (the initial_params hook), the smallest case of Meta-LSTM's c0."""
+
+    name = "_test_learned_init_gd"
+    meta_defaults = l2l_zoo.MetaDefaults(meta_loss="outer", lr=1e-2)
+
+    def __init__(self, *, n: int = 5):
+        super().__init__(n=n)
+        self.log_lr = torch.nn.Parameter(torch.tensor(-4.0))
+        self.c0 = torch.nn.Parameter(0.1 * torch.arange(n, dtype=torch.float32))
+
+    def initial_params(self, params):
+        return self.c0
+
+    def init_state(self, n, *, device=None, dtype=None):
+        return l2l_zoo.OptState(0, (), ())
+
+    def features(self, grads, state, *, params=None, loss=None):
+        return grads.reshape(-1, 1), ()
+
+    def network(self, feats, hidden):
+        return -self.log_lr.exp() * feats[:, 0], hidden
+
+
+class QuadraticFamily:
+    """Random quadratics, one per run (synthetic: exact-math checks only)."""
+
+    def __init__(self, dim=5, noise=0.0):
+        self.dim, self.noise = dim, noise
+        self.template = QuadraticTask(dim, seed=0, dtype=torch.float64, noise=noise)
+        self.name = f"quadratics{dim}"
+
+    def sample(self, gen):
+        return QuadraticTask(self.dim, seed=int(torch.randint(0, 2**31 - 1, (1,), generator=gen)),
+                             dtype=torch.float64, noise=self.noise)
+
+
+def test_outer_meta_loss_is_the_outer_objective_plus_the_summed_penalties():
+    f = [torch.tensor(v, dtype=torch.float64) for v in (4.0, 3.0, 1.0)]
+    pen = [torch.tensor(0.5, dtype=torch.float64), torch.tensor(0.25, dtype=torch.float64)]
+    outer = torch.tensor(0.7, dtype=torch.float64)
+    assert meta_loss("outer", f, pen, lam=2.0, outer=outer) == pytest.approx(0.7 + 2.0 * 0.75)
+    with pytest.raises(ValueError, match="needs the outer objective"):
+        meta_loss("outer", f)
+
+
+@pytest.mark.parametrize("backend", ["func", "higher"])
+def test_learned_initialisation_gets_the_exact_meta_gradient(backend):
+    """Meta-loss F(θ_T) on a task sampled from a family, θ_0 = c0 (a meta-parameter): the
+    meta-gradient w.r.t. (log-rate, c0) equals float64 central differences. Without the
+    initial_params hook c0 would get no gradient at all."""
+    def grad_at(theta=None):
+        torch.manual_seed(0)
+        lopt = LearnedInitGD().double()
+        if theta is not None:
+            torch.nn.utils.vector_to_parameters(theta, lopt.parameters())
+        cfg = MetaTrainConfig(unroll=4, horizon=4, seed=3, second_order=True, backend=backend)
+        tr = MetaTrainer(lopt, QuadraticFamily(), cfg, log=lambda s: None)
+        ml, g = tr.meta_gradient()
+        return ml, torch.cat([x.reshape(-1) for x in g]), lopt
+    ml, g, lopt = grad_at()
+    assert g[1:].abs().sum() > 0, "no meta-gradient reached the learned initialisation"
+    theta = torch.nn.utils.parameters_to_vector(lopt.parameters()).detach()
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        v = torch.randn(theta.shape, generator=gen, dtype=torch.float64)
+        v /= v.norm()
+        h = 1e-6
+        fd = (grad_at(theta + h * v)[0] - grad_at(theta - h * v)[0]) / (2 * h)
+        assert abs(fd - torch.dot(g, v)) <= 1e-6 * max(1.0, abs(float(fd))), (float(fd), float(torch.dot(g, v)))
+
+
+def test_each_run_samples_a_fresh_task_reproducibly():
+    torch.manual_seed(0)
+    tr = MetaTrainer(LearnedInitGD().double(), QuadraticFamily(), MetaTrainConfig(unroll=2, horizon=2, seed=1),
+                     log=lambda s: None)
+    a, b = tr._new_run(), tr._new_run()
+    assert not torch.equal(a.task.w, b.task.w), "two runs trained the same task"
+    tr2 = MetaTrainer(LearnedInitGD().double(), QuadraticFamily(), MetaTrainConfig(unroll=2, horizon=2, seed=1),
+                      log=lambda s: None)
+    assert torch.equal(tr2._new_run().task.w, a.task.w), "the same seed must give the same tasks"
+
+
+def test_resume_in_the_middle_of_a_run_restores_its_sampled_task(tmp_path):
+    """A run of 4 steps in truncations of 2 on a sampled noisy quadratic, killed between its two
+    truncations: the resumed trainer re-samples the same task and ends bit-identical."""
+    def make(path, seed=0):
+        torch.manual_seed(seed)
+        cfg = MetaTrainConfig(meta_steps=5, unroll=2, horizon=4, seed=2, checkpoint_every=1)
+        return MetaTrainer(LearnedInitGD().double(), QuadraticFamily(noise=0.3), cfg, checkpoint_path=path,
+                           log=lambda s: None)
+    ref = make(tmp_path / "a.pt")
+    ref.train(progress=False)
+    killed = make(tmp_path / "b.pt")
+
+    def kill(step, rec):
+        if step == 3:  # mid-run: run 1 has done its first truncation
+            raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt):
+        killed.train(progress=False, callback=kill)
+    assert killed.run is not None and killed.run.step == 2
+    resumed = make(tmp_path / "b.pt", seed=7)
+    resumed.train(resume=True, progress=False)
+    assert [r["meta_loss"] for r in resumed.history] == [r["meta_loss"] for r in ref.history]
+    for p, q in zip(ref.lopt.parameters(), resumed.lopt.parameters()):
+        assert torch.equal(p, q)
+
+
+def test_adapt_runs_the_inner_loop_from_the_learned_initialisation():
+    torch.manual_seed(0)
+    lopt = LearnedInitGD().double()
+    task = QuadraticTask(5, seed=4, dtype=torch.float64)
+    x, losses = adapt(lopt, task, 3, gen=torch.Generator().manual_seed(0))
+    ref = lopt.c0.detach().clone()
+    lr = float(lopt.log_lr.exp())
+    for _ in range(3):
+        r = ref.clone().requires_grad_(True)
+        g, = torch.autograd.grad(task.loss(task.w @ r, task.y), r)
+        ref = ref - lr * g
+    torch.testing.assert_close(x, ref, rtol=1e-12, atol=1e-12)
+    assert len(losses) == 3 and losses[0] > losses[-1]

@@ -17,6 +17,7 @@ state), restarts the optimizee run and logs it; ``max_failures`` consecutive fai
 from __future__ import annotations
 
 import copy
+import math
 import os
 import time
 from dataclasses import asdict, dataclass, field
@@ -29,11 +30,12 @@ from tqdm.auto import tqdm
 from .. import runs
 from ..base import LearnedOptimizer, OptState
 from ..regularizers.smoothness import SmoothnessConfig, SmoothnessRegularizer
+from ..tasks.family import TaskFamily, as_family
 from ..tasks.task import Task
 from .losses import META_LOSSES, meta_loss
 from .unroll import BACKENDS, make_backend
 
-__all__ = ["MetaTrainConfig", "MetaTrainer", "MetaTrainingDiverged"]
+__all__ = ["MetaTrainConfig", "MetaTrainer", "MetaTrainingDiverged", "adapt"]
 
 
 class MetaTrainingDiverged(RuntimeError):
@@ -49,6 +51,8 @@ class MetaTrainConfig:
     run (T_total). ``unroll``: truncation length T. ``second_order``: back-propagate through the
     optimizee gradients (off: gradients fed to the optimizer are treated as constants, as
     Andrychowicz et al. do). ``meta_grad_clip``: clamp each meta-gradient entry to ±value (None: off).
+    ``meta_clip_norm``: rescale the meta-gradient to at most this global norm
+    (``torch.nn.utils.clip_grad_norm_``; Ravi & Larochelle's Meta-LSTM uses 0.25; None: off).
     ``checkpoint_network``: recompute the optimizer network in the backward pass instead of storing
     its activations (``torch.utils.checkpoint``; same meta-gradient, ~1.3x the time, a fraction of
     the memory). ``"auto"`` turns it on when the hidden state holds more than 10^7 numbers (e.g. DM
@@ -64,6 +68,7 @@ class MetaTrainConfig:
     second_order: bool = False
     backend: str = "func"
     meta_grad_clip: float | None = None
+    meta_clip_norm: float | None = None
     checkpoint_network: bool | str = "auto"
     checkpoint_every: int = 10
     max_failures: int = 5
@@ -84,6 +89,10 @@ class MetaTrainConfig:
             raise ValueError(f"checkpoint_network must be True, False or 'auto', got {self.checkpoint_network!r}")
         if self.random_scale is not None and self.random_scale < 0:
             raise ValueError(f"random_scale must be >= 0, got {self.random_scale!r}")
+        for k in ("meta_grad_clip", "meta_clip_norm"):
+            v = getattr(self, k)
+            if v is not None and not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
+                raise ValueError(f"{k} must be a finite number > 0 or None, got {v!r}")
 
     def resolved(self, lopt: LearnedOptimizer) -> "MetaTrainConfig":
         """A copy with the ``None`` fields filled from ``lopt.meta_defaults``."""
@@ -113,19 +122,24 @@ class _Run:
     scale: torch.Tensor | None
     initial_loss: float = float("nan")
     losses: list = field(default_factory=list)
+    task: Task | None = None                   # the task this run trains (sampled from the family)
+    task_state: torch.Tensor | None = None     # the task generator's state before it was sampled
 
 
 class MetaTrainer:
-    """Meta-train ``lopt`` on ``task``; see the module docstring.
+    """Meta-train ``lopt`` on ``task``: a :class:`~l2l_zoo.tasks.Task` or a
+    :class:`~l2l_zoo.tasks.TaskFamily`, from which every run samples a fresh task (e.g. a few-shot
+    episode); see the module docstring.
 
     ``checkpoint_path``: where checkpoints go (None: no checkpoints). ``log``: a callable for
     one-line messages (default ``tqdm.write``).
     """
 
-    def __init__(self, lopt: LearnedOptimizer, task: Task, config: MetaTrainConfig | None = None, *,
+    def __init__(self, lopt: LearnedOptimizer, task: Task | TaskFamily, config: MetaTrainConfig | None = None, *,
                  checkpoint_path: str | os.PathLike | None = None, log: Callable[[str], None] | None = None):
         self.lopt = lopt
-        self.task = task
+        self.family = as_family(task)
+        task = self.task = self.family.template
         self.cfg = (config or MetaTrainConfig()).resolved(lopt)
         self.checkpoint_path = None if checkpoint_path is None else os.fspath(checkpoint_path)
         self.log = log or tqdm.write
@@ -138,7 +152,8 @@ class MetaTrainer:
         s = self.cfg.seed
         self.gens = {"data": torch.Generator().manual_seed(s),
                      "init": torch.Generator().manual_seed(s + 1_000_003),
-                     "reg": torch.Generator().manual_seed(s + 2_000_003)}
+                     "reg": torch.Generator().manual_seed(s + 2_000_003),
+                     "task": torch.Generator().manual_seed(s + 3_000_003)}
         self.meta_step = 0
         self.run: _Run | None = None
         self.runs_started = 0
@@ -146,13 +161,25 @@ class MetaTrainer:
         self.failures = 0
         self.total_failures = 0
         self.elapsed = 0.0
+        self._last_outer = None
         self._good = self._snapshot()
 
     # ------------------------------------------------------------------ runs and truncations
-    def _new_run(self, task: Task | None = None) -> _Run:
-        task = task or self.task
+    def _new_run(self, task: Task | None = None, task_state: torch.Tensor | None = None) -> _Run:
+        """A fresh optimizee run: ``task`` if given (fine-tuning), else one sampled from the family
+        (from ``task_state`` when a checkpoint restores a run)."""
+        if task is None:
+            gen = self.gens["task"]
+            if task_state is not None:
+                gen = torch.Generator()
+                gen.set_state(task_state)
+            task_state = gen.get_state()
+            task = self.family.sample(gen)
+        self.backend.task = task
+        task.reset()
+        task.model.train()
         seed = int(torch.randint(0, 2**31 - 1, (1,), generator=self.gens["init"]))
-        theta0 = task.flatten(task.init_params(seed)).to(self.dtype)
+        theta0 = self.lopt.initial_params(task.flatten(task.init_params(seed)).to(self.dtype))
         r = self.cfg.random_scale
         scale = None
         if r > 0:  # Lv et al. §3.1: f_c(x) = f(c·x), c = exp(U(-r, r)) per coordinate, start x0 = θ0/c
@@ -161,17 +188,26 @@ class MetaTrainer:
         x0 = theta0 if scale is None else theta0 / scale
         self.backend.set_scale(scale)
         P = self.backend.start(x0)
-        loss, grad = self.backend.loss_and_grad(P, task.sample_batch(self.gens["data"]))
+        learned = x0.requires_grad  # a learned initialisation: keep its graph
+        loss, grad = self.backend.loss_and_grad(P, task.inner_batch(self.gens["data"]),
+                                                create_graph=learned and self.cfg.second_order)
         self.runs_started += 1
         state = self.lopt.init_state(x0.numel(), device=x0.device, dtype=self.dtype)
-        return _Run(self.runs_started - 1, 0, x0.detach(), state, loss.detach(), grad.detach(), scale,
-                    initial_loss=float(loss.detach()))
+        # With a learned initialisation x0 (and, second-order, the first gradient) keep their graph:
+        # they are consumed by this run's first truncation, within the same meta-step. Otherwise
+        # they are constants.
+        if not (learned and self.cfg.second_order):
+            grad = grad.detach()
+        return _Run(self.runs_started - 1, 0, x0 if learned else x0.detach(), state, loss.detach(),
+                    grad, scale, initial_loss=float(loss.detach()), task=task, task_state=task_state)
 
     def _truncation(self, run: _Run, steps: int, task: Task | None = None):
         """Unroll ``steps`` optimizee steps from ``run``; returns (meta_loss, losses, penalties, P,
-        state, last loss, last grad). The graph reaches the meta-parameters."""
-        task = task or self.task
+        state, last loss, last grad). The graph reaches the meta-parameters. With the ``outer``
+        meta-loss the outer batch is evaluated at the end (in the task's ``outer_train_mode``)."""
+        task = task or run.task or self.task
         lopt, be = self.lopt, self.backend
+        be.task = task
         be.set_scale(run.scale)
         P = be.start(run.x)
         state = run.state.detach()
@@ -188,13 +224,22 @@ class MetaTrainer:
                 penalties.append(self.reg(lopt, step.feats, step.hidden, self.gens["reg"]))
             state = step.state
             P = be.apply(P, step.updates)
-            loss, grad = be.loss_and_grad(P, task.sample_batch(self.gens["data"]),
+            loss, grad = be.loss_and_grad(P, task.inner_batch(self.gens["data"]),
                                           create_graph=self.cfg.second_order)
             if not self.cfg.second_order:
                 grad = grad.detach()
             losses.append(loss)
         lam = self.reg.config.lam if self.reg is not None else 0.0
-        ml = meta_loss(self.cfg.meta_loss, losses, penalties, lam)
+        outer = None
+        if self.cfg.meta_loss == "outer":
+            mode = task.model.training
+            task.model.train(task.outer_train_mode)
+            try:
+                outer = be.loss(P, task.outer_batch(self.gens["data"]))
+            finally:
+                task.model.train(mode)
+        ml = meta_loss(self.cfg.meta_loss, losses, penalties, lam, outer=outer)
+        self._last_outer = None if outer is None else float(outer.detach())
         return ml, losses, penalties, P, state, loss, grad
 
     def _network(self, feats, hidden):
@@ -262,6 +307,8 @@ class MetaTrainer:
             for p in params:
                 if p.grad is not None:
                     p.grad.clamp_(-self.cfg.meta_grad_clip, self.cfg.meta_grad_clip)
+        if self.cfg.meta_clip_norm is not None:
+            torch.nn.utils.clip_grad_norm_(params, self.cfg.meta_clip_norm)
         self._good = snap
         self.meta_opt.step()
         self.failures = 0
@@ -297,7 +344,8 @@ class MetaTrainer:
                 rec = {"meta_step": self.meta_step, "run": run.index, "run_step": run.step,
                        "meta_loss": float(ml.detach()), "loss_start": float(losses[0]),
                        "loss_end": float(losses[-1].detach()),
-                       "penalty": float(torch.stack(pens).detach().mean()) if pens else None}
+                       "penalty": float(torch.stack(pens).detach().mean()) if pens else None,
+                       "outer_loss": self._last_outer}
                 if run.step >= cfg.horizon:
                     self.run = None
                 self.elapsed += time.perf_counter() - t0
@@ -365,7 +413,7 @@ class MetaTrainer:
         return {"lopt": self.lopt.name, "lopt_config": self.lopt.config,
                 "trainer": {k: v for k, v in self.cfg.to_dict().items()
                             if k not in ("meta_steps", "checkpoint_every", "max_failures")},
-                "task": self.task.name, "num_params": self.task.num_params}
+                "task": self.family.name, "num_params": self.task.num_params}
 
     def save_checkpoint(self, path: str | None = None) -> None:
         path = path or self.checkpoint_path
@@ -374,9 +422,11 @@ class MetaTrainer:
         run = None
         if self.run is not None:
             r = self.run
-            run = {"index": r.index, "step": r.step, "x": r.x, "state_step": r.state.step,
-                   "stats": list(r.state.stats), "hidden": list(r.state.hidden), "loss": r.loss,
-                   "grad": r.grad, "scale": r.scale, "initial_loss": r.initial_loss}
+            run = {"index": r.index, "step": r.step, "x": r.x.detach(), "state_step": r.state.step,
+                   "stats": list(r.state.stats), "hidden": list(r.state.hidden), "loss": r.loss.detach(),
+                   "grad": r.grad.detach(), "scale": r.scale, "initial_loss": r.initial_loss,
+                   "task_state": r.task_state,
+                   "buffers": {k: v.detach().clone() for k, v in (r.task or self.task).model.named_buffers()}}
         payload = {"identity": runs.canonical(self._identity()), "meta_step": self.meta_step,
                    "lopt": self.lopt.state_dict(), "meta_opt": self.meta_opt.state_dict(),
                    "good": self._good, "gens": {k: g.get_state() for k, g in self.gens.items()},
@@ -406,12 +456,57 @@ class MetaTrainer:
         for k, s in ck["gens"].items():
             self.gens[k].set_state(s.cpu())
         r = ck["run"]
-        self.run = None if r is None else _Run(
-            r["index"], r["step"], r["x"], OptState(r["state_step"], tuple(r["stats"]), tuple(r["hidden"])),
-            r["loss"], r["grad"], r["scale"], r["initial_loss"])
+        self.run = None
+        if r is not None:
+            task = self.task
+            if r.get("task_state") is not None:  # the same task again, from the generator state it came from
+                g = torch.Generator()
+                g.set_state(r["task_state"])
+                task = self.family.sample(g)
+            with torch.no_grad():
+                for k, v in task.model.named_buffers():
+                    if k in r.get("buffers", {}):
+                        v.copy_(r["buffers"][k])
+            self.backend.task = task
+            self.run = _Run(r["index"], r["step"], r["x"],
+                            OptState(r["state_step"], tuple(r["stats"]), tuple(r["hidden"])),
+                            r["loss"], r["grad"], r["scale"], r["initial_loss"], task=task,
+                            task_state=r.get("task_state"))
         self.runs_started = ck["runs_started"]
         self.history = ck["history"]
         self.failures = ck["failures"]
         self.total_failures = ck["total_failures"]
         self.elapsed = ck["elapsed"]
 
+
+def adapt(lopt: LearnedOptimizer, task: Task, steps: int, *, gen: torch.Generator, init_seed: int = 0,
+          backend: str = "func") -> tuple[torch.Tensor, list[float]]:
+    """Run ``steps`` inner steps of ``lopt`` on ``task`` from its starting point
+    (``lopt.initial_params`` of the task's initialisation with ``init_seed``), without meta-gradient:
+    the meta-test inner loop (e.g. adapting to a few-shot episode's support set). The task is
+    ``reset()`` first and its template module left in train mode, so BatchNorm running statistics
+    accumulate over the inner loop as in training. Returns the final flat parameters (detached) and
+    the inner minibatch losses [f_0, ..., f_{steps-1}]."""
+    if not (isinstance(steps, int) and steps >= 0):
+        raise ValueError(f"steps must be an integer >= 0, got {steps!r}")
+    be = make_backend(backend, task)
+    task.reset()
+    task.model.train()
+    dtype = next(iter(lopt.parameters())).dtype
+    with torch.no_grad():
+        x = lopt.initial_params(task.flatten(task.init_params(init_seed)).to(dtype)).detach().clone()
+    state = lopt.init_state(x.numel(), device=x.device, dtype=dtype)
+    losses = []
+    for _ in range(steps):
+        P = be.start(x)
+        loss, grad = be.loss_and_grad(P, task.inner_batch(gen))
+        kw = {}
+        if lopt.needs_params:
+            kw["params"] = x
+        if lopt.needs_loss:
+            kw["loss"] = loss.detach()
+        with torch.no_grad():
+            upd, state = lopt.update(grad.detach(), state, **kw)
+            x = x + upd
+        losses.append(float(loss.detach()))
+    return x, losses

@@ -5,6 +5,11 @@ A backend owns the optimizee's parameters during one truncation and offers three
     P = backend.start(flat_params)                # cut the graph, begin a truncation
     loss, grad = backend.loss_and_grad(P, batch)  # minibatch loss f(θ) and flat ∇f, graph kept
     P = backend.apply(P, updates)                 # θ + u, differentiable in the meta-parameters
+    loss = backend.loss(P, batch)                 # f(θ) only (the outer objective of a run)
+
+``start`` cuts the graph unless its input requires grad: a learned initialisation
+(``LearnedOptimizer.initial_params``, e.g. Meta-LSTM's c₀) keeps its graph so that the meta-gradient
+reaches it.
 
 * ``func`` keeps the parameters as one flat vector and evaluates the model with
   ``torch.func.functional_call`` on views of it (no copies, no per-tensor bookkeeping).
@@ -62,12 +67,15 @@ class FuncBackend(_Backend):
         return P
 
     def start(self, flat):
-        return flat.detach().requires_grad_(True)
+        return flat if flat.requires_grad else flat.detach().requires_grad_(True)
 
-    def loss_and_grad(self, P, batch, *, create_graph=False):
+    def loss(self, P, batch):
         x, y = batch
         out = functional_call(self.task.model, self.task.unflatten(self.theta(P)), (x,))
-        loss = self.task.loss(out, y)
+        return self.task.loss(out, y)
+
+    def loss_and_grad(self, P, batch, *, create_graph=False):
+        loss = self.loss(P, batch)
         (grad,) = torch.autograd.grad(loss, P, create_graph=create_graph, retain_graph=True)
         return loss, grad
 
@@ -99,14 +107,18 @@ class HigherBackend(_Backend):
         # A fresh patched module per truncation drops higher's history of earlier fast weights.
         self._fmodel = self._higher.monkeypatch(self.task.model, copy_initial_weights=True,
                                                 track_higher_grads=True)
-        return [t.view(s).detach().requires_grad_(True)
+        keep = flat.requires_grad  # a learned initialisation keeps its graph
+        return [t.view(s) if keep else t.view(s).detach().requires_grad_(True)
                 for t, s in zip(flat.split(self.task.numels), self.task.param_shapes)]
 
-    def loss_and_grad(self, P, batch, *, create_graph=False):
+    def loss(self, P, batch):
         x, y = batch
         scales = self._scales()
         params = P if scales is None else [p * s for p, s in zip(P, scales)]
-        loss = self.task.loss(self._fmodel(x, params=params), y)
+        return self.task.loss(self._fmodel(x, params=params), y)
+
+    def loss_and_grad(self, P, batch, *, create_graph=False):
+        loss = self.loss(P, batch)
         grads = torch.autograd.grad(loss, P, create_graph=create_graph, retain_graph=True)
         return loss, torch.cat([g.reshape(-1) for g in grads])
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from functools import partial
 
+from .family import SingleTask, TaskFamily, as_family
 from .data import DataFormatError, DataNotFoundError, DataSplits, load_dataset
 from .models import MLP, ConvNet, LeNet, glorot_init_
 from .quadratic import QuadraticTask
@@ -31,5 +32,5 @@ def make_task(name: str, *, data_dir=None, device="cpu", batch_size: int = 128, 
     return Task(name, model_fn, data, batch_size=batch_size, device=device)
 
 
-__all__ = ["Task", "QuadraticTask", "TASKS", "make_task", "MLP", "LeNet", "ConvNet", "glorot_init_",
+__all__ = ["Task", "TaskFamily", "SingleTask", "as_family", "QuadraticTask", "TASKS", "make_task", "MLP", "LeNet", "ConvNet", "glorot_init_",
            "DataSplits", "DataNotFoundError", "DataFormatError", "load_dataset"]

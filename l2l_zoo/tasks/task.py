@@ -68,6 +68,25 @@ class Task:
     def unflatten(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
         return {n: t.view(s) for n, t, s in zip(self.param_names, flat.split(self.numels), self.param_shapes)}
 
+    # ------------------------------------------------------------------ the meta-trainer's two streams
+    #: evaluate the outer batch in train mode (BatchNorm: its own batch statistics) or eval mode
+    outer_train_mode: bool = True
+
+    def inner_batch(self, gen: torch.Generator):
+        """The minibatch of one inner (optimizee) step: a training minibatch."""
+        return self.sample_batch(gen, "train")
+
+    def outer_batch(self, gen: torch.Generator):
+        """The minibatch of the outer objective (meta-loss ``"outer"``): a validation minibatch."""
+        return self.sample_batch(gen, "val")
+
+    def reset(self) -> None:
+        """Called at the start of every optimizee run: resets the template module's buffers
+        (BatchNorm running statistics), so that runs do not leak statistics into each other."""
+        for m in self.model.modules():
+            if hasattr(m, "reset_running_stats"):
+                m.reset_running_stats()
+
     # ------------------------------------------------------------------ data and loss
     def sample_batch(self, gen: torch.Generator, split: str = "train"):
         """A minibatch drawn without replacement within the batch, from a CPU generator."""
