@@ -399,3 +399,38 @@ def test_adapt_runs_the_inner_loop_from_the_learned_initialisation():
         ref = ref - lr * g
     torch.testing.assert_close(x, ref, rtol=1e-12, atol=1e-12)
     assert len(losses) == 3 and losses[0] > losses[-1]
+
+
+def test_attached_state_travels_in_the_checkpoint(tmp_path):
+    """A callback's own state (e.g. best-on-validation selection) attached to the trainer is saved
+    with each checkpoint, after the callback ran, and restored on resume."""
+    class Counter:
+        def __init__(self):
+            self.seen = []
+
+        def __call__(self, step, rec):
+            self.seen.append(step)
+
+        def state_dict(self):
+            return {"seen": list(self.seen)}
+
+        def load_state_dict(self, sd):
+            self.seen = list(sd["seen"])
+
+    a = _trainer(tmp_path)
+    c = Counter()
+    a.attach("counter", c)
+
+    def dying(step, rec):
+        c(step, rec)
+        if step == 5:
+            raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt):
+        a.train(progress=False, callback=dying)
+    b = _trainer(tmp_path)
+    c2 = Counter()
+    b.attach("counter", c2)
+    b.train(resume=True, progress=False, callback=c2)
+    assert c2.seen == [1, 2, 3, 4, 5, 6, 7], "steps up to the checkpoint at 4 restored, 5-7 redone"
+    with pytest.raises(TypeError, match="needs state_dict"):
+        b.attach("x", object())

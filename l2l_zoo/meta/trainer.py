@@ -162,6 +162,8 @@ class MetaTrainer:
         self.total_failures = 0
         self.elapsed = 0.0
         self._last_outer = None
+        #: objects whose state_dict() travels in the checkpoints (see attach)
+        self.attached: dict = {}
         self._good = self._snapshot()
 
     # ------------------------------------------------------------------ runs and truncations
@@ -266,6 +268,14 @@ class MetaTrainer:
         grads = [torch.zeros_like(p) if g is None else g for g, p in zip(grads, self.lopt.parameters())]
         return ml.detach(), grads
 
+    def attach(self, name: str, obj) -> None:
+        """Keep ``obj``'s ``state_dict()`` in every checkpoint and restore it with
+        ``load_state_dict`` on resume (e.g. a best-on-validation selector driven by the ``train``
+        callback, which runs before each checkpoint, so both always describe the same meta-step)."""
+        if not (callable(getattr(obj, "state_dict", None)) and callable(getattr(obj, "load_state_dict", None))):
+            raise TypeError(f"attach: {name!r} needs state_dict() and load_state_dict(), got {type(obj).__name__}")
+        self.attached[name] = obj
+
     # ------------------------------------------------------------------ failure handling
     def _snapshot(self):
         return (copy.deepcopy(self.lopt.state_dict()), copy.deepcopy(self.meta_opt.state_dict()))
@@ -320,7 +330,8 @@ class MetaTrainer:
         """Run until ``meta_steps`` meta-updates are done; returns the per-meta-step history.
 
         ``resume``: continue from ``checkpoint_path`` if it exists. ``callback(meta_step, record)`` is
-        called after every meta-step (tests use it to simulate a kill)."""
+        called after every meta-step, before that step's checkpoint (tests use it to simulate a
+        kill; :meth:`attach` keeps a callback's own state in the checkpoints)."""
         if resume and self.checkpoint_path and os.path.exists(self.checkpoint_path):
             self.load_checkpoint()
             self.log(f"[meta-train] resumed from {self.checkpoint_path} at meta-step {self.meta_step}")
@@ -353,11 +364,11 @@ class MetaTrainer:
                 self.history.append(rec)
                 bar.update(1)
                 bar.set_postfix(meta_loss=f"{rec['meta_loss']:.4g}", loss=f"{rec['loss_end']:.4g}")
+                if callback is not None:  # before the checkpoint, so that attached state is in it
+                    callback(self.meta_step, rec)
                 if self.checkpoint_path and (self.meta_step % cfg.checkpoint_every == 0
                                              or self.meta_step == cfg.meta_steps):
                     self.save_checkpoint()
-                if callback is not None:
-                    callback(self.meta_step, rec)
         finally:
             bar.close()
         return self.history
@@ -432,7 +443,8 @@ class MetaTrainer:
                    "good": self._good, "gens": {k: g.get_state() for k, g in self.gens.items()},
                    "run": run, "runs_started": self.runs_started, "history": self.history,
                    "failures": self.failures, "total_failures": self.total_failures,
-                   "elapsed": self.elapsed}
+                   "elapsed": self.elapsed,
+                   "attached": {k: obj.state_dict() for k, obj in self.attached.items()}}
         payload["format"], payload["version"] = "l2l_zoo.meta_checkpoint", 1
         runs.save_torch(path, payload)
 
@@ -477,6 +489,11 @@ class MetaTrainer:
         self.failures = ck["failures"]
         self.total_failures = ck["total_failures"]
         self.elapsed = ck["elapsed"]
+        missing = sorted(set(self.attached) - set(ck.get("attached", {})))
+        if missing:
+            raise runs.CheckpointError(f"checkpoint {os.fspath(path)!r} has no state for the attached {missing}")
+        for k, obj in self.attached.items():
+            obj.load_state_dict(ck["attached"][k])
 
 
 def adapt(lopt: LearnedOptimizer, task: Task, steps: int, *, gen: torch.Generator, init_seed: int = 0,
