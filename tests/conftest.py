@@ -4,6 +4,8 @@ import os
 import pytest
 import torch
 
+import fewshot.metalstm  # noqa: F401  registers "metalstm": every registered optimizer gets the generic tests
+
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 

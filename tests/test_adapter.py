@@ -128,6 +128,8 @@ def test_adapter_equals_pure_update(name, make_lopt):
         loss = F.cross_entropy(torch.func.functional_call(ref, dict(zip(names, params)), (x,)), y)
         grads = torch.autograd.grad(loss, params)
         kw = {"loss": loss.detach()} if lopt.needs_loss else {}
+        if lopt.needs_params:
+            kw["params"] = torch.cat([p.detach().reshape(-1) for p in params])
         with torch.no_grad():
             upd, state = lopt.update(torch.cat([g.reshape(-1) for g in grads]), state, **kw)
         params = [(p + u.view_as(p)).detach().requires_grad_(True)
@@ -242,8 +244,9 @@ def test_parameters_without_gradient_are_skipped(name, make_lopt):
         return l2l_zoo.OptState(states[-1].step, *(tuple(f(*xs) for xs in zip(*(getattr(s, kind) for s in states)))
                                                    for kind in ("stats", "hidden")))
     # step 0: every parameter has a gradient (so parameter 1's state is not trivially fresh)
+    start = [p.detach().clone() for p in params]
     opt.step(set_grads(params, make_grads(0), loss_at(0)))
-    full = pure(lopt, lopt.init_state(n), make_grads(0), 0, params)[1]
+    full = pure(lopt, lopt.init_state(n), make_grads(0), 0, start)[1]
     frozen = params[1].detach().clone()
     frozen_state = {k: v.clone() for k, v in opt.state[params[1]].items() if k != "step"}
     for t in (1, 2):

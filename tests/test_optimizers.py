@@ -70,7 +70,8 @@ def test_contract_shapes_purity_and_detach(name):
 
 # Non-default options for the save/load round trip (every registered optimizer is covered).
 ROUNDTRIP_OPTIONS = {"simple": {"bias": True}, "dm": {"output_scale": 0.01, "p": 5.0, "clamp": True},
-                     "rnnprop": {"step_scale": 0.2}, "mlrsnet": {"gamma": 0.1, "base": "adam", "layout": "meta-test"}}
+                     "rnnprop": {"step_scale": 0.2}, "mlrsnet": {"gamma": 0.1, "base": "adam", "layout": "meta-test"},
+                     "metalstm": {"preset": "markdtw", "grad_divisor": 25.0, "n_params": 7}}
 
 
 @pytest.mark.parametrize("name", l2l_zoo.available())
@@ -84,6 +85,8 @@ def test_save_load_roundtrip_is_identical(name, tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(lopt.state_dict().values(), back.state_dict().values()))
     g = torch.randn(50) * 1e-2
     kw = {"loss": torch.tensor(2.0)} if lopt.needs_loss else {}
+    if lopt.needs_params:
+        kw["params"] = torch.randn(50)
     a, _ = lopt.update(g, lopt.init_state(50), **kw)
     b, _ = back.update(g, back.init_state(50), **kw)
     assert torch.equal(a, b)
