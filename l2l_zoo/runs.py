@@ -67,7 +67,7 @@ __all__ = [
     "OutputLock", "canonical", "config_hash", "file_digest", "RunCache",
     "TuneResult", "tune", "OptimizerStepper", "ControllerStepper", "train",
     "SCHEMA", "environment", "new_results", "validate_results", "read_results", "summarize",
-    "mean_curve", "new_record",
+    "mean_curve", "new_record", "log_step", "log_eval",
 ]
 
 
@@ -591,7 +591,9 @@ def _finite(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
-def _log_step(rec: dict, t: int, out: dict) -> None:
+def log_step(rec: dict, t: int, out: dict) -> None:
+    """Append step ``t``'s numeric scalars of ``out`` to ``rec["step_log"]`` (columns; None where
+    missing or non-finite)."""
     log = rec["step_log"]
     for k, v in out.items():
         if k in ("aux", "error") or not (v is None or (isinstance(v, (int, float)) and not isinstance(v, bool))):
@@ -603,7 +605,8 @@ def _log_step(rec: dict, t: int, out: dict) -> None:
             col.append(None)
 
 
-def _log_eval(rec: dict, step: int, metrics: Mapping) -> None:
+def log_eval(rec: dict, step: int, metrics: Mapping) -> None:
+    """Append an evaluation at ``step`` to ``rec["eval"]`` (columns; None where missing or non-finite)."""
     ev = rec["eval"]
     n = len(ev["step"])
     ev["step"].append(step)
@@ -702,7 +705,7 @@ def train(stepper, next_batch: Callable[[Any], Any], *, steps: int,
 
     def run_eval(t) -> bool:
         m = dict(evaluate())
-        _log_eval(rec, t, m)
+        log_eval(rec, t, m)
         why = _eval_diverged(m)
         if why:
             rec["diverged_at"], rec["error"] = t, why
@@ -720,7 +723,7 @@ def train(stepper, next_batch: Callable[[Any], Any], *, steps: int,
         while ok and t < steps:
             out = stepper.step(next_batch(aux))
             aux = out.get("aux")
-            _log_step(rec, t, out)
+            log_step(rec, t, out)
             value = out["loss"]
             t += 1
             why = out.get("error")
