@@ -76,6 +76,7 @@ class Config:
     backbone: str
     backbone_checkpoint: str | None
     pretrain_steps: int
+    backbone_cache: str | None
     threads: int
     device: str
     data_dir: str | None
@@ -84,7 +85,7 @@ class Config:
     progress: bool
 
 
-NO_RESULT_KEYS = ("out", "resume", "progress")
+NO_RESULT_KEYS = ("out", "resume", "progress", "backbone_cache")
 
 
 def build_parser() -> ArgumentParser:
@@ -118,6 +119,9 @@ def build_parser() -> ArgumentParser:
                    help="the authors' WRN-28-10 checkpoint (netFeatBest*.pth) instead of pretraining")
     p.add_argument("--pretrain-steps", type=int, default=DEFAULT_PRETRAIN_STEPS,
                    help="cosine-classifier pretraining steps of the conv4 backbone (batch 64)")
+    p.add_argument("--backbone-cache", default=None, metavar="DIR",
+                   help="folder for pretrained backbones, shared between runs (default: --out); each is kept "
+                        "under a hash of its settings")
     p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0 = torch's default)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--data-dir", default=None, help="dataset folder; must exist if given (default: $L2L_ZOO_DATA)")
@@ -172,7 +176,8 @@ def parse_config(argv=None) -> Config:
                   preset=a.preset, episodes=episodes, val_episodes=a.val_episodes,
                   val_every=a.val_every or max(1, episodes // 5), test_episodes=a.test_episodes, seed=a.seed,
                   filters=a.filters, inner_steps=a.inner_steps, meta_lr=a.meta_lr, backbone=a.backbone,
-                  backbone_checkpoint=a.backbone_checkpoint, pretrain_steps=a.pretrain_steps, threads=a.threads,
+                  backbone_checkpoint=a.backbone_checkpoint, pretrain_steps=a.pretrain_steps,
+                  backbone_cache=a.backbone_cache, threads=a.threads,
                   device=a.device, data_dir=a.data_dir, out=out, resume=a.resume, progress=not a.no_progress)
 
 
@@ -258,7 +263,7 @@ def backbone_for(cfg: Config, splits, device, log):
     net = bb.conv4_64(in_channels=c, image_size=h).to(device)
     ident = {"dataset": cfg.dataset, "pretrain_steps": cfg.pretrain_steps, "seed": cfg.seed, "device": cfg.device,
              "data_dir": cfg.data_dir, "train": splits["train"].summary()}
-    ckpt = os.path.join(cfg.out, f"backbone-{runs.config_hash(ident)}.pt")
+    ckpt = os.path.join(cfg.backbone_cache or cfg.out, f"backbone-{runs.config_hash(ident)}.pt")
     steps = cfg.pretrain_steps
     rec = bb.pretrain(net, splits["train"], steps=steps, warmup_steps=max(1, steps // 10),
                       milestones=[int(0.8 * steps)], seed=cfg.seed, device=device, checkpoint=ckpt,

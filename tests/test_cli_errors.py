@@ -20,7 +20,8 @@ from l2l_zoo.cli import run_main
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPTS = {**{n: os.path.join(ROOT, "benchmarks", f"{n}.py") for n in (
     "mnist_mlp", "simple_ablation", "smooth_subsample", "step_overhead", "unroll_backends", "lr_schedules_mnist",
-    "hypergradient_demos", "schedule_overhead", "mlrsnet_cifar", "mlrsnet_ptb", "mlrsnet_overhead")},
+    "hypergradient_demos", "schedule_overhead", "mlrsnet_cifar", "mlrsnet_ptb", "mlrsnet_overhead",
+    "fewshot_omniglot")},
     **{n: os.path.join(ROOT, "paper_figs", f"{n}.py") for n in ("fig_learning_curves", "fig_marthe", "fig_mlrsnet")}}
 _MODULES = {}
 
@@ -150,6 +151,12 @@ CASES = [
     ("mlrsnet_overhead", "--steps 2 --warmup 0", "--warmup + --steps must be >= 3"),
     ("mlrsnet_overhead", "--arch vgg", "--arch must be one of"),
     ("mlrsnet_overhead", "--out {dir}", "is an existing folder"),
+    # ------------------------------------------------------------------ fewshot_omniglot
+    ("fewshot_omniglot", "--methods sib,maml", "--methods must be"),
+    ("fewshot_omniglot", "--shots 0", "--shots must be a comma list of integers >= 1"),
+    ("fewshot_omniglot", "--smooth eps=0", "eps must be > 0"),
+    ("fewshot_omniglot", "--ways 1", "--ways must be an integer >= 2, got 1"),
+    ("fewshot_omniglot", "--out {file}", "is an existing file"),
     # ------------------------------------------------------------------ figures
     ("fig_learning_curves", "{bad_json} --out {tmp}/f.png", "is not valid JSON"),
     ("fig_learning_curves", "{not_results} --out {tmp}/f.png", "not an l2l_zoo results file"),
