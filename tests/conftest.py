@@ -30,7 +30,8 @@ def make_lopt():
 
 def _data_dir():
     d = os.environ.get("L2L_ZOO_DATA")
-    return d if d and os.path.isdir(d) else None
+    # absolute: CI passes ../shared/data, and some tests change the working directory
+    return os.path.abspath(d) if d and os.path.isdir(d) else None
 
 
 @pytest.fixture(scope="session")
