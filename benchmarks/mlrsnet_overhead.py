@@ -25,7 +25,6 @@ amortised over a whole training run, not a per-step one).
 """
 from __future__ import annotations
 
-import math
 import os
 import random
 import statistics

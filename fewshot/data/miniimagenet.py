@@ -27,7 +27,8 @@ import numpy as np
 import torch
 
 from .episodes import FewShotDataError, FewShotSplit
-from .registry import SPLITS, as_str, decode_image, find_layout, make_splits, open_hdf5, pick, read_json, read_pickle
+from .registry import (SPLITS, as_str, decode_image, find_layout, hdf5_classes, make_splits, pick,
+                       read_pickle)
 
 __all__ = ["load_miniimagenet", "LAYOUTS"]
 
@@ -113,18 +114,7 @@ def _read_cache_pkl(path: Path):
 
 
 def _read_hdf5(data_path: Path, labels_path: Path):
-    names = read_json(labels_path, "a JSON list of the split's wnids")
-    if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
-        raise FewShotDataError(f"{labels_path}: expected a non-empty JSON list of wnids, got {type(names).__name__}")
-    with open_hdf5(data_path, _DESCRIBE["hdf5"]) as f:
-        if "datasets" not in f:
-            raise FewShotDataError(f"{data_path}: no 'datasets' group; found {sorted(f.keys())}; expected "
-                                   f"{_DESCRIBE['hdf5']}")
-        g = f["datasets"]
-        missing = [n for n in names if n not in g]
-        if missing:
-            raise FewShotDataError(f"{data_path}: {len(missing)} classes of {labels_path.name} are not in datasets/ "
-                                   f"(e.g. {missing[0]!r})")
+    with hdf5_classes(data_path, labels_path, _DESCRIBE["hdf5"], "wnids") as (names, g):
         groups = []
         for n in sorted(names):
             ds = g[n]

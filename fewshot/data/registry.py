@@ -19,6 +19,7 @@
 from __future__ import annotations
 
 import collections
+import contextlib
 import importlib
 import io
 import json
@@ -186,6 +187,26 @@ def open_hdf5(path: Path, expected: str):
     except OSError as e:
         raise FewShotDataError(f"{path}: not a readable HDF5 file ({one_line(e)}); expected {expected}") from None
 
+
+
+
+@contextlib.contextmanager
+def hdf5_classes(data_path: Path, labels_path: Path, expected: str, what: str):
+    """The torchmeta hdf5 layout: ``labels_path`` is a JSON list of the split's class names, each a
+    dataset under ``datasets/`` of ``data_path``. Yields ``(names, datasets_group)`` with the file open,
+    after checking both; a malformed file is a one-line :class:`FewShotDataError`."""
+    names = read_json(labels_path, f"a JSON list of the split's {what}")
+    if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
+        raise FewShotDataError(f"{labels_path}: expected a non-empty JSON list of {what}, got {type(names).__name__}")
+    with open_hdf5(data_path, expected) as f:
+        if "datasets" not in f:
+            raise FewShotDataError(f"{data_path}: no 'datasets' group; found {sorted(f.keys())}; expected {expected}")
+        g = f["datasets"]
+        missing = [n for n in names if n not in g]
+        if missing:
+            raise FewShotDataError(f"{data_path}: {len(missing)} classes of {labels_path.name} are not in datasets/ "
+                                   f"(e.g. {missing[0]!r})")
+        yield names, g
 
 def as_str(x) -> str:
     """A name read from a file: ``str``, or bytes / a numpy string decoded as UTF-8 (Latin-1 if not)."""
