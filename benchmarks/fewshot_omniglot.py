@@ -9,7 +9,10 @@ next to pixel nearest neighbour and the pretrained backbone's nearest class mean
 Every (method, shots, seed) is one ``python -m fewshot.train`` run (same flags, same fixed validation
 and test episodes: 600 seeded test episodes unless ``--test-episodes``) in its own sub-folder of
 ``--out``; with ``--resume`` finished runs are reused (their caches key on the full settings) and a
-killed one continues from its checkpoint. Methods: ``metalstm``, ``metalstm+smooth``, ``sib``,
+killed one continues from its checkpoint. ``--smooth 'eps=0.1,lam=10;eps=0.1,lam=100'`` is a grid
+for the ``+smooth`` methods (REFERENCE: ε, λ tuned on validation episodes): every spec is run in its
+own sub-folder and, per (method, shots, seed), the spec with the best validation accuracy is the one
+reported; every candidate's validation and test accuracy is kept under ``"smooth_grid"``. Methods: ``metalstm``, ``metalstm+smooth``, ``sib``,
 ``sib+smooth``, ``finetune``, ``ncm``, ``pixelnn`` (``+smooth`` adds ``--smooth``).
 
 Reported per (method, shots): the mean over seeds of the test accuracy and, beside it, the mean of
@@ -22,6 +25,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import statistics
 import sys
 import time
@@ -44,7 +48,10 @@ def parse(argv=None):
     p.add_argument("--shots", default="1,5", help="comma list of K")
     p.add_argument("--ways", type=int, default=5, help="N")
     p.add_argument("--seeds", default="3", help="meta-training seeds: a count or a comma list")
-    p.add_argument("--smooth", default="eps=0.1,lam=100", help="the --smooth spec of the +smooth methods")
+    p.add_argument("--smooth", default="eps=0.1,lam=100",
+                   help="the --smooth spec of the +smooth methods; several specs separated by ';' are a grid "
+                        "(e.g. 'eps=0.1,lam=10;eps=0.1,lam=100'): each is run, and per (method, shots, seed) the "
+                        "one with the best validation accuracy is reported (test accuracy never selects)")
     p.add_argument("--episodes", type=int, default=None, help="meta-training episodes (default: fewshot.train's)")
     p.add_argument("--test-episodes", type=int, default=600, help="seeded test episodes per run")
     p.add_argument("--val-episodes", type=int, default=50, help="fixed validation episodes per run")
@@ -66,29 +73,51 @@ def parse(argv=None):
             raise ValueError
     except ValueError:
         raise UsageError(f"--shots must be a comma list of integers >= 1, got {a.shots!r}") from None
-    try:
-        parse_smooth(a.smooth)
-    except ValueError as e:
-        raise UsageError(str(e)) from None
+    specs = smooth_specs(a.smooth)
     seeds = parse_seeds(a.seeds)
     runs_ = []
     for k in shots:
         for m in methods:
             for s in (seeds[:1] if m == "pixelnn" else seeds):  # pixel NN has nothing to seed
-                runs_.append((m, k, s, run_args(a, m, k, s)))
-    for _, _, _, args in runs_:  # every run's flags are validated before anything trains
+                for spec in (specs if "+smooth" in m else [None]):
+                    runs_.append((m, k, s, spec, run_args(a, m, k, s, spec, grid=len(specs) > 1)))
+    for *_, args in runs_:  # every run's flags are validated before anything trains
         fstrain.parse_config(args)
     return a, methods, shots, seeds, runs_
 
 
-def run_args(a, method: str, shots: int, seed: int) -> list[str]:
+def smooth_specs(text: str) -> list[str]:
+    """The ';'-separated ``--smooth`` specs, each validated; equal settings given twice are an error."""
+    specs = [t.strip() for t in text.split(";") if t.strip()]
+    if not specs:
+        raise UsageError(f"--smooth must be one or more specs separated by ';', got {text!r}")
+    seen = {}
+    for spec in specs:
+        try:
+            key = tuple(sorted(parse_smooth(spec).to_dict().items()))
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+        if key in seen or slug(spec) in {slug(t) for t in seen.values()}:
+            raise UsageError(f"--smooth: {spec!r} repeats {seen.get(key, spec)!r}; give each setting once")
+        seen[key] = spec
+    return specs
+
+
+def slug(spec: str) -> str:
+    """A folder-name form of a --smooth spec: 'eps=0.1,lam=100' -> 'eps0.1_lam100'."""
+    return re.sub(r"[^A-Za-z0-9._-]", "", spec.replace(",", "_").replace("=", ""))
+
+
+def run_args(a, method: str, shots: int, seed: int, spec: str | None = None, grid: bool = False) -> list[str]:
+    """fewshot.train's flags for one run; in a --smooth grid each spec has its own sub-folder."""
     base = method.split("+")[0]
+    folder = f"{method}_{a.ways}w{shots}s_seed{seed}" + (f"_{slug(spec)}" if grid and spec else "")
     args = ["--method", base, "--dataset", a.dataset, "--ways", str(a.ways), "--shots", str(shots),
             "--seed", str(seed), "--test-episodes", str(a.test_episodes), "--val-episodes", str(a.val_episodes),
-            "--out", os.path.join(a.out, f"{method}_{a.ways}w{shots}s_seed{seed}"), "--threads", str(a.threads),
+            "--out", os.path.join(a.out, folder), "--threads", str(a.threads),
             "--device", a.device, "--backbone-cache", os.path.join(a.out, "backbones")]
-    if "+smooth" in method:
-        args += ["--smooth", a.smooth]
+    if spec is not None:
+        args += ["--smooth", spec]
     if a.episodes and base in ("metalstm", "sib"):
         args += ["--episodes", str(a.episodes)]
     if a.data_dir:
@@ -109,14 +138,27 @@ def main(argv=None) -> int:
 def _main(a, methods, shots, seeds, todo) -> int:
     t0 = time.perf_counter()
     results = runs.new_results("fewshot_omniglot", vars(a))
-    for i, (m, k, s, args) in enumerate(todo):
-        print(f"[{i + 1}/{len(todo)}] {m} {a.ways}-way {k}-shot seed {s}", flush=True)
+    done = {}  # (method, shots, seed) -> [(spec, record)] in run order
+    for i, (m, k, s, spec, args) in enumerate(todo):
+        print(f"[{i + 1}/{len(todo)}] {m} {a.ways}-way {k}-shot seed {s}" + (f" --smooth {spec}" if spec else ""),
+              flush=True)
         fstrain.main(args)
         res = runs.read_results(os.path.join(args[args.index("--out") + 1], "results.json"), benchmark="fewshot.train")
         (rec,) = next(iter(res["runs"].values()))
         rec["seed"] = s
-        results["runs"].setdefault(f"{m} {a.ways}w{k}s", []).append(rec)
+        done.setdefault((m, k, s), []).append((spec, rec))
         results["data"] = res["data"]
+    grid = {}
+    for (m, k, s), cands in done.items():
+        label = f"{m} {a.ways}w{k}s"
+        spec, rec = select_by_validation(cands)
+        if len(cands) > 1:
+            rec["smooth_selected"] = spec
+            grid.setdefault(label, {})[s] = [{"smooth": c, "best_val_acc": r["final"].get("best_val_acc"),
+                                               "test_acc": r["final"]["test_acc"]} for c, r in cands]
+        results["runs"].setdefault(label, []).append(rec)
+    if grid:
+        results["smooth_grid"] = grid
     table, diffs = {}, {}
     for label, recs in results["runs"].items():
         accs = [r["final"]["test_acc"] for r in recs]
@@ -147,8 +189,20 @@ def _main(a, methods, shots, seeds, todo) -> int:
     for label, d in diffs.items():
         ci = "n/a (1 seed)" if d["ci95_over_seeds"] is None else f"± {100 * d['ci95_over_seeds']:.2f}"
         print(f"{label}: {100 * d['mean']:+.2f} {ci} points (per seed {[round(100 * x, 2) for x in d['per_seed']]})")
+    for label, by_seed in grid.items():
+        for s, cands in by_seed.items():
+            chosen = next(r for r in results["runs"][label] if r["seed"] == s)["smooth_selected"]
+            print(f"{label} seed {s} grid (validation / test %): " + "; ".join(
+                f"{c['smooth']}: {100 * (c['best_val_acc'] or float('nan')):.2f} / {100 * c['test_acc']:.2f}"
+                + (" <- selected" if c["smooth"] == chosen else "") for c in cands))
     print(f"results: {os.path.join(a.out, 'results.json')}  ({results['wall_s']:.0f} s)")
     return 0
+
+
+def select_by_validation(cands):
+    """The (spec, record) with the highest best validation accuracy; the first on ties or when none has one."""
+    best = max(range(len(cands)), key=lambda i: (cands[i][1]["final"].get("best_val_acc") or float("-inf"), -i))
+    return cands[best]
 
 
 def plot(table, path):

@@ -157,6 +157,9 @@ CASES = [
     ("fewshot_omniglot", "--smooth eps=0", "eps must be > 0"),
     ("fewshot_omniglot", "--ways 1", "--ways must be an integer >= 2, got 1"),
     ("fewshot_omniglot", "--out {file}", "is an existing file"),
+    ("fewshot_omniglot", "--smooth eps=0.1;eps=0.10", "'eps=0.10' repeats 'eps=0.1'"),
+    ("fewshot_omniglot", "--smooth ;", "--smooth must be one or more specs separated by ';'"),
+    ("fewshot_omniglot", "--smooth eps=0.1;lam=3", "eps is required"),
     # ------------------------------------------------------------------ figures
     ("fig_learning_curves", "{bad_json} --out {tmp}/f.png", "is not valid JSON"),
     ("fig_learning_curves", "{not_results} --out {tmp}/f.png", "not an l2l_zoo results file"),
