@@ -21,7 +21,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPTS = {**{n: os.path.join(ROOT, "benchmarks", f"{n}.py") for n in (
     "mnist_mlp", "simple_ablation", "smooth_subsample", "step_overhead", "unroll_backends", "lr_schedules_mnist",
     "hypergradient_demos", "schedule_overhead", "mlrsnet_cifar", "mlrsnet_ptb", "mlrsnet_overhead",
-    "fewshot_omniglot")},
+    "fewshot_omniglot", "metatrain_speed")},
     **{n: os.path.join(ROOT, "paper_figs", f"{n}.py") for n in ("fig_learning_curves", "fig_marthe", "fig_mlrsnet")}}
 _MODULES = {}
 
@@ -160,6 +160,13 @@ CASES = [
     ("fewshot_omniglot", "--smooth eps=0.1;eps=0.10", "'eps=0.10' repeats 'eps=0.1'"),
     ("fewshot_omniglot", "--smooth ;", "--smooth must be one or more specs separated by ';'"),
     ("fewshot_omniglot", "--smooth eps=0.1;lam=3", "eps is required"),
+    # ------------------------------------------------------------------ metatrain_speed
+    ("metatrain_speed", "--cases simple,lstm", "--cases must be a comma list of distinct names"),
+    ("metatrain_speed", "--unroll 0", "--unroll must be an integer >= 1, got 0"),
+    ("metatrain_speed", "--out {dir}", "is an existing folder"),
+    ("metatrain_speed", "--out {file}/x.json", "cannot write"),
+    ("metatrain_speed", "--device tpu", "--device must be"),
+    ("metatrain_speed", "--threads -1", "--threads must be an integer >= 0, got -1"),
     # ------------------------------------------------------------------ figures
     ("fig_learning_curves", "{bad_json} --out {tmp}/f.png", "is not valid JSON"),
     ("fig_learning_curves", "{not_results} --out {tmp}/f.png", "not an l2l_zoo results file"),
@@ -205,7 +212,7 @@ def test_bad_input_is_one_line_and_a_non_zero_exit(name, args, message, files, c
     monkeypatch.chdir(files["tmp"])  # default output folders land in the temporary folder
     argv = [a.format(**files) for a in args.split()]
     if "--out" not in args and name not in ("fig_learning_curves", "fig_marthe", "fig_mlrsnet"):
-        argv += ["--out", os.path.join(files["tmp"], "out", name + (".json" if "overhead" in name or
+        argv += ["--out", os.path.join(files["tmp"], "out", name + (".json" if "overhead" in name or name == "metatrain_speed" or
                                                                        name == "unroll_backends" else ""))]
     code, err = call(name, argv, capsys)
     _check(code, err, name, message)

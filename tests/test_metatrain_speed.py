@@ -1,0 +1,65 @@
+"""``benchmarks/metatrain_speed.py``: its counters count what they claim (bytes of an op's inputs
+and new outputs, bytes saved for backward), and a tiny run writes the results schema with every
+field the speed issue asks for (timings themselves are never asserted)."""
+import importlib.util
+import json
+import os
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def ms():
+    spec = importlib.util.spec_from_file_location("_metatrain_speed", os.path.join(ROOT, "benchmarks", "metatrain_speed.py"))
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_byte_counter_reads_inputs_and_writes_only_new_storage(ms):
+    a, b = torch.ones(1000), torch.ones(1000)
+    bc = ms.ByteCounter()
+    with bc:
+        c = a + b          # reads 8000, writes 4000
+    assert (bc.read, bc.written) == (8000, 4000)
+    bc = ms.ByteCounter()
+    with bc:
+        a.add_(b)          # in place: the result is a's storage, no new write counted
+        a.view(10, 100)    # a view reads its input's size, writes nothing new
+    assert (bc.read, bc.written) == (8000 + 4000, 0)
+    assert c.shape == (1000,)
+
+
+def test_saved_bytes_counts_what_autograd_keeps(ms):
+    x = torch.ones(500, requires_grad=True)
+    y = torch.full((500,), 2.0, requires_grad=True)
+    sb = ms.SavedBytes()
+    with torch.autograd.graph.saved_tensors_hooks(sb.pack, lambda t: t):
+        (x * y).sum()      # mul saves both operands; sum saves nothing of size
+    assert sb.total == 2 * 500 * 4
+
+
+def test_tiny_run_writes_every_reported_field(ms, data_dir, tmp_path, capsys):
+    torch.set_num_threads(1)
+    out = tmp_path / "speed.json"
+    assert ms.main(["--cases", "dm", "--unroll", "2", "--repeats", "1", "--warmup", "0", "--matmul-size", "64",
+                    "--copy-mb", "4", "--threads", "1", "--data-dir", data_dir, "--out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert res["schema"] == "l2l_zoo.results" and res["benchmark"] == "metatrain_speed"
+    s = res["summary"]["dm"]
+    assert s["coordinates"] == 784 * 20 + 20 + 20 * 10 + 10
+    # DM's network: per coordinate per step 2 LSTM layers (input 2/20 -> 4·20 gates, hidden 20) and a
+    # 20 -> 1 head; forward matrix products alone are 9,960 FLOPs per coordinate per step
+    assert s["matmul_flops"] > 2 * 9960 * s["coordinates"]
+    for k in ("forward_s", "backward_s", "truncation_s", "steps_per_s", "gflops_per_s", "matmul_time_ratio",
+              "tensor_bytes", "bytes_per_s", "copy_bw_ratio", "saved_bytes", "peak_rss_mb", "profiled_s"):
+        assert s[k] > 0, k
+    assert set(s["phases"]) == {*ms.PHASES, "other"} and sum(s["phases"].values()) == pytest.approx(1.0, abs=1e-6)
+    assert s["phases"]["smoothness PGD"] == 0 and s["phases"]["meta-backward"] > 0
+    assert s["top_ops"] and all(o["op"].startswith("aten::") for o in s["top_ops"])
+    assert (tmp_path / "speed.png").exists()
