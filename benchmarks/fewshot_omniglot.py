@@ -38,6 +38,7 @@ from l2l_zoo.cli import ArgumentParser, UsageError, output_folder, parse_seeds, 
 from l2l_zoo.regularizers import parse_smooth  # noqa: E402
 
 METHODS = ("metalstm", "metalstm+smooth", "sib", "sib+smooth", "finetune", "ncm", "pixelnn")
+UNSEEDED = ("finetune", "pixelnn")
 # two-sided 95 % t quantiles for n - 1 degrees of freedom (n seeds)
 T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
 
@@ -78,7 +79,9 @@ def parse(argv=None):
     runs_ = []
     for k in shots:
         for m in methods:
-            for s in (seeds[:1] if m == "pixelnn" else seeds):  # pixel NN has nothing to seed
+            # nothing is seeded in pixel NN, nor in fine-tuning (the learner's fixed initialisation, lr and
+            # steps tuned on the fixed validation episodes): one run each, whatever --seeds says
+            for s in (seeds[:1] if m in UNSEEDED else seeds):
                 for spec in (specs if "+smooth" in m else [None]):
                     runs_.append((m, k, s, spec, run_args(a, m, k, s, spec, grid=len(specs) > 1)))
     for *_, args in runs_:  # every run's flags are validated before anything trains
