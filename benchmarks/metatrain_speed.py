@@ -6,6 +6,7 @@ phase, all in one process.
 
     python benchmarks/metatrain_speed.py                         # the four cases below, CPU
     python benchmarks/metatrain_speed.py --cases simple+smooth --repeats 5 --device cuda
+    python benchmarks/metatrain_speed.py --cases dm,simple --meta-batch 8    # vmapped meta-batch vs sequential
 
 Cases (``--cases``): ``simple`` and ``simple+smooth`` are the flagship (SimpleOptimizer, MNIST MLP
 784-500-10, batch 128, truncation ``--unroll`` 20; ``+smooth`` is ``--smooth eps=0.1`` as in
@@ -34,6 +35,10 @@ What is reported per case (medians over ``--repeats``):
   forward/backward (``backend.loss_and_grad``), the optimizer network (``lopt.step``), the
   smoothness PGD (the regularizer's call), the meta-backward and the rest; ``top_ops``: the aten ops
   with the largest self time. Profiling slows the program, so only the shares are meaningful.
+
+With ``--meta-batch B``: ``meta_batch``: a meta-batch of B instances in one vmapped truncation
+against B sequential truncations (``speedup``), and the meta-gradient's total variance over fresh
+single instances against fresh meta-batches (``variance_reduction``; B in expectation).
 
 Writes ``--out`` (results JSON, ``l2l_zoo.runs`` schema) and a PNG of the phase shares beside it.
 """
@@ -77,6 +82,11 @@ def parse(argv=None):
     p.add_argument("--matmul-size", type=int, default=1024, help="side of the square reference matrix multiply")
     p.add_argument("--copy-mb", type=int, default=256, help="size of the reference tensor copy (MB)")
     p.add_argument("--no-profile", action="store_true", help="skip the torch.profiler phase breakdown")
+    p.add_argument("--meta-batch", type=int, default=1,
+                   help="also time a meta-batch of B instances (torch.func.vmap) against B sequential "
+                        "truncations and measure the meta-gradient's variance reduction (1 = skip)")
+    p.add_argument("--var-samples", type=int, default=8,
+                   help="fresh meta-gradients per estimate of the meta-gradient variance (with --meta-batch)")
     p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0 = torch's default)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--data-dir", default=None, help="dataset folder (default $L2L_ZOO_DATA)")
@@ -88,7 +98,8 @@ def parse(argv=None):
         raise UsageError(f"--cases must be a comma list of distinct names from {list(CASES)}, got {a.cases!r}")
     for flag, v, lo in (("--unroll", a.unroll, 1), ("--batch-size", a.batch_size, 1), ("--repeats", a.repeats, 1),
                         ("--warmup", a.warmup, 0), ("--matmul-size", a.matmul_size, 16), ("--copy-mb", a.copy_mb, 1),
-                        ("--threads", a.threads, 0)):
+                        ("--threads", a.threads, 0), ("--meta-batch", a.meta_batch, 1),
+                        ("--var-samples", a.var_samples, 2)):
         if v < lo:
             raise UsageError(f"{flag} must be an integer >= {lo}, got {v}")
     if a.data_dir is not None and not os.path.isdir(a.data_dir):
@@ -175,24 +186,28 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def truncation(tr: MetaTrainer, device, *, mode=None, label: bool = False):
-    """One meta-step's gradient computation (``MetaTrainer.meta_gradient``, split in two) on a fresh
-    optimizee run, which is set up before ``mode`` (a counter) is entered and outside the timing;
-    returns (forward seconds, backward seconds, meta-loss)."""
-    run = tr._new_run()
+def truncation(tr: MetaTrainer, device, *, mode=None, label: bool = False, keep_grad: bool = False):
+    """One meta-step's gradient computation (``MetaTrainer.meta_gradient``, split in two) on fresh
+    optimizee runs (one, or B with a meta-batch), set up before ``mode`` (a counter) is entered and
+    outside the timing; returns (forward seconds, backward seconds, meta-loss[, flat meta-gradient])."""
+    batched = tr.cfg.meta_batch > 1
+    run = tr._new_batch() if batched else tr._new_run()
     params = [p for p in tr.lopt.parameters() if p.requires_grad]
     rf = torch.profiler.record_function if label else (lambda name: contextlib.nullcontext())
     with mode if mode is not None else contextlib.nullcontext(), rf("truncation"):
         sync(device)
         t0 = time.perf_counter()
-        ml, *_ = tr._truncation(run, tr.cfg.unroll)
+        ml, *_ = (tr._truncation_batch if batched else tr._truncation)(run, tr.cfg.unroll)
         sync(device)
         t1 = time.perf_counter()
         with rf(PHASES[3]):
-            torch.autograd.grad(ml, params, allow_unused=True)
+            grads = torch.autograd.grad(ml, params, allow_unused=True)
         sync(device)
         t2 = time.perf_counter()
-    return t1 - t0, t2 - t1, float(ml.detach())
+    out = (t1 - t0, t2 - t1, float(ml.detach()))
+    if keep_grad:
+        out += (torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1) for g, p in zip(grads, params)]),)
+    return out
 
 
 def matmul_rate(n: int, device, seconds: float = 1.0) -> float:
@@ -225,13 +240,14 @@ def copy_bandwidth(mb: int, device, repeats: int = 5) -> float:
     return best
 
 
-def make_trainer(case: str, a, device, tasks: dict) -> MetaTrainer:
+def make_trainer(case: str, a, device, tasks: dict, meta_batch: int = 1) -> MetaTrainer:
     opt, task_name, smooth = CASES[case]
     if task_name not in tasks:
         tasks[task_name] = make_task(task_name, data_dir=a.data_dir, device=device, batch_size=a.batch_size)
     torch.manual_seed(0)
     lopt = l2l_zoo.create(opt).to(device)
-    cfg = MetaTrainConfig(unroll=a.unroll, seed=0, smooth=parse_smooth(smooth) if smooth else None)
+    cfg = MetaTrainConfig(unroll=a.unroll, seed=0, smooth=parse_smooth(smooth) if smooth else None,
+                          meta_batch=meta_batch)
     return MetaTrainer(lopt, tasks[task_name], cfg, log=lambda s: None)
 
 
@@ -272,9 +288,42 @@ def measure(case: str, a, device, tasks: dict, mm_rate: float, copy_bw: float) -
            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
     if device.type == "cuda":
         out["cuda_peak_mb"] = torch.cuda.max_memory_allocated(device) / 2 ** 20
+    if a.meta_batch > 1:
+        out["meta_batch"] = meta_batch_comparison(case, a, device, tasks, tr)
     if not a.no_profile:
         out.update(profile(tr, device))
     return out
+
+
+def meta_batch_comparison(case: str, a, device, tasks: dict, single: MetaTrainer) -> dict:
+    """A meta-batch of B instances in one vmapped truncation against B sequential truncations (same
+    process, interleaved repeats), and the spread of the meta-gradient: its total variance over
+    ``--var-samples`` fresh single instances against that of ``--var-samples`` fresh meta-batches
+    (the mean of B independent instances: B times smaller in expectation)."""
+    B = a.meta_batch
+    trb = make_trainer(case, a, device, tasks, meta_batch=B)
+    for _ in range(a.warmup):
+        truncation(trb, device)
+    t_batch, t_seq = [], []
+    for _ in range(a.repeats):
+        f, b, _ = truncation(trb, device)
+        t_batch.append(f + b)
+        t0 = time.perf_counter()
+        for _ in range(B):
+            truncation(single, device)
+        t_seq.append(time.perf_counter() - t0)
+
+    def total_var(gs):
+        g = torch.stack(gs)
+        return float(((g - g.mean(0)) ** 2).sum(1).mean() * len(gs) / (len(gs) - 1))
+
+    g1 = [truncation(single, device, keep_grad=True)[3] for _ in range(a.var_samples)]
+    gb = [truncation(trb, device, keep_grad=True)[3] for _ in range(a.var_samples)]
+    v1, vb = total_var(g1), total_var(gb)
+    tb, ts = statistics.median(t_batch), statistics.median(t_seq)
+    return {"B": B, "batched_s": tb, "sequential_s": ts, "speedup": ts / tb, "batched_s_all": t_batch,
+            "sequential_s_all": t_seq, "grad_var_single": v1, "grad_var_batched": vb,
+            "variance_reduction": v1 / vb if vb > 0 else None, "var_samples": a.var_samples}
 
 
 def profile(tr: MetaTrainer, device, top: int = 12) -> dict:
@@ -286,8 +335,12 @@ def profile(tr: MetaTrainer, device, top: int = 12) -> dict:
         truncation(tr, device, label=True)
     ev = {e.key: e for e in prof.key_averages()}
     total = ev["truncation"].cpu_time_total
-    phases = {p: (ev[p].cpu_time_total / total if p in ev else 0.0) for p in PHASES}
-    phases["other"] = max(0.0, 1.0 - sum(phases.values()))
+    times = {p: (ev[p].cpu_time_total if p in ev else 0.0) for p in PHASES}
+    # the profiler's per-event times can add up to slightly more than the enclosing event's (timer
+    # granularity, its own overhead): shares are of the larger of the two, so they sum to 1
+    denom = max(total, sum(times.values()))
+    phases = {p: t / denom for p, t in times.items()}
+    phases["other"] = (denom - sum(times.values())) / denom
     ops = sorted((e for e in prof.key_averages() if e.key.startswith("aten::")),
                  key=lambda e: e.self_cpu_time_total, reverse=True)[:top]
     return {"phases": phases, "profiled_s": total / 1e6,
@@ -314,6 +367,12 @@ def _main(a, cases, device) -> int:
               f"{100 * s['copy_bw_ratio']:.0f} % of the copy bandwidth")
         print(f"  saved for backward {s['saved_bytes'] / 2 ** 20:.0f} MB; peak RSS {s['peak_rss_mb']:.0f} MB"
               + (f"; CUDA peak {s['cuda_peak_mb']:.0f} MB" if "cuda_peak_mb" in s else ""))
+        if "meta_batch" in s:
+            m = s["meta_batch"]
+            print(f"  meta-batch B={m['B']}: {m['batched_s']:.3f} s vs {m['sequential_s']:.3f} s for {m['B']} sequential "
+                  f"truncations ({m['speedup']:.2f}x); meta-gradient variance {m['grad_var_single']:.3g} (one instance) "
+                  f"-> {m['grad_var_batched']:.3g} (meta-batch), {m['variance_reduction']:.2f}x smaller "
+                  f"({m['var_samples']} samples each)")
         if "phases" in s:
             print("  profile: " + ", ".join(f"{k} {100 * v:.0f} %" for k, v in s["phases"].items()))
             print("  top ops (self time): " + ", ".join(f"{o['op'].removeprefix('aten::')} {100 * o['self_share']:.0f} %"

@@ -69,6 +69,7 @@ class Config:
     meta_loss: str | None
     meta_grad_clip: float | None
     backend: str
+    meta_batch: int
     opt_config: dict
     load: str | None
     finetune: bool
@@ -91,8 +92,8 @@ class Config:
 # field is classified, so a new flag cannot be forgotten by the cache).
 EVAL_KEYS = ("task", "eval_steps", "eval_every", "batch_size", "device", "data_dir", "finetune")
 META_KEYS = ("opt", "smooth", "meta_task", "meta_steps", "horizon", "unroll", "meta_lr", "meta_loss",
-             "meta_grad_clip", "backend", "opt_config", "load", "finetune", "meta_seed", "batch_size",
-             "device", "data_dir")
+             "meta_grad_clip", "backend", "meta_batch", "opt_config", "load", "finetune", "meta_seed",
+             "batch_size", "device", "data_dir")
 SELECTION_KEYS = ("seeds", "lr_grid", "tune_criterion", "baselines")  # which runs, not what they give
 NO_RESULT_KEYS = ("out", "resume", "progress")
 
@@ -118,6 +119,9 @@ def build_parser() -> ArgumentParser:
                    "the optimizer's paper choice: simple wdiff, dm sum, rnnprop last)")
     p.add_argument("--meta-grad-clip", type=float, default=None, help="clamp meta-gradient entries to ±value")
     p.add_argument("--backend", default="func", help="unroll backend: func (torch.func) or higher")
+    p.add_argument("--meta-batch", type=int, default=1,
+                   help="optimizee instances unrolled together per meta-step (torch.func.vmap; their "
+                        "meta-gradients are averaged; needs --backend func)")
     p.add_argument("--opt-config", default=None, metavar="K=V,...",
                    help="constructor options of the learned optimizer, e.g. output_scale=0.01 or input_norm=rms")
     p.add_argument("--load", default=None, metavar="PATH", help="skip meta-training: load a saved learned optimizer")
@@ -167,6 +171,17 @@ def parse_config(argv=None) -> Config:
         raise UsageError(f"--meta-loss must be one of {list(META_LOSSES)}, got {a.meta_loss!r}")
     if a.backend not in ("func", "higher"):
         raise UsageError(f"--backend must be func or higher, got {a.backend!r}")
+    if a.meta_batch < 1:
+        raise UsageError(f"--meta-batch must be an integer >= 1, got {a.meta_batch}")
+    if a.meta_batch > 1:
+        if a.opt in HAND or a.load is not None:
+            raise UsageError("--meta-batch applies to meta-training a learned optimizer (not to --opt "
+                             f"{a.opt!r}{' with --load' if a.load else ''})")
+        if a.backend != "func":
+            raise UsageError(f"--meta-batch {a.meta_batch} needs --backend func, got {a.backend!r}")
+        if a.meta_task in TASKS and any(True for _ in TASKS[a.meta_task][1]().buffers()):
+            raise UsageError(f"--meta-batch {a.meta_batch}: the meta-task {a.meta_task!r} has BatchNorm buffers, "
+                             "which vmap cannot update; use --meta-batch 1")
     if a.tune_criterion not in CRITERIA:
         raise UsageError(f"--tune-criterion must be one of {list(CRITERIA)}, got {a.tune_criterion!r}")
     for flag, val, lo in (("--meta-steps", a.meta_steps, 1), ("--horizon", a.horizon, 1),
@@ -216,7 +231,7 @@ def parse_config(argv=None) -> Config:
         opt=a.opt, smooth=a.smooth, task=a.task, meta_task=a.meta_task,
         meta_steps=a.meta_steps or DEFAULT_META_STEPS.get(a.opt, 0), horizon=a.horizon, unroll=a.unroll,
         meta_lr=a.meta_lr, meta_loss=a.meta_loss, meta_grad_clip=a.meta_grad_clip, backend=a.backend,
-        opt_config=opt_config, load=a.load, finetune=a.finetune, eval_steps=a.eval_steps,
+        meta_batch=a.meta_batch, opt_config=opt_config, load=a.load, finetune=a.finetune, eval_steps=a.eval_steps,
         eval_every=a.eval_every or max(1, a.eval_steps // 20), seeds=parse_seeds(a.seeds),
         meta_seed=a.meta_seed, lr_grid=parse_floats(a.lr_grid, "--lr-grid"), tune_criterion=a.tune_criterion,
         baselines=baselines, batch_size=a.batch_size, device=a.device, data_dir=a.data_dir,
@@ -241,6 +256,8 @@ def learned_label(cfg: Config) -> str:
 def meta_identity(cfg: Config) -> dict:
     """Everything the learned optimizer depends on (a loaded one: the file's content)."""
     ident = {k: getattr(cfg, k) for k in META_KEYS}
+    if cfg.meta_batch == 1:  # the default: identities (and caches) from before the flag stay valid
+        del ident["meta_batch"]
     if cfg.load:
         ident["load"] = runs.file_digest(cfg.load)
     return ident
@@ -255,7 +272,7 @@ def meta_train(cfg: Config, device, log) -> tuple[l2l_zoo.LearnedOptimizer, dict
     log(f"[data] meta-training data: {meta_task.data.note}")
     mcfg = MetaTrainConfig(meta_steps=cfg.meta_steps, horizon=cfg.horizon, unroll=cfg.unroll,
                            meta_lr=cfg.meta_lr, meta_loss=cfg.meta_loss, backend=cfg.backend,
-                           meta_grad_clip=cfg.meta_grad_clip, seed=cfg.meta_seed,
+                           meta_grad_clip=cfg.meta_grad_clip, seed=cfg.meta_seed, meta_batch=cfg.meta_batch,
                            smooth=parse_smooth(cfg.smooth) if cfg.smooth else None)
     if not cfg.resume and os.path.exists(ckpt):
         os.remove(ckpt)

@@ -83,11 +83,16 @@ class LearnedOptimizer(nn.Module):
     ``coordinatewise`` is True when row ``i`` of the features and hidden state belongs to
     coordinate ``i`` (so that subsets of coordinates can be processed independently up to any
     cross-coordinate aggregation the network does).
+
+    ``vmappable`` is True when ``step`` can run under ``torch.func.vmap`` over optimizee instances
+    (no data-dependent Python control flow), which meta-batches (``MetaTrainConfig(meta_batch=B)``)
+    need.
     """
 
     name: ClassVar[str] = "base"
     meta_defaults: ClassVar[MetaDefaults] = MetaDefaults()
     coordinatewise: ClassVar[bool] = True
+    vmappable: ClassVar[bool] = True
     needs_loss: ClassVar[bool] = False
     needs_params: ClassVar[bool] = False
 

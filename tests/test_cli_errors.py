@@ -69,6 +69,9 @@ def files(tmp_path_factory):
 CASES = [
     # ------------------------------------------------------------------ mnist_mlp
     ("mnist_mlp", "--opt lion", "--opt must be one of"),
+    ("mnist_mlp", "--opt simple --meta-batch 0", "--meta-batch must be an integer >= 1, got 0"),
+    ("mnist_mlp", "--opt sgd --meta-batch 2", "--meta-batch applies to meta-training a learned optimizer"),
+    ("mnist_mlp", "--opt simple --meta-batch 2 --backend higher", "--meta-batch 2 needs --backend func"),
     ("mnist_mlp", "--opt simple --smooth eps=0.1,eps=0.2", "given more than once"),
     ("mnist_mlp", "--opt simple --smooth eps=-1", "eps must be > 0"),
     ("mnist_mlp", "--opt dm --opt-config output_scale=abc", "'output_scale' of optimizer 'dm' must be a number"),
@@ -167,6 +170,8 @@ CASES = [
     ("metatrain_speed", "--out {file}/x.json", "cannot write"),
     ("metatrain_speed", "--device tpu", "--device must be"),
     ("metatrain_speed", "--threads -1", "--threads must be an integer >= 0, got -1"),
+    ("metatrain_speed", "--meta-batch 0", "--meta-batch must be an integer >= 1, got 0"),
+    ("metatrain_speed", "--meta-batch 2 --var-samples 1", "--var-samples must be an integer >= 2, got 1"),
     # ------------------------------------------------------------------ figures
     ("fig_learning_curves", "{bad_json} --out {tmp}/f.png", "is not valid JSON"),
     ("fig_learning_curves", "{not_results} --out {tmp}/f.png", "not an l2l_zoo results file"),

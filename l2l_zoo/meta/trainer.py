@@ -25,6 +25,7 @@ from typing import Callable
 
 import torch
 import torch.utils.checkpoint
+from torch.func import functional_call
 from tqdm.auto import tqdm
 
 from .. import runs
@@ -57,6 +58,13 @@ class MetaTrainConfig:
     its activations (``torch.utils.checkpoint``; same meta-gradient, ~1.3x the time, a fraction of
     the memory). ``"auto"`` turns it on when the hidden state holds more than 10^7 numbers (e.g. DM
     or RNNProp on the 397,510-coordinate MNIST MLP, whose 20-step unroll otherwise needs > 20 GB).
+    ``meta_batch``: B optimizee instances (independent initialisations, minibatch streams and, for a
+    task family, tasks) unrolled together, the optimizee through ``torch.func.vmap`` over its
+    functional form and the optimizer step vmapped over the instances; the meta-loss is the mean of
+    the B instances' meta-losses, so the meta-gradient is the mean of their meta-gradients (equal
+    to B sequential ones with the same seeds: ``tests/test_meta_batch.py``). Needs the ``func``
+    backend and an optimizee without buffers (no BatchNorm); instance b draws its minibatches and
+    regularizer noise from generators of its own.
     """
 
     meta_steps: int = 100
@@ -74,9 +82,10 @@ class MetaTrainConfig:
     max_failures: int = 5
     seed: int = 0
     smooth: SmoothnessConfig | None = None
+    meta_batch: int = 1
 
     def __post_init__(self):
-        for k in ("meta_steps", "horizon", "unroll", "checkpoint_every", "max_failures"):
+        for k in ("meta_steps", "horizon", "unroll", "checkpoint_every", "max_failures", "meta_batch"):
             if getattr(self, k) < 1:
                 raise ValueError(f"{k} must be >= 1, got {getattr(self, k)!r}")
         if self.meta_loss is not None and self.meta_loss not in META_LOSSES:
@@ -104,8 +113,12 @@ class MetaTrainConfig:
         return MetaTrainConfig(**d)
 
     def to_dict(self) -> dict:
+        """Every field; ``meta_batch`` only when it is not 1 (it postdates checkpoints and run caches
+        keyed on this dict, which stay valid for the default)."""
         d = asdict(self)
         d["smooth"] = None if self.smooth is None else self.smooth.to_dict()
+        if self.meta_batch == 1:
+            del d["meta_batch"]
         return d
 
 
@@ -154,6 +167,12 @@ class MetaTrainer:
                      "init": torch.Generator().manual_seed(s + 1_000_003),
                      "reg": torch.Generator().manual_seed(s + 2_000_003),
                      "task": torch.Generator().manual_seed(s + 3_000_003)}
+        self.batch_runs: list[_Run] | None = None
+        if self.cfg.meta_batch > 1:
+            self._check_batchable()
+            for b in range(self.cfg.meta_batch):  # instance b's own minibatch and regularizer streams
+                self.gens[f"data/{b}"] = torch.Generator().manual_seed(s + 5_000_011 * (b + 1))
+                self.gens[f"reg/{b}"] = torch.Generator().manual_seed(s + 7_000_003 * (b + 1))
         self.meta_step = 0
         self.run: _Run | None = None
         self.runs_started = 0
@@ -167,9 +186,11 @@ class MetaTrainer:
         self._good = self._snapshot()
 
     # ------------------------------------------------------------------ runs and truncations
-    def _new_run(self, task: Task | None = None, task_state: torch.Tensor | None = None) -> _Run:
+    def _new_run(self, task: Task | None = None, task_state: torch.Tensor | None = None,
+                 data_gen: torch.Generator | None = None) -> _Run:
         """A fresh optimizee run: ``task`` if given (fine-tuning), else one sampled from the family
-        (from ``task_state`` when a checkpoint restores a run)."""
+        (from ``task_state`` when a checkpoint restores a run); its first minibatch comes from
+        ``data_gen`` (default: the trainer's data generator)."""
         if task is None:
             gen = self.gens["task"]
             if task_state is not None:
@@ -191,7 +212,7 @@ class MetaTrainer:
         self.backend.set_scale(scale)
         P = self.backend.start(x0)
         learned = x0.requires_grad  # a learned initialisation: keep its graph
-        loss, grad = self.backend.loss_and_grad(P, task.inner_batch(self.gens["data"]),
+        loss, grad = self.backend.loss_and_grad(P, task.inner_batch(data_gen or self.gens["data"]),
                                                 create_graph=learned and self.cfg.second_order)
         self.runs_started += 1
         state = self.lopt.init_state(x0.numel(), device=x0.device, dtype=self.dtype)
@@ -259,14 +280,115 @@ class MetaTrainer:
         out = torch.utils.checkpoint.checkpoint(flat_fn, feats, *hidden, use_reentrant=False)
         return out[0], tuple(out[1:])
 
-    def meta_gradient(self, run: _Run | None = None, steps: int | None = None) -> tuple[torch.Tensor, list]:
+    def meta_gradient(self, run: _Run | list[_Run] | None = None,
+                      steps: int | None = None) -> tuple[torch.Tensor, list]:
         """Meta-loss of one truncation and its gradient w.r.t. the meta-parameters, without taking a
-        step (used by tests and diagnostics)."""
-        run = run or self._new_run()
-        ml, *_ = self._truncation(run, steps or self.cfg.unroll)
+        step (used by tests and diagnostics). With ``meta_batch`` > 1, ``run`` is a list of B runs
+        (default: fresh ones) unrolled together."""
+        if self.cfg.meta_batch > 1:
+            ml, *_ = self._truncation_batch(run or self._new_batch(), steps or self.cfg.unroll)
+        else:
+            ml, *_ = self._truncation(run or self._new_run(), steps or self.cfg.unroll)
         grads = torch.autograd.grad(ml, list(self.lopt.parameters()), allow_unused=True)
         grads = [torch.zeros_like(p) if g is None else g for g, p in zip(grads, self.lopt.parameters())]
         return ml.detach(), grads
+
+    # ------------------------------------------------------------------ meta-batches (vmap)
+    def _check_batchable(self) -> None:
+        cfg = self.cfg
+        if cfg.backend != "func":
+            raise ValueError(f"meta_batch > 1 needs backend='func' (torch.func.vmap), got {cfg.backend!r}")
+        if cfg.checkpoint_network is True:
+            raise ValueError("meta_batch > 1 does not combine with checkpoint_network=True")
+        if not self.lopt.vmappable:
+            raise ValueError(f"meta_batch > 1: the {self.lopt.name!r} optimizer's step cannot run under "
+                             "torch.func.vmap; use meta_batch=1")
+        bufs = [k for k, _ in self.task.model.named_buffers()]
+        if bufs:
+            raise ValueError(f"meta_batch > 1 needs an optimizee without buffers (vmap cannot update them in "
+                             f"place); task {self.task.name!r} has {bufs[:3]}")
+
+    def _new_batch(self) -> list[_Run]:
+        """B fresh runs; instance b's first minibatch comes from its own data generator."""
+        return [self._new_run(data_gen=self.gens[f"data/{b}"]) for b in range(self.cfg.meta_batch)]
+
+    def _batched_loss(self, X, S, xb, yb):
+        """Losses (B,) of the template module at the B parameter rows X (θ = S·X with a scale)."""
+        task = self.task
+
+        def one(x, xi, yi, s=None):
+            theta = x if s is None else x * s
+            return task.loss(functional_call(task.model, task.unflatten(theta), (xi,)), yi)
+
+        if S is None:
+            return torch.func.vmap(one)(X, xb, yb)
+        return torch.func.vmap(one)(X, xb, yb, S)
+
+    def _truncation_batch(self, batch: list[_Run], steps: int):
+        """:meth:`_truncation` for B runs at once: the optimizee losses and gradients through one
+        vmapped functional call, the optimizer step vmapped over the instances, the regularizer per
+        instance (its own generator); returns (mean meta-loss, per-step mean losses, per-step mean
+        penalties, X (B, n), stacked state, losses (B,), grads (B, n))."""
+        lopt, cfg, B = self.lopt, self.cfg, len(batch)
+        tasks = [r.task or self.task for r in batch]
+        X = torch.stack([r.x for r in batch])
+        X = X if X.requires_grad else X.detach().requires_grad_(True)
+        S = None if batch[0].scale is None else torch.stack([r.scale for r in batch])
+        st = [r.state.detach() for r in batch]
+        stats = tuple(torch.stack(ts) for ts in zip(*(x.stats for x in st)))
+        hidden = tuple(torch.stack(ts) for ts in zip(*(x.hidden for x in st)))
+        step_no = st[0].step
+        loss = torch.stack([r.loss for r in batch])
+        grad = torch.stack([r.grad for r in batch])
+        losses, pens = [loss], [[] for _ in range(B)]
+        extra = (["params"] if lopt.needs_params else []) + (["loss"] if lopt.needs_loss else [])
+
+        def step_fn(g, stats_, hidden_, *args):
+            kw = dict(zip(extra, args))
+            out = lopt.step(g, OptState(step_no, stats_, hidden_), **kw)
+            return out.updates, out.state.stats, out.state.hidden, out.feats
+
+        def draw(split_fn):
+            xs, ys = zip(*(split_fn(t, self.gens[f"data/{b}"]) for b, t in enumerate(tasks)))
+            return torch.stack(xs), torch.stack(ys)
+
+        for _ in range(steps):
+            args = [{"params": X, "loss": loss.detach()}[k] for k in extra]
+            hid_in = hidden
+            upd, stats, hidden, feats = torch.func.vmap(step_fn)(grad, stats, hidden, *args)
+            step_no += 1
+            if self.reg is not None:
+                for b in range(B):
+                    pens[b].append(self.reg(lopt, feats[b], tuple(h[b] for h in hid_in), self.gens[f"reg/{b}"]))
+            X = X + upd
+            loss = self._batched_loss(X, S, *draw(lambda t, g: t.inner_batch(g)))
+            (grad,) = torch.autograd.grad(loss.sum(), X, create_graph=cfg.second_order, retain_graph=True)
+            if not cfg.second_order:
+                grad = grad.detach()
+            losses.append(loss)
+        lam = self.reg.config.lam if self.reg is not None else 0.0
+        outer = None
+        if cfg.meta_loss == "outer":
+            mode = self.task.model.training
+            self.task.model.train(self.task.outer_train_mode)
+            try:
+                outer = self._batched_loss(X, S, *draw(lambda t, g: t.outer_batch(g)))
+            finally:
+                self.task.model.train(mode)
+        mls = [meta_loss(cfg.meta_loss, [l_[b] for l_ in losses], pens[b], lam,
+                         outer=None if outer is None else outer[b]) for b in range(B)]
+        ml = torch.stack(mls).mean()
+        self._last_outer = None if outer is None else float(outer.detach().mean())
+        mean_pens = [torch.stack([p[t] for p in pens]).mean() for t in range(len(pens[0]))]
+        return ml, [l_.mean() for l_ in losses], mean_pens, X, OptState(step_no, stats, hidden), loss, grad
+
+    def _unstack(self, batch: list[_Run], X, state: OptState, loss, grad, steps: int) -> None:
+        for b, r in enumerate(batch):
+            r.x = X[b].detach()
+            r.state = OptState(state.step, tuple(t[b].detach() for t in state.stats),
+                               tuple(t[b].detach() for t in state.hidden))
+            r.loss, r.grad = loss[b].detach(), grad[b].detach()
+            r.step += steps
 
     def attach(self, name: str, obj) -> None:
         """Keep ``obj``'s ``state_dict()`` in every checkpoint and restore it with
@@ -290,7 +412,7 @@ class MetaTrainer:
         where = f"meta-step {self.meta_step + 1}, run {self.run.index if self.run else '?'}, " \
                 f"optimizee step {self.run.step if self.run else '?'}"
         self._restore(self._good)
-        self.run = None
+        self.run = self.batch_runs = None
         self.log(f"[meta-train] non-finite {what} at {where}: meta-update skipped, last good "
                  f"meta-parameters restored, optimizee run restarted "
                  f"({self.failures}/{self.cfg.max_failures} consecutive)")
@@ -341,24 +463,34 @@ class MetaTrainer:
         try:
             while self.meta_step < cfg.meta_steps:
                 t0 = time.perf_counter()
-                if self.run is None:
-                    self.run = self._new_run()
-                run = self.run
-                steps = min(cfg.unroll, cfg.horizon - run.step)
-                ml, losses, pens, P, state, loss, grad = self._truncation(run, steps)
+                if cfg.meta_batch > 1:
+                    if self.batch_runs is None:
+                        self.batch_runs = self._new_batch()
+                    run = self.batch_runs[0]
+                    steps = min(cfg.unroll, cfg.horizon - run.step)
+                    ml, losses, pens, P, state, loss, grad = self._truncation_batch(self.batch_runs, steps)
+                else:
+                    if self.run is None:
+                        self.run = self._new_run()
+                    run = self.run
+                    steps = min(cfg.unroll, cfg.horizon - run.step)
+                    ml, losses, pens, P, state, loss, grad = self._truncation(run, steps)
                 if not self._meta_update(ml):
                     continue
                 self.meta_step += 1
-                run.x = self.backend.flat(P).detach()
-                run.state, run.loss, run.grad = state.detach(), loss.detach(), grad.detach()
-                run.step += steps
+                if cfg.meta_batch > 1:
+                    self._unstack(self.batch_runs, P, state, loss, grad, steps)
+                else:
+                    run.x = self.backend.flat(P).detach()
+                    run.state, run.loss, run.grad = state.detach(), loss.detach(), grad.detach()
+                    run.step += steps
                 rec = {"meta_step": self.meta_step, "run": run.index, "run_step": run.step,
                        "meta_loss": float(ml.detach()), "loss_start": float(losses[0]),
                        "loss_end": float(losses[-1].detach()),
                        "penalty": float(torch.stack(pens).detach().mean()) if pens else None,
                        "outer_loss": self._last_outer}
                 if run.step >= cfg.horizon:
-                    self.run = None
+                    self.run = self.batch_runs = None
                 self.elapsed += time.perf_counter() - t0
                 rec["elapsed_s"] = self.elapsed
                 self.history.append(rec)
@@ -388,6 +520,8 @@ class MetaTrainer:
             raise ValueError(f"threshold must be in (0, 1), got {threshold!r}")
         if repeats < 1 or max_steps < 1:
             raise ValueError(f"repeats and max_steps must be >= 1, got {repeats!r}, {max_steps!r}")
+        if self.cfg.meta_batch > 1:
+            raise ValueError("finetune works on one optimizee at a time; use a trainer with meta_batch=1")
         sub = self.task.subsample(fraction, seed)
         self.backend.task = sub
         records = []
@@ -430,14 +564,14 @@ class MetaTrainer:
         path = path or self.checkpoint_path
         if path is None:
             return
-        run = None
-        if self.run is not None:
-            r = self.run
-            run = {"index": r.index, "step": r.step, "x": r.x.detach(), "state_step": r.state.step,
-                   "stats": list(r.state.stats), "hidden": list(r.state.hidden), "loss": r.loss.detach(),
-                   "grad": r.grad.detach(), "scale": r.scale, "initial_loss": r.initial_loss,
-                   "task_state": r.task_state,
-                   "buffers": {k: v.detach().clone() for k, v in (r.task or self.task).model.named_buffers()}}
+        def pack(r):
+            return {"index": r.index, "step": r.step, "x": r.x.detach(), "state_step": r.state.step,
+                    "stats": list(r.state.stats), "hidden": list(r.state.hidden), "loss": r.loss.detach(),
+                    "grad": r.grad.detach(), "scale": r.scale, "initial_loss": r.initial_loss,
+                    "task_state": r.task_state,
+                    "buffers": {k: v.detach().clone() for k, v in (r.task or self.task).model.named_buffers()}}
+
+        run = None if self.run is None else pack(self.run)
         payload = {"identity": runs.canonical(self._identity()), "meta_step": self.meta_step,
                    "lopt": self.lopt.state_dict(), "meta_opt": self.meta_opt.state_dict(),
                    "good": self._good, "gens": {k: g.get_state() for k, g in self.gens.items()},
@@ -445,6 +579,8 @@ class MetaTrainer:
                    "failures": self.failures, "total_failures": self.total_failures,
                    "elapsed": self.elapsed,
                    "attached": {k: obj.state_dict() for k, obj in self.attached.items()}}
+        if self.cfg.meta_batch > 1:
+            payload["batch_runs"] = None if self.batch_runs is None else [pack(r) for r in self.batch_runs]
         payload["format"], payload["version"] = "l2l_zoo.meta_checkpoint", 1
         runs.save_torch(path, payload)
 
@@ -467,23 +603,10 @@ class MetaTrainer:
         self._good = ck["good"]
         for k, s in ck["gens"].items():
             self.gens[k].set_state(s.cpu())
-        r = ck["run"]
-        self.run = None
-        if r is not None:
-            task = self.task
-            if r.get("task_state") is not None:  # the same task again, from the generator state it came from
-                g = torch.Generator()
-                g.set_state(r["task_state"])
-                task = self.family.sample(g)
-            with torch.no_grad():
-                for k, v in task.model.named_buffers():
-                    if k in r.get("buffers", {}):
-                        v.copy_(r["buffers"][k])
-            self.backend.task = task
-            self.run = _Run(r["index"], r["step"], r["x"],
-                            OptState(r["state_step"], tuple(r["stats"]), tuple(r["hidden"])),
-                            r["loss"], r["grad"], r["scale"], r["initial_loss"], task=task,
-                            task_state=r.get("task_state"))
+        self.run = None if ck["run"] is None else self._unpack_run(ck["run"])
+        self.batch_runs = None
+        if ck.get("batch_runs") is not None:
+            self.batch_runs = [self._unpack_run(r) for r in ck["batch_runs"]]
         self.runs_started = ck["runs_started"]
         self.history = ck["history"]
         self.failures = ck["failures"]
@@ -494,6 +617,22 @@ class MetaTrainer:
             raise runs.CheckpointError(f"checkpoint {os.fspath(path)!r} has no state for the attached {missing}")
         for k, obj in self.attached.items():
             obj.load_state_dict(ck["attached"][k])
+
+    def _unpack_run(self, r: dict) -> _Run:
+        """A run as :meth:`MetaTrainer.save_checkpoint` packed it (its task re-sampled from the
+        generator state it came from, the template's buffers restored)."""
+        task = self.task
+        if r.get("task_state") is not None:
+            g = torch.Generator()
+            g.set_state(r["task_state"])
+            task = self.family.sample(g)
+        with torch.no_grad():
+            for k, v in task.model.named_buffers():
+                if k in r.get("buffers", {}):
+                    v.copy_(r["buffers"][k])
+        self.backend.task = task
+        return _Run(r["index"], r["step"], r["x"], OptState(r["state_step"], tuple(r["stats"]), tuple(r["hidden"])),
+                    r["loss"], r["grad"], r["scale"], r["initial_loss"], task=task, task_state=r.get("task_state"))
 
 
 def adapt(lopt: LearnedOptimizer, task: Task, steps: int, *, gen: torch.Generator, init_seed: int = 0,

@@ -104,6 +104,7 @@ class MLRSNet(LearnedOptimizer):
     name = "mlrsnet"
     meta_defaults = MetaDefaults(meta_loss="last", lr=1e-3, random_scale=0.0)  # Adam 1e-3 (§4.1.1)
     coordinatewise = False
+    vmappable = False  # step 0 computes γ from float(loss): data-dependent control flow
     needs_loss = True
 
     def __init__(self, *, hidden_size: int = 50, mlp_size: int = 25, layout: str = "meta-train",
