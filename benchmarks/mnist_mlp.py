@@ -39,8 +39,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import l2l_zoo  # noqa: E402
 from l2l_zoo import runs  # noqa: E402
-from l2l_zoo.cli import (ArgumentParser, UsageError, output_folder, parse_floats, parse_kv,  # noqa: E402
-                         parse_seeds, plot_curves, resolve_device, run_main)
+from l2l_zoo.cli import (ArgumentParser, UsageError, init_distributed, output_folder, parse_floats,  # noqa: E402
+                         parse_kv, parse_seeds, plot_curves, resolve_device, run_main)
 from l2l_zoo.evaluation import train_optimizee  # noqa: E402
 from l2l_zoo.meta import META_LOSSES, MetaTrainConfig, MetaTrainer  # noqa: E402
 from l2l_zoo.regularizers import parse_smooth  # noqa: E402
@@ -173,6 +173,14 @@ def parse_config(argv=None) -> Config:
         raise UsageError(f"--backend must be func or higher, got {a.backend!r}")
     if a.meta_batch < 1:
         raise UsageError(f"--meta-batch must be an integer >= 1, got {a.meta_batch}")
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if world > 1:  # under torchrun: data-parallel meta-training, meta_batch instances shared out
+        if a.opt in HAND or a.load is not None:
+            raise UsageError(f"under torchrun (WORLD_SIZE={world}) only meta-training runs in parallel: use a "
+                             "learned --opt without --load, or run without torchrun")
+        if a.meta_batch % world:
+            raise UsageError(f"--meta-batch {a.meta_batch} must be a multiple of WORLD_SIZE={world} (each "
+                             "process unrolls meta-batch / world-size optimizee instances)")
     if a.meta_batch > 1:
         if a.opt in HAND or a.load is not None:
             raise UsageError("--meta-batch applies to meta-training a learned optimizer (not to --opt "
@@ -274,16 +282,25 @@ def meta_train(cfg: Config, device, log) -> tuple[l2l_zoo.LearnedOptimizer, dict
                            meta_lr=cfg.meta_lr, meta_loss=cfg.meta_loss, backend=cfg.backend,
                            meta_grad_clip=cfg.meta_grad_clip, seed=cfg.meta_seed, meta_batch=cfg.meta_batch,
                            smooth=parse_smooth(cfg.smooth) if cfg.smooth else None)
-    if not cfg.resume and os.path.exists(ckpt):
+    world, rank = _world()
+    if not cfg.resume and os.path.exists(ckpt) and rank == 0:
         os.remove(ckpt)
+    if world > 1:
+        torch.distributed.barrier()  # nobody reads a checkpoint rank 0 is about to remove
     trainer = MetaTrainer(lopt, meta_task, mcfg, checkpoint_path=ckpt, log=log)
-    history = trainer.train(resume=cfg.resume, progress=cfg.progress)
+    history = trainer.train(resume=cfg.resume, progress=cfg.progress and rank == 0)
     info = {"config": trainer.cfg.to_dict(), "num_meta_parameters": lopt.num_meta_parameters(),
             "lopt_config": lopt.config, "history": history, "wall_s": trainer.elapsed,
-            "failures": trainer.total_failures, "data": meta_task.data.summary()}
-    l2l_zoo.save(lopt, os.path.join(cfg.out, "optimizer.pt"), meta_training=info["config"],
-                 meta_task=cfg.meta_task)
+            "failures": trainer.total_failures, "data": meta_task.data.summary(), "world_size": world}
+    if rank == 0:
+        l2l_zoo.save(lopt, os.path.join(cfg.out, "optimizer.pt"), meta_training=info["config"],
+                     meta_task=cfg.meta_task)
     return lopt, info
+
+
+def _world() -> tuple[int, int]:
+    d = torch.distributed
+    return (d.get_world_size(), d.get_rank()) if d.is_available() and d.is_initialized() else (1, 0)
 
 
 def report(results: dict, cfg: Config, log) -> None:
@@ -299,8 +316,16 @@ def report(results: dict, cfg: Config, log) -> None:
 
 def main(argv=None) -> int:
     cfg = parse_config(argv)
-    with output_folder(cfg.out):
-        return _main(cfg)
+    world, rank = init_distributed(resolve_device(cfg.device))
+    try:
+        if rank == 0:  # rank 0 owns --out (the lock, results, the checkpoint); the others only meta-train
+            with output_folder(cfg.out):
+                return _main(cfg)
+        meta_train(cfg, resolve_device(cfg.device), log=lambda s: None)
+        return 0
+    finally:
+        if world > 1:
+            torch.distributed.destroy_process_group()
 
 
 def _main(cfg: Config) -> int:

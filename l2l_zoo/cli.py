@@ -98,6 +98,22 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def init_distributed(device: torch.device) -> tuple[int, int]:
+    """Join the process group that ``torchrun`` describes in the environment (``WORLD_SIZE`` > 1;
+    gloo on CPU, NCCL on CUDA, each process on GPU ``LOCAL_RANK``) and return (world size, rank);
+    (1, 0) without torchrun. Meta-training then all-reduces meta-gradients over the processes
+    (:class:`l2l_zoo.meta.MetaTrainer`)."""
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if world <= 1:
+        return 1, 0
+    d = torch.distributed
+    if not d.is_initialized():
+        if device.type == "cuda":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        d.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return d.get_world_size(), d.get_rank()
+
+
 def output_folder(path: str | os.PathLike) -> "runs.OutputLock":
     """Validate an output folder before any work (created if missing, writable, not a file) and lock
     it against a second concurrent run; use as ``with output_folder(cfg.out): ...``."""

@@ -39,6 +39,18 @@ from .unroll import BACKENDS, make_backend
 __all__ = ["MetaTrainConfig", "MetaTrainer", "MetaTrainingDiverged", "adapt"]
 
 
+#: meta-steps between the checks that every torch.distributed process holds the same meta-parameters
+SYNC_CHECK_EVERY = 10
+
+
+def _dist_world() -> tuple[int, int]:
+    """(world size, rank) of torch.distributed, or (1, 0) when it is not initialised."""
+    d = torch.distributed
+    if d.is_available() and d.is_initialized():
+        return d.get_world_size(), d.get_rank()
+    return 1, 0
+
+
 class MetaTrainingDiverged(RuntimeError):
     """Raised after ``max_failures`` consecutive non-finite meta-losses or meta-gradients."""
 
@@ -64,7 +76,11 @@ class MetaTrainConfig:
     the B instances' meta-losses, so the meta-gradient is the mean of their meta-gradients (equal
     to B sequential ones with the same seeds: ``tests/test_meta_batch.py``). Needs the ``func``
     backend and an optimizee without buffers (no BatchNorm); instance b draws its minibatches and
-    regularizer noise from generators of its own.
+    regularizer noise from generators of its own. Under ``torch.distributed`` (e.g. ``torchrun``) the B
+    instances are shared out over the processes (B must be a multiple of the world size; instance b
+    has the same seeds whatever the number of processes), meta-gradients are all-reduced, only rank
+    0 writes checkpoints (which hold every instance, so a run resumes on any number of processes),
+    and every process must be given the same ``checkpoint_path``.
     """
 
     meta_steps: int = 100
@@ -168,11 +184,18 @@ class MetaTrainer:
                      "reg": torch.Generator().manual_seed(s + 2_000_003),
                      "task": torch.Generator().manual_seed(s + 3_000_003)}
         self.batch_runs: list[_Run] | None = None
-        if self.cfg.meta_batch > 1:
+        self.world, self.rank = _dist_world()
+        self.batched = self.cfg.meta_batch > 1 or self.world > 1
+        self.instances = range(0)
+        if self.batched:
             self._check_batchable()
-            for b in range(self.cfg.meta_batch):  # instance b's own minibatch and regularizer streams
+            per = self.cfg.meta_batch // self.world
+            self.instances = range(self.rank * per, (self.rank + 1) * per)  # this process's share
+            for b in self.instances:  # instance b's own streams: the same on any number of processes
                 self.gens[f"data/{b}"] = torch.Generator().manual_seed(s + 5_000_011 * (b + 1))
                 self.gens[f"reg/{b}"] = torch.Generator().manual_seed(s + 7_000_003 * (b + 1))
+                self.gens[f"init/{b}"] = torch.Generator().manual_seed(s + 9_000_011 * (b + 1))
+                self.gens[f"task/{b}"] = torch.Generator().manual_seed(s + 11_000_027 * (b + 1))
         self.meta_step = 0
         self.run: _Run | None = None
         self.runs_started = 0
@@ -187,12 +210,13 @@ class MetaTrainer:
 
     # ------------------------------------------------------------------ runs and truncations
     def _new_run(self, task: Task | None = None, task_state: torch.Tensor | None = None,
-                 data_gen: torch.Generator | None = None) -> _Run:
+                 instance: int | None = None) -> _Run:
         """A fresh optimizee run: ``task`` if given (fine-tuning), else one sampled from the family
-        (from ``task_state`` when a checkpoint restores a run); its first minibatch comes from
-        ``data_gen`` (default: the trainer's data generator)."""
+        (from ``task_state`` when a checkpoint restores a run). Meta-batch ``instance`` b draws its
+        task, initialisation and first minibatch from its own generators (default: the trainer's)."""
+        g = self.gens if instance is None else {k: self.gens[f"{k}/{instance}"] for k in ("data", "init", "task")}
         if task is None:
-            gen = self.gens["task"]
+            gen = g["task"]
             if task_state is not None:
                 gen = torch.Generator()
                 gen.set_state(task_state)
@@ -201,18 +225,18 @@ class MetaTrainer:
         self.backend.task = task
         task.reset()
         task.model.train()
-        seed = int(torch.randint(0, 2**31 - 1, (1,), generator=self.gens["init"]))
+        seed = int(torch.randint(0, 2**31 - 1, (1,), generator=g["init"]))
         theta0 = self.lopt.initial_params(task.flatten(task.init_params(seed)).to(self.dtype))
         r = self.cfg.random_scale
         scale = None
         if r > 0:  # Lv et al. §3.1: f_c(x) = f(c·x), c = exp(U(-r, r)) per coordinate, start x0 = θ0/c
-            u = torch.rand(theta0.shape, generator=self.gens["init"], dtype=self.dtype)
+            u = torch.rand(theta0.shape, generator=g["init"], dtype=self.dtype)
             scale = torch.exp((2 * u - 1) * r).to(theta0.device)
         x0 = theta0 if scale is None else theta0 / scale
         self.backend.set_scale(scale)
         P = self.backend.start(x0)
         learned = x0.requires_grad  # a learned initialisation: keep its graph
-        loss, grad = self.backend.loss_and_grad(P, task.inner_batch(data_gen or self.gens["data"]),
+        loss, grad = self.backend.loss_and_grad(P, task.inner_batch(g["data"]),
                                                 create_graph=learned and self.cfg.second_order)
         self.runs_started += 1
         state = self.lopt.init_state(x0.numel(), device=x0.device, dtype=self.dtype)
@@ -285,17 +309,23 @@ class MetaTrainer:
         """Meta-loss of one truncation and its gradient w.r.t. the meta-parameters, without taking a
         step (used by tests and diagnostics). With ``meta_batch`` > 1, ``run`` is a list of B runs
         (default: fresh ones) unrolled together."""
-        if self.cfg.meta_batch > 1:
+        if self.batched:
             ml, *_ = self._truncation_batch(run or self._new_batch(), steps or self.cfg.unroll)
         else:
             ml, *_ = self._truncation(run or self._new_run(), steps or self.cfg.unroll)
         grads = torch.autograd.grad(ml, list(self.lopt.parameters()), allow_unused=True)
         grads = [torch.zeros_like(p) if g is None else g for g, p in zip(grads, self.lopt.parameters())]
+        if self.world > 1:  # the mean over every process's instances
+            ml = ml.detach().clone()
+            self._all_mean([ml, *grads])
         return ml.detach(), grads
 
     # ------------------------------------------------------------------ meta-batches (vmap)
     def _check_batchable(self) -> None:
         cfg = self.cfg
+        if cfg.meta_batch % self.world:
+            raise ValueError(f"meta_batch {cfg.meta_batch} must be a multiple of the {self.world} processes of "
+                             "torch.distributed (each unrolls meta_batch / world_size instances)")
         if cfg.backend != "func":
             raise ValueError(f"meta_batch > 1 needs backend='func' (torch.func.vmap), got {cfg.backend!r}")
         if cfg.checkpoint_network is True:
@@ -309,8 +339,14 @@ class MetaTrainer:
                              f"place); task {self.task.name!r} has {bufs[:3]}")
 
     def _new_batch(self) -> list[_Run]:
-        """B fresh runs; instance b's first minibatch comes from its own data generator."""
-        return [self._new_run(data_gen=self.gens[f"data/{b}"]) for b in range(self.cfg.meta_batch)]
+        """Fresh runs for this process's instances (all B of them without torch.distributed), each
+        from its own generators; run indices count instances globally."""
+        first = self.runs_started
+        batch = [self._new_run(instance=b) for b in self.instances]
+        for b, r in zip(self.instances, batch):
+            r.index = first + b
+        self.runs_started = first + self.cfg.meta_batch
+        return batch
 
     def _batched_loss(self, X, S, xb, yb):
         """Losses (B,) of the template module at the B parameter rows X (θ = S·X with a scale)."""
@@ -349,7 +385,7 @@ class MetaTrainer:
             return out.updates, out.state.stats, out.state.hidden, out.feats
 
         def draw(split_fn):
-            xs, ys = zip(*(split_fn(t, self.gens[f"data/{b}"]) for b, t in enumerate(tasks)))
+            xs, ys = zip(*(split_fn(t, self.gens[f"data/{b}"]) for b, t in zip(self.instances, tasks)))
             return torch.stack(xs), torch.stack(ys)
 
         for _ in range(steps):
@@ -359,7 +395,8 @@ class MetaTrainer:
             step_no += 1
             if self.reg is not None:
                 for b in range(B):
-                    pens[b].append(self.reg(lopt, feats[b], tuple(h[b] for h in hid_in), self.gens[f"reg/{b}"]))
+                    pens[b].append(self.reg(lopt, feats[b], tuple(h[b] for h in hid_in),
+                                            self.gens[f"reg/{self.instances[b]}"]))
             X = X + upd
             loss = self._batched_loss(X, S, *draw(lambda t, g: t.inner_batch(g)))
             (grad,) = torch.autograd.grad(loss.sum(), X, create_graph=cfg.second_order, retain_graph=True)
@@ -424,14 +461,26 @@ class MetaTrainer:
                 f"unroll")
 
     def _meta_update(self, ml: torch.Tensor) -> bool:
-        """Back-propagate and step; False (and nothing changed) if anything is non-finite."""
-        if not torch.isfinite(ml):
+        """Back-propagate and step; False (and nothing changed) if anything is non-finite. Under
+        torch.distributed the meta-gradient is averaged over the processes (all-reduce) and every
+        decision is taken on all-reduced values, so all processes step, skip and fail together."""
+        finite = bool(torch.isfinite(ml))
+        if self.world > 1:
+            flag = torch.tensor([1.0 if finite else 0.0], dtype=torch.float64, device=ml.device)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
+            finite = bool(flag.item() == 1.0)
+        if not finite:
             self._fail("meta-loss")
             return False
         snap = self._snapshot()
         self.meta_opt.zero_grad(set_to_none=True)
         ml.backward()
         params = list(self.lopt.parameters())
+        if self.world > 1:
+            for p in params:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+            self._all_mean([p.grad for p in params])
         if not all(p.grad is None or bool(torch.isfinite(p.grad).all()) for p in params):
             self._fail("meta-gradient")
             return False
@@ -444,7 +493,36 @@ class MetaTrainer:
         self._good = snap
         self.meta_opt.step()
         self.failures = 0
+        if self.world > 1 and (self.meta_step + 1) % SYNC_CHECK_EVERY == 0:
+            self._check_in_sync()
         return True
+
+    # ------------------------------------------------------------------ torch.distributed
+    def _all_mean(self, tensors: list[torch.Tensor]) -> None:
+        """In place: each tensor becomes its mean over the processes (one flat all-reduce)."""
+        flat = torch.cat([t.reshape(-1) for t in tensors])
+        torch.distributed.all_reduce(flat)
+        flat /= self.world
+        i = 0
+        for t in tensors:
+            t.copy_(flat[i:i + t.numel()].view_as(t))
+            i += t.numel()
+
+    def _check_in_sync(self) -> None:
+        """Meta-parameters and Adam moments must be bit-identical on every process: compare a
+        checksum of their bytes (all-gathered) and stop with a clear error if they differ."""
+        vals = [p.detach() for p in self.lopt.parameters()]
+        for st in self.meta_opt.state.values():
+            vals += [v for v in st.values() if torch.is_tensor(v) and v.is_floating_point()]
+        flat = torch.cat([v.reshape(-1).double() for v in vals])
+        pos = torch.arange(1, flat.numel() + 1, dtype=torch.float64, device=flat.device)
+        mine = torch.stack([flat.sum(), (flat * pos).sum(), (flat * flat).sum()])
+        every = [torch.empty_like(mine) for _ in range(self.world)]
+        torch.distributed.all_gather(every, mine)
+        if not all(torch.equal(every[0], e) for e in every):
+            raise RuntimeError(f"meta-parameters differ between the {self.world} processes at meta-step "
+                               f"{self.meta_step + 1} (checksums {[e.tolist() for e in every]}); they must "
+                               "start from the same seed and see the same all-reduced meta-gradients")
 
     # ------------------------------------------------------------------ main loop
     def train(self, *, resume: bool = False, progress: bool = True,
@@ -463,7 +541,7 @@ class MetaTrainer:
         try:
             while self.meta_step < cfg.meta_steps:
                 t0 = time.perf_counter()
-                if cfg.meta_batch > 1:
+                if self.batched:
                     if self.batch_runs is None:
                         self.batch_runs = self._new_batch()
                     run = self.batch_runs[0]
@@ -478,17 +556,22 @@ class MetaTrainer:
                 if not self._meta_update(ml):
                     continue
                 self.meta_step += 1
-                if cfg.meta_batch > 1:
+                if self.batched:
                     self._unstack(self.batch_runs, P, state, loss, grad, steps)
                 else:
                     run.x = self.backend.flat(P).detach()
                     run.state, run.loss, run.grad = state.detach(), loss.detach(), grad.detach()
                     run.step += steps
+                vals = [ml.detach(), losses[0].detach(), losses[-1].detach(),
+                        torch.stack(pens).detach().mean() if pens else ml.new_zeros(()),
+                        ml.new_tensor(self._last_outer if self._last_outer is not None else 0.0)]
+                if self.world > 1:  # the record describes the whole meta-batch, not this process's share
+                    vals = [v.clone().to(ml.dtype) for v in vals]
+                    self._all_mean(vals)
                 rec = {"meta_step": self.meta_step, "run": run.index, "run_step": run.step,
-                       "meta_loss": float(ml.detach()), "loss_start": float(losses[0]),
-                       "loss_end": float(losses[-1].detach()),
-                       "penalty": float(torch.stack(pens).detach().mean()) if pens else None,
-                       "outer_loss": self._last_outer}
+                       "meta_loss": float(vals[0]), "loss_start": float(vals[1]), "loss_end": float(vals[2]),
+                       "penalty": float(vals[3]) if pens else None,
+                       "outer_loss": None if self._last_outer is None else float(vals[4])}
                 if run.step >= cfg.horizon:
                     self.run = self.batch_runs = None
                 self.elapsed += time.perf_counter() - t0
@@ -520,8 +603,9 @@ class MetaTrainer:
             raise ValueError(f"threshold must be in (0, 1), got {threshold!r}")
         if repeats < 1 or max_steps < 1:
             raise ValueError(f"repeats and max_steps must be >= 1, got {repeats!r}, {max_steps!r}")
-        if self.cfg.meta_batch > 1:
-            raise ValueError("finetune works on one optimizee at a time; use a trainer with meta_batch=1")
+        if self.batched:
+            raise ValueError("finetune works on one optimizee at a time in one process; use a trainer with "
+                             "meta_batch=1 outside torch.distributed")
         sub = self.task.subsample(fraction, seed)
         self.backend.task = sub
         records = []
@@ -579,8 +663,17 @@ class MetaTrainer:
                    "failures": self.failures, "total_failures": self.total_failures,
                    "elapsed": self.elapsed,
                    "attached": {k: obj.state_dict() for k, obj in self.attached.items()}}
-        if self.cfg.meta_batch > 1:
-            payload["batch_runs"] = None if self.batch_runs is None else [pack(r) for r in self.batch_runs]
+        if self.batched:
+            mine = None if self.batch_runs is None else [pack(r) for r in self.batch_runs]
+            if self.world > 1:  # every instance's run and generators go into rank 0's one checkpoint
+                shared = {k: v for k, v in payload["gens"].items() if "/" not in k}
+                parts = [None] * self.world
+                torch.distributed.all_gather_object(parts, (mine, payload["gens"]))
+                if self.rank != 0:
+                    return
+                mine = None if any(m is None for m, _ in parts) else [r for m, _ in parts for r in m]
+                payload["gens"] = {**{k: v for _, g in parts for k, v in g.items()}, **shared}
+            payload["batch_runs"] = mine
         payload["format"], payload["version"] = "l2l_zoo.meta_checkpoint", 1
         runs.save_torch(path, payload)
 
@@ -601,12 +694,16 @@ class MetaTrainer:
         self.lopt.load_state_dict(ck["lopt"])
         self.meta_opt.load_state_dict(ck["meta_opt"])
         self._good = ck["good"]
+        missing = sorted(set(self.gens) - set(ck["gens"]))
+        if missing:
+            raise runs.CheckpointError(f"checkpoint {os.fspath(path)!r} has no state for the generators {missing[:4]}")
         for k, s in ck["gens"].items():
-            self.gens[k].set_state(s.cpu())
+            if k in self.gens:  # another process's instances are not ours
+                self.gens[k].set_state(s.cpu())
         self.run = None if ck["run"] is None else self._unpack_run(ck["run"])
         self.batch_runs = None
-        if ck.get("batch_runs") is not None:
-            self.batch_runs = [self._unpack_run(r) for r in ck["batch_runs"]]
+        if ck.get("batch_runs") is not None:  # this process's share (any number of processes)
+            self.batch_runs = [self._unpack_run(ck["batch_runs"][b]) for b in self.instances]
         self.runs_started = ck["runs_started"]
         self.history = ck["history"]
         self.failures = ck["failures"]

@@ -1,0 +1,157 @@
+"""Data-parallel meta-training under torch.distributed (gloo, 2 CPU processes started by the test):
+the all-reduced meta-gradient equals the single-process meta-gradient over the same meta-batch;
+after training, the meta-parameters are bit-identical on both processes and equal (float64) to a
+single-process run; only rank 0 writes the checkpoint, and a run checkpointed by 2 processes
+resumes in 1 and continues as the uninterrupted run."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+B = 4
+
+SETUP = '''
+import torch
+import l2l_zoo
+from l2l_zoo.meta import MetaTrainConfig, MetaTrainer
+from l2l_zoo.regularizers import SmoothnessConfig
+from l2l_zoo.tasks import MLP, DataSplits, Task
+
+def toy_task():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 6, generator=g, dtype=torch.float64)
+    y = (x[:, 0] + x[:, 1] > 0).long()
+    d = DataSplits("toy", x, y, x, y, x, y, 2, "synthetic")
+    return Task("toy_mlp", lambda: MLP(6, (5,), 2).to(torch.float64), d, batch_size=16)
+
+def trainer(meta_steps, path=None):
+    torch.manual_seed(0)
+    lopt = l2l_zoo.create("simple").to(torch.float64)
+    cfg = MetaTrainConfig(meta_steps=meta_steps, unroll=2, horizon=4, seed=0, meta_batch=%d, checkpoint_every=1,
+                          smooth=SmoothnessConfig(eps=0.1, steps=1, subsample=5))
+    return MetaTrainer(lopt, toy_task(), cfg, checkpoint_path=path, log=lambda s: None)
+
+def flat_params(tr):
+    return torch.cat([p.detach().reshape(-1) for p in tr.lopt.parameters()])
+''' % B
+
+WORKER = SETUP + '''
+import os, sys
+rank, world, out, mode = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
+torch.set_num_threads(1)
+torch.distributed.init_process_group("gloo", init_method="file://" + os.path.join(out, "rendezvous"),
+                                     rank=rank, world_size=world)
+if mode == "grad":
+    tr = trainer(1)
+    ml, grads = tr.meta_gradient()
+    torch.save({"ml": ml, "grad": torch.cat([g.reshape(-1) for g in grads])}, os.path.join(out, f"grad{rank}.pt"))
+else:
+    tr = trainer(int(mode), os.path.join(out, "ck.pt"))
+    tr.train(progress=False)
+    torch.save({"params": flat_params(tr), "history": tr.history}, os.path.join(out, f"train{rank}.pt"))
+torch.distributed.destroy_process_group()
+'''
+
+
+def run_ranks(tmp_path, mode, world=2):
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    procs = [subprocess.Popen([sys.executable, str(script), str(r), str(world), str(tmp_path), mode], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in range(world)]
+    outs = [p.communicate(timeout=600)[0] for p in procs]
+    for p, o in zip(procs, outs):
+        assert p.returncode == 0, o
+
+
+@pytest.fixture(scope="module")
+def local():
+    ns = {}
+    exec(SETUP, ns)
+    return ns
+
+
+def test_all_reduced_meta_gradient_equals_the_single_process_one(tmp_path, local):
+    run_ranks(tmp_path, "grad")
+    g0, g1 = (torch.load(tmp_path / f"grad{r}.pt", weights_only=True) for r in (0, 1))
+    assert torch.equal(g0["grad"], g1["grad"]), "every process must hold the same all-reduced meta-gradient"
+    ml, grads = local["trainer"](1).meta_gradient()
+    ref = torch.cat([g.reshape(-1) for g in grads])
+    rel = float((g0["grad"] - ref).norm() / ref.norm())
+    assert ref.norm() > 0 and rel < 1e-12, f"relative difference {rel:.2e}"
+    torch.testing.assert_close(g0["ml"], ml, rtol=1e-12, atol=0)
+
+
+def test_two_processes_train_like_one_and_resume_in_one(tmp_path, local):
+    run_ranks(tmp_path, "3")
+    a, b = (torch.load(tmp_path / f"train{r}.pt", weights_only=True) for r in (0, 1))
+    assert torch.equal(a["params"], b["params"]), "meta-parameters differ between the processes"
+    single = local["trainer"](3)
+    single.train(progress=False)
+    ref = local["flat_params"](single)
+    assert float((a["params"] - ref).norm() / ref.norm()) < 1e-10
+    assert [h["meta_loss"] for h in a["history"]] == pytest.approx([h["meta_loss"] for h in single.history],
+                                                                    rel=1e-10)
+    # only rank 0 wrote: one checkpoint, no temporary files of another writer
+    assert {f for f in os.listdir(tmp_path) if f != "rendezvous"} == {"ck.pt", "train0.pt", "train1.pt", "worker.py"}
+    # the 2-process checkpoint (after meta-step 3, mid-run) resumes in 1 process and continues exactly
+    # like the single-process run that never stopped
+    resumed = local["trainer"](5, str(tmp_path / "ck.pt"))
+    resumed.train(resume=True, progress=False)
+    full = local["trainer"](5)
+    full.train(progress=False)
+    r, f = local["flat_params"](resumed), local["flat_params"](full)
+    assert float((r - f).norm() / f.norm()) < 1e-10 and resumed.meta_step == 5
+
+
+def test_a_meta_batch_that_does_not_divide_among_the_processes_is_refused(monkeypatch, local):
+    import l2l_zoo.meta.trainer as T
+    monkeypatch.setattr(T, "_dist_world", lambda: (3, 0))
+    with pytest.raises(ValueError, match="must be a multiple of the 3 processes"):
+        local["trainer"](1)
+
+
+def _mnist_mlp():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("_dist_mnist_mlp", os.path.join(ROOT, "benchmarks", "mnist_mlp.py"))
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # dataclasses look their module up
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--opt", "simple", "--meta-batch", "3"], "--meta-batch 3 must be a multiple of WORLD_SIZE=2"),
+    (["--opt", "sgd"], "under torchrun (WORLD_SIZE=2) only meta-training runs in parallel"),
+])
+def test_mnist_mlp_checks_torchrun_settings_before_any_work(args, message, monkeypatch, tmp_path):
+    from l2l_zoo.cli import UsageError
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(UsageError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        _mnist_mlp().parse_config([*args, "--out", str(tmp_path / "o")])
+
+
+def test_torchrun_mnist_mlp_matches_one_process(data_dir, tmp_path):
+    """The real entry point under torchrun (2 gloo processes): rank 0 alone writes --out, and the
+    meta-training history equals the single-process run with the same meta-batch."""
+    flags = ["--opt", "simple", "--meta-batch", "2", "--meta-steps", "2", "--horizon", "4", "--unroll", "2",
+             "--baselines", "none", "--eval-steps", "4", "--no-progress", "--data-dir", data_dir]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    script = os.path.join(ROOT, "benchmarks", "mnist_mlp.py")
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                        str(29400 + os.getpid() % 500), script, *flags, "--out", str(tmp_path / "two")],
+                       env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    r1 = subprocess.run([sys.executable, script, *flags, "--out", str(tmp_path / "one")], env=env,
+                        capture_output=True, text=True, timeout=600)
+    assert r1.returncode == 0, r1.stderr[-2000:]
+    import json
+    two = json.loads((tmp_path / "two" / "results.json").read_text())["meta_training"]
+    one = json.loads((tmp_path / "one" / "results.json").read_text())["meta_training"]
+    assert two["world_size"] == 2 and one["world_size"] == 1
+    assert [h["meta_loss"] for h in two["history"]] == pytest.approx([h["meta_loss"] for h in one["history"]],
+                                                                      rel=1e-5)
+    assert not any(f.endswith(".tmp") for f in os.listdir(tmp_path / "two"))
