@@ -289,6 +289,9 @@ def meta_train(cfg: Config, device, log) -> tuple[l2l_zoo.LearnedOptimizer, dict
         torch.distributed.barrier()  # nobody reads a checkpoint rank 0 is about to remove
     trainer = MetaTrainer(lopt, meta_task, mcfg, checkpoint_path=ckpt, log=log)
     history = trainer.train(resume=cfg.resume, progress=cfg.progress and rank == 0)
+    if world > 1:  # the processes are done with each other: tear the group down together, before
+        torch.distributed.barrier()  # rank 0 evaluates alone (no collective timeout can hit it)
+        torch.distributed.destroy_process_group()
     info = {"config": trainer.cfg.to_dict(), "num_meta_parameters": lopt.num_meta_parameters(),
             "lopt_config": lopt.config, "history": history, "wall_s": trainer.elapsed,
             "failures": trainer.total_failures, "data": meta_task.data.summary(), "world_size": world}
@@ -324,7 +327,7 @@ def main(argv=None) -> int:
         meta_train(cfg, resolve_device(cfg.device), log=lambda s: None)
         return 0
     finally:
-        if world > 1:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():  # an error path
             torch.distributed.destroy_process_group()
 
 

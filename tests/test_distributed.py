@@ -52,6 +52,7 @@ else:
     tr = trainer(int(mode), os.path.join(out, "ck.pt"))
     tr.train(progress=False)
     torch.save({"params": flat_params(tr), "history": tr.history}, os.path.join(out, f"train{rank}.pt"))
+torch.distributed.barrier()  # nobody tears gloo down while the other process still talks to it
 torch.distributed.destroy_process_group()
 '''
 
