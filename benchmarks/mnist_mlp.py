@@ -43,6 +43,7 @@ from l2l_zoo.cli import (ArgumentParser, UsageError, init_distributed, output_fo
                          parse_kv, parse_seeds, plot_curves, resolve_device, run_main)
 from l2l_zoo.evaluation import train_optimizee  # noqa: E402
 from l2l_zoo.meta import META_LOSSES, MetaTrainConfig, MetaTrainer  # noqa: E402
+from l2l_zoo.meta.trainer import dist_world  # noqa: E402
 from l2l_zoo.regularizers import parse_smooth  # noqa: E402
 from l2l_zoo.tasks import TASKS, make_task  # noqa: E402
 
@@ -282,7 +283,7 @@ def meta_train(cfg: Config, device, log) -> tuple[l2l_zoo.LearnedOptimizer, dict
                            meta_lr=cfg.meta_lr, meta_loss=cfg.meta_loss, backend=cfg.backend,
                            meta_grad_clip=cfg.meta_grad_clip, seed=cfg.meta_seed, meta_batch=cfg.meta_batch,
                            smooth=parse_smooth(cfg.smooth) if cfg.smooth else None)
-    world, rank = _world()
+    world, rank = dist_world()
     if not cfg.resume and os.path.exists(ckpt) and rank == 0:
         os.remove(ckpt)
     if world > 1:
@@ -301,10 +302,6 @@ def meta_train(cfg: Config, device, log) -> tuple[l2l_zoo.LearnedOptimizer, dict
     return lopt, info
 
 
-def _world() -> tuple[int, int]:
-    d = torch.distributed
-    return (d.get_world_size(), d.get_rank()) if d.is_available() and d.is_initialized() else (1, 0)
-
 
 def report(results: dict, cfg: Config, log) -> None:
     log(f"\n{'optimizer':<22}{'train loss':>14}{'val loss':>12}{'test loss':>12}{'test acc':>10}{'diverged':>10}"
@@ -319,12 +316,13 @@ def report(results: dict, cfg: Config, log) -> None:
 
 def main(argv=None) -> int:
     cfg = parse_config(argv)
-    world, rank = init_distributed(resolve_device(cfg.device))
+    device = resolve_device(cfg.device)
+    world, rank = init_distributed(device)
     try:
         if rank == 0:  # rank 0 owns --out (the lock, results, the checkpoint); the others only meta-train
             with output_folder(cfg.out):
                 return _main(cfg)
-        meta_train(cfg, resolve_device(cfg.device), log=lambda s: None)
+        meta_train(cfg, device, log=lambda s: None)
         return 0
     finally:
         if torch.distributed.is_available() and torch.distributed.is_initialized():  # an error path

@@ -111,7 +111,8 @@ def init_distributed(device: torch.device) -> tuple[int, int]:
         if device.type == "cuda":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         d.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return d.get_world_size(), d.get_rank()
+    from .meta.trainer import dist_world
+    return dist_world()
 
 
 def output_folder(path: str | os.PathLike) -> "runs.OutputLock":

@@ -110,7 +110,7 @@ def test_two_processes_train_like_one_and_resume_in_one(tmp_path, local):
 
 def test_a_meta_batch_that_does_not_divide_among_the_processes_is_refused(monkeypatch, local):
     import l2l_zoo.meta.trainer as T
-    monkeypatch.setattr(T, "_dist_world", lambda: (3, 0))
+    monkeypatch.setattr(T, "dist_world", lambda: (3, 0))
     with pytest.raises(ValueError, match="must be a multiple of the 3 processes"):
         local["trainer"](1)
 

@@ -36,14 +36,14 @@ from ..tasks.task import Task
 from .losses import META_LOSSES, meta_loss
 from .unroll import BACKENDS, make_backend
 
-__all__ = ["MetaTrainConfig", "MetaTrainer", "MetaTrainingDiverged", "adapt"]
+__all__ = ["MetaTrainConfig", "MetaTrainer", "MetaTrainingDiverged", "adapt", "dist_world"]
 
 
 #: meta-steps between the checks that every torch.distributed process holds the same meta-parameters
 SYNC_CHECK_EVERY = 10
 
 
-def _dist_world() -> tuple[int, int]:
+def dist_world() -> tuple[int, int]:
     """(world size, rank) of torch.distributed, or (1, 0) when it is not initialised."""
     d = torch.distributed
     if d.is_available() and d.is_initialized():
@@ -184,7 +184,7 @@ class MetaTrainer:
                      "reg": torch.Generator().manual_seed(s + 2_000_003),
                      "task": torch.Generator().manual_seed(s + 3_000_003)}
         self.batch_runs: list[_Run] | None = None
-        self.world, self.rank = _dist_world()
+        self.world, self.rank = dist_world()
         self.batched = self.cfg.meta_batch > 1 or self.world > 1
         self.instances = range(0)
         if self.batched:
