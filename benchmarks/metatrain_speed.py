@@ -36,6 +36,11 @@ What is reported per case (medians over ``--repeats``):
   smoothness PGD (the regularizer's call), the meta-backward and the rest; ``top_ops``: the aten ops
   with the largest self time. Profiling slows the program, so only the shares are meaningful.
 
+``reference``: the default (fast) path against the eager reference path
+(``MetaTrainConfig(fast=False)``: the smoothness PGD step by step, plain autograd formulas instead of
+SimpleOptimizer's fused cell), interleaved in this process (``speedup``; skip with
+``--no-reference``).
+
 With ``--meta-batch B``: ``meta_batch``: a meta-batch of B instances in one vmapped truncation
 against B sequential truncations (``speedup``), and the meta-gradient's total variance over fresh
 single instances against fresh meta-batches (``variance_reduction``; B in expectation).
@@ -82,6 +87,8 @@ def parse(argv=None):
     p.add_argument("--matmul-size", type=int, default=1024, help="side of the square reference matrix multiply")
     p.add_argument("--copy-mb", type=int, default=256, help="size of the reference tensor copy (MB)")
     p.add_argument("--no-profile", action="store_true", help="skip the torch.profiler phase breakdown")
+    p.add_argument("--no-reference", action="store_true",
+                   help="skip timing the eager reference path (MetaTrainConfig(fast=False)) against the default")
     p.add_argument("--meta-batch", type=int, default=1,
                    help="also time a meta-batch of B instances (torch.func.vmap) against B sequential "
                         "truncations and measure the meta-gradient's variance reduction (1 = skip)")
@@ -117,7 +124,8 @@ def main(argv=None) -> int:
 # ---------------------------------------------------------------------------------------- counters
 class ByteCounter(TorchDispatchMode):
     """Bytes each aten op reads (tensor inputs, each storage once) and writes (outputs that do not
-    share an input's storage: views and in-place results are not new traffic)."""
+    share an input's storage: in-place results are not new traffic). View ops (slices, transposes,
+    reshapes that alias) move no data and are not counted."""
 
     def __init__(self):
         super().__init__()
@@ -126,6 +134,8 @@ class ByteCounter(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
+        if getattr(func, "is_view", False):
+            return out
         ins = {}
         for t in tree_flatten((args, kwargs or {}))[0]:
             if isinstance(t, torch.Tensor) and t.device.type != "meta":
@@ -177,7 +187,10 @@ def label_phases(tr: MetaTrainer):
     be.loss_and_grad = _Labelled(be.loss_and_grad, PHASES[0])
     tr.lopt.step = _Labelled(tr.lopt.step, PHASES[1])
     if tr.reg is not None:
-        tr.reg = _Labelled(tr.reg, PHASES[2])
+        reg = tr.reg
+        tr.reg = _Labelled(reg, PHASES[2])
+        tr.reg.prepare = _Labelled(reg.prepare, PHASES[2])  # the fast path's two calls
+        tr.reg.penalties = _Labelled(reg.penalties, PHASES[2])
 
 
 # ---------------------------------------------------------------------------------------- timing
@@ -240,14 +253,14 @@ def copy_bandwidth(mb: int, device, repeats: int = 5) -> float:
     return best
 
 
-def make_trainer(case: str, a, device, tasks: dict, meta_batch: int = 1) -> MetaTrainer:
+def make_trainer(case: str, a, device, tasks: dict, meta_batch: int = 1, fast: bool = True) -> MetaTrainer:
     opt, task_name, smooth = CASES[case]
     if task_name not in tasks:
         tasks[task_name] = make_task(task_name, data_dir=a.data_dir, device=device, batch_size=a.batch_size)
     torch.manual_seed(0)
     lopt = l2l_zoo.create(opt).to(device)
     cfg = MetaTrainConfig(unroll=a.unroll, seed=0, smooth=parse_smooth(smooth) if smooth else None,
-                          meta_batch=meta_batch)
+                          meta_batch=meta_batch, fast=fast)
     return MetaTrainer(lopt, tasks[task_name], cfg, log=lambda s: None)
 
 
@@ -288,11 +301,29 @@ def measure(case: str, a, device, tasks: dict, mm_rate: float, copy_bw: float) -
            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
     if device.type == "cuda":
         out["cuda_peak_mb"] = torch.cuda.max_memory_allocated(device) / 2 ** 20
+    if not a.no_reference:
+        out["reference"] = reference_comparison(case, a, device, tasks, tr)
     if a.meta_batch > 1:
         out["meta_batch"] = meta_batch_comparison(case, a, device, tasks, tr)
     if not a.no_profile:
         out.update(profile(tr, device))
     return out
+
+
+def reference_comparison(case: str, a, device, tasks: dict, fast: MetaTrainer) -> dict:
+    """The default (fast) path against the eager reference path (``MetaTrainConfig(fast=False)``:
+    per-step smoothness PGD, plain autograd formulas) in this process, interleaved repeats."""
+    ref = make_trainer(case, a, device, tasks, fast=False)
+    for _ in range(a.warmup):
+        truncation(ref, device)
+    t_fast, t_ref = [], []
+    for _ in range(a.repeats):
+        f, b, _ = truncation(ref, device)
+        t_ref.append(f + b)
+        f, b, _ = truncation(fast, device)
+        t_fast.append(f + b)
+    tf, tr = statistics.median(t_fast), statistics.median(t_ref)
+    return {"fast_s": tf, "reference_s": tr, "speedup": tr / tf, "fast_s_all": t_fast, "reference_s_all": t_ref}
 
 
 def meta_batch_comparison(case: str, a, device, tasks: dict, single: MetaTrainer) -> dict:
@@ -367,6 +398,10 @@ def _main(a, cases, device) -> int:
               f"{100 * s['copy_bw_ratio']:.0f} % of the copy bandwidth")
         print(f"  saved for backward {s['saved_bytes'] / 2 ** 20:.0f} MB; peak RSS {s['peak_rss_mb']:.0f} MB"
               + (f"; CUDA peak {s['cuda_peak_mb']:.0f} MB" if "cuda_peak_mb" in s else ""))
+        if "reference" in s:
+            m = s["reference"]
+            print(f"  fast path {m['fast_s']:.3f} s vs eager reference path {m['reference_s']:.3f} s: "
+                  f"{m['speedup']:.2f}x faster")
         if "meta_batch" in s:
             m = s["meta_batch"]
             print(f"  meta-batch B={m['B']}: {m['batched_s']:.3f} s vs {m['sequential_s']:.3f} s for {m['B']} sequential "

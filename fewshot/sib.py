@@ -131,6 +131,7 @@ class SIB(nn.Module):
     ``init_diag`` (LinearDiag, D), ``dni`` (:class:`SyntheticGradient`)."""
 
     coordinatewise = False  # the smoothness regularizer's contract: rows are coupled (BatchNorm)
+    vmappable = True  # ξ runs under torch.func.vmap (batch statistics only, no running buffers)
 
     def __init__(self, ways: int, feature_dim: int, *, steps: int = 3, inner_lr: float = 1e-3, scale: float = 10.0,
                  hidden_factor: int = 8):
@@ -195,17 +196,21 @@ class SIB(nn.Module):
               generator: torch.Generator | None = None, create_graph: bool = True) -> SIBResult:
         """θ⁰ from the support set, then ``steps`` (default K) synthetic gradient steps on the query
         features; with ``regularizer``, R_k = regularizer(self, logits_k, ()) at each step's logits
-        (PGD noise from ``generator``). Features: (S, D) and (Q, D); labels (S,) in 0..N−1."""
+        (PGD noise from ``generator``; the K PGD problems run together after the inner loop,
+        :meth:`~l2l_zoo.regularizers.SmoothnessRegularizer.penalties`, the same values). Features: (S, D) and (Q, D); labels (S,) in 0..N−1."""
         self._check(support_x, query_x)
         K = self.steps if steps is None else steps
         _check_int("steps", K, 0)
         params = self.initial_params(support_x, support_y)
-        penalties = []
+        prepared = []
         for _ in range(K):
             params, logits, _ = self.inner_step(params, query_x, create_graph=create_graph)
-            if regularizer is not None:
-                with torch.enable_grad():
-                    penalties.append(regularizer(self, logits, (), generator))
+            if regularizer is not None:  # its random draws now, its PGD for all K steps at once below
+                prepared.append(regularizer.prepare(self, logits, (), generator))
+        penalties = []
+        if prepared:
+            with torch.enable_grad():
+                penalties = list(regularizer.penalties(self, prepared).unbind())
         return SIBResult(self.logits(query_x, params), params, penalties)
 
     def forward(self, support_x: torch.Tensor, support_y: torch.Tensor, query_x: torch.Tensor) -> torch.Tensor:

@@ -18,13 +18,35 @@ split exists: it works for every optimizer without any code inside them.
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
+import threading
 from typing import Any, ClassVar, NamedTuple
 
 import torch
 from torch import nn
 
-__all__ = ["OptState", "Step", "LearnedOptimizer", "MetaDefaults"]
+__all__ = ["OptState", "Step", "LearnedOptimizer", "MetaDefaults", "reference_kernels", "fused_kernels_enabled"]
+
+_KERNELS = threading.local()
+
+
+@contextlib.contextmanager
+def reference_kernels():
+    """Within this block optimizers compute with their plain autograd formulas, not their fused
+    kernels (``MetaTrainConfig(fast=False)``: the reference path that the fast one is tested
+    against)."""
+    old = getattr(_KERNELS, "reference", False)
+    _KERNELS.reference = True
+    try:
+        yield
+    finally:
+        _KERNELS.reference = old
+
+
+def fused_kernels_enabled() -> bool:
+    """False inside :func:`reference_kernels`."""
+    return not getattr(_KERNELS, "reference", False)
 
 
 class OptState(NamedTuple):
@@ -84,6 +106,11 @@ class LearnedOptimizer(nn.Module):
     coordinate ``i`` (so that subsets of coordinates can be processed independently up to any
     cross-coordinate aggregation the network does).
 
+    ``separable`` is True when a coordinate's update depends only on its own rows of gradient,
+    features, statistics and hidden state (and on the shared step count): no aggregation over
+    coordinates and no loss input. A meta-batch of B instances then runs one ordinary step over the
+    B·n stacked coordinates instead of a vmapped one (the same numbers, one large kernel per op).
+
     ``vmappable`` is True when ``step`` can run under ``torch.func.vmap`` over optimizee instances
     (no data-dependent Python control flow), which meta-batches (``MetaTrainConfig(meta_batch=B)``)
     need.
@@ -92,6 +119,7 @@ class LearnedOptimizer(nn.Module):
     name: ClassVar[str] = "base"
     meta_defaults: ClassVar[MetaDefaults] = MetaDefaults()
     coordinatewise: ClassVar[bool] = True
+    separable: ClassVar[bool] = False
     vmappable: ClassVar[bool] = True
     needs_loss: ClassVar[bool] = False
     needs_params: ClassVar[bool] = False

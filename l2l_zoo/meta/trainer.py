@@ -16,6 +16,7 @@ state), restarts the optimizee run and logs it; ``max_failures`` consecutive fai
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import os
@@ -29,7 +30,7 @@ from torch.func import functional_call
 from tqdm.auto import tqdm
 
 from .. import runs
-from ..base import LearnedOptimizer, OptState
+from ..base import LearnedOptimizer, OptState, reference_kernels
 from ..regularizers.smoothness import SmoothnessConfig, SmoothnessRegularizer
 from ..tasks.family import TaskFamily, as_family
 from ..tasks.task import Task
@@ -81,6 +82,12 @@ class MetaTrainConfig:
     has the same seeds whatever the number of processes), meta-gradients are all-reduced, only rank
     0 writes checkpoints (which hold every instance, so a run resumes on any number of processes),
     and every process must be given the same ``checkpoint_path``.
+    ``fast``: the fast implementation of the same computation: the smoothness PGD of a truncation
+    runs once at its end for all its steps together (:meth:`SmoothnessRegularizer.penalties`; R_t
+    depends on data of step t only, and the random draws keep their order), and a separable
+    optimizer's meta-batch step runs on the stacked coordinates. ``False``: the per-step eager
+    reference path. Equal meta-gradients (float64, ``tests/test_fast_path.py``), so ``fast`` is
+    not part of a run's identity (omitted from :meth:`to_dict` at its default).
     """
 
     meta_steps: int = 100
@@ -99,6 +106,7 @@ class MetaTrainConfig:
     seed: int = 0
     smooth: SmoothnessConfig | None = None
     meta_batch: int = 1
+    fast: bool = True
 
     def __post_init__(self):
         for k in ("meta_steps", "horizon", "unroll", "checkpoint_every", "max_failures", "meta_batch"):
@@ -135,6 +143,8 @@ class MetaTrainConfig:
         d["smooth"] = None if self.smooth is None else self.smooth.to_dict()
         if self.meta_batch == 1:
             del d["meta_batch"]
+        if self.fast:
+            del d["fast"]
         return d
 
 
@@ -268,7 +278,10 @@ class MetaTrainer:
                 kw["loss"] = loss.detach()
             step = lopt.step(grad, state, network=self._network, **kw)
             if self.reg is not None:
-                penalties.append(self.reg(lopt, step.feats, step.hidden, self.gens["reg"]))
+                if self.cfg.fast:  # the PGD of every step runs once, after the loop
+                    penalties.append(self.reg.prepare(lopt, step.feats, step.hidden, self.gens["reg"]))
+                else:
+                    penalties.append(self.reg(lopt, step.feats, step.hidden, self.gens["reg"]))
             state = step.state
             P = be.apply(P, step.updates)
             loss, grad = be.loss_and_grad(P, task.inner_batch(self.gens["data"]),
@@ -276,6 +289,8 @@ class MetaTrainer:
             if not self.cfg.second_order:
                 grad = grad.detach()
             losses.append(loss)
+        if self.reg is not None and self.cfg.fast and penalties:
+            penalties = list(self.reg.penalties(lopt, penalties).unbind())
         lam = self.reg.config.lam if self.reg is not None else 0.0
         outer = None
         if self.cfg.meta_loss == "outer":
@@ -291,14 +306,17 @@ class MetaTrainer:
 
     def _network(self, feats, hidden):
         """``lopt.network``, recomputed in the backward pass when checkpointing is on."""
+        kernels = contextlib.nullcontext if self.cfg.fast else reference_kernels  # fast=False: the reference
         use = self.cfg.checkpoint_network
         if use == "auto":
             use = sum(h.numel() for h in hidden) > 10_000_000
         if not use:
-            return self.lopt.network(feats, hidden)
+            with kernels():
+                return self.lopt.network(feats, hidden)
 
-        def flat_fn(f, *h):
-            u, new = self.lopt.network(f, h)
+        def flat_fn(f, *h):  # also the recomputation in the backward pass
+            with kernels():
+                u, new = self.lopt.network(f, h)
             return (u, *new)
 
         out = torch.utils.checkpoint.checkpoint(flat_fn, feats, *hidden, use_reentrant=False)
@@ -362,7 +380,8 @@ class MetaTrainer:
 
     def _truncation_batch(self, batch: list[_Run], steps: int):
         """:meth:`_truncation` for B runs at once: the optimizee losses and gradients through one
-        vmapped functional call, the optimizer step vmapped over the instances, the regularizer per
+        vmapped functional call, the optimizer step vmapped over the instances (a separable
+        optimizer's step runs once over the stacked coordinates instead), the regularizer per
         instance (its own generator); returns (mean meta-loss, per-step mean losses, per-step mean
         penalties, X (B, n), stacked state, losses (B,), grads (B, n))."""
         lopt, cfg, B = self.lopt, self.cfg, len(batch)
@@ -384,6 +403,21 @@ class MetaTrainer:
             out = lopt.step(g, OptState(step_no, stats_, hidden_), **kw)
             return out.updates, out.state.stats, out.state.hidden, out.feats
 
+        def stacked_step(g, stats_, hidden_, *args):
+            # A separable optimizer: one ordinary step over the B·n stacked coordinates (rows are
+            # independent, so this is the vmapped step without vmap's batching overhead).
+            n = g.shape[1]
+            fold = lambda t: t.reshape(B * n, *t.shape[2:])  # noqa: E731
+            unfold = lambda t: t.reshape(B, n, *t.shape[1:])  # noqa: E731
+            kw = {k: fold(a) for k, a in zip(extra, args)}
+            out = lopt.step(fold(g), OptState(step_no, tuple(map(fold, stats_)), tuple(map(fold, hidden_))),
+                            network=self._network, **kw)
+            return (unfold(out.updates), tuple(map(unfold, out.state.stats)),
+                    tuple(map(unfold, out.state.hidden)), unfold(out.feats))
+
+        separable = cfg.fast and lopt.separable and not lopt.needs_loss
+        batched_step = stacked_step if separable else torch.func.vmap(step_fn)
+
         def draw(split_fn):
             xs, ys = zip(*(split_fn(t, self.gens[f"data/{b}"]) for b, t in zip(self.instances, tasks)))
             return torch.stack(xs), torch.stack(ys)
@@ -391,18 +425,21 @@ class MetaTrainer:
         for _ in range(steps):
             args = [{"params": X, "loss": loss.detach()}[k] for k in extra]
             hid_in = hidden
-            upd, stats, hidden, feats = torch.func.vmap(step_fn)(grad, stats, hidden, *args)
+            upd, stats, hidden, feats = batched_step(grad, stats, hidden, *args)
             step_no += 1
             if self.reg is not None:
                 for b in range(B):
-                    pens[b].append(self.reg(lopt, feats[b], tuple(h[b] for h in hid_in),
-                                            self.gens[f"reg/{self.instances[b]}"]))
+                    args_b = (lopt, feats[b], tuple(h[b] for h in hid_in), self.gens[f"reg/{self.instances[b]}"])
+                    pens[b].append(self.reg.prepare(*args_b) if cfg.fast else self.reg(*args_b))
             X = X + upd
             loss = self._batched_loss(X, S, *draw(lambda t, g: t.inner_batch(g)))
             (grad,) = torch.autograd.grad(loss.sum(), X, create_graph=cfg.second_order, retain_graph=True)
             if not cfg.second_order:
                 grad = grad.detach()
             losses.append(loss)
+        if self.reg is not None and cfg.fast and steps:  # every instance's and step's PGD at once
+            R = self.reg.penalties(lopt, [p for pb in pens for p in pb]).reshape(B, steps)
+            pens = [list(R[b].unbind()) for b in range(B)]
         lam = self.reg.config.lam if self.reg is not None else 0.0
         outer = None
         if cfg.meta_loss == "outer":

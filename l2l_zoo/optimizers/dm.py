@@ -27,6 +27,7 @@ class DMOptimizer(LearnedOptimizer):
     """
 
     name = "dm"
+    separable = True  # per-coordinate LSTM, no aggregation over coordinates
     meta_defaults = MetaDefaults(meta_loss="sum", lr=1e-3, random_scale=0.0)
 
     def __init__(self, *, hidden_size: int = 20, num_layers: int = 2, preprocess: bool = True,

@@ -24,6 +24,7 @@ class RNNProp(LearnedOptimizer):
     ``step_scale`` (0.1)."""
 
     name = "rnnprop"
+    separable = True  # per-coordinate LSTM, no aggregation over coordinates
     meta_defaults = MetaDefaults(meta_loss="last", lr=1e-4, random_scale=3.0)
 
     def __init__(self, *, hidden_size: int = 20, num_layers: int = 2, beta1: float = 0.95,

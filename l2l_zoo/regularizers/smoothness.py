@@ -129,10 +129,13 @@ class SmoothnessRegularizer:
         return feats, hidden
 
     def perturb(self, lopt: LearnedOptimizer, feats: torch.Tensor, hidden: tuple, u_ref: torch.Tensor,
-                generator: torch.Generator | None = None, start: torch.Tensor | None = None) -> torch.Tensor:
+                generator: torch.Generator | None = None, start: torch.Tensor | None = None,
+                network=None) -> torch.Tensor:
         """PGD (eq. 7): the worst-case s' in B∞(feats, ε), detached. Starts from ``start`` if given,
-        else from s + noise·N(0, I) (Alg. 1 line 8), projected into the ball."""
+        else from s + noise·N(0, I) (Alg. 1 line 8), projected into the ball. ``network`` replaces
+        ``lopt.network`` (:meth:`penalties` passes a batched one)."""
         c = self.config
+        network = network or lopt.network
         lo, hi = feats - c.eps, feats + c.eps
         if start is None:
             noise = torch.randn(feats.shape, generator=generator, dtype=feats.dtype).to(feats.device)
@@ -142,7 +145,7 @@ class SmoothnessRegularizer:
         for _ in range(c.steps):
             s_adv = s_adv.detach().requires_grad_(True)
             with torch.enable_grad():
-                d = (lopt.network(s_adv, hidden)[0] - u_ref).pow(2).sum()
+                d = (network(s_adv, hidden)[0] - u_ref).pow(2).sum()
                 (grad,) = torch.autograd.grad(d, s_adv)
             s_adv = torch.maximum(torch.minimum(s_adv.detach() + c.eta * grad.sign(), hi), lo)
         return s_adv.detach()
@@ -157,3 +160,55 @@ class SmoothnessRegularizer:
         s_adv = self.perturb(lopt, feats, hidden, u, generator)
         u_adv = lopt.network(s_adv, hidden)[0]
         return (u - u_adv).pow(2).mean()
+
+    # ------------------------------------------------------------------ deferred, batched penalties
+    def prepare(self, lopt: LearnedOptimizer, feats: torch.Tensor, hidden: tuple,
+                generator: torch.Generator | None = None) -> tuple:
+        """The part of ``__call__`` that draws random numbers (the coordinate sample, then the PGD
+        start), in the same order and from the same generator: ``penalties([prepare(...) for each
+        step])`` equals ``[__call__(...) for each step]``. Since s and h enter as data, R_t does not
+        depend on later steps, so the PGD of a whole truncation can run once at its end."""
+        feats, hidden = self.select(lopt, feats, hidden, generator)
+        noise = torch.randn(feats.shape, generator=generator, dtype=feats.dtype).to(feats.device)
+        return feats, hidden, feats + self.config.noise * noise
+
+    def penalties(self, lopt: LearnedOptimizer, prepared: list) -> torch.Tensor:
+        """R_t for every prepared step, shape (T,), differentiable in the meta-parameters.
+
+        The T PGD problems are independent, so they run together: K network evaluations over all
+        T steps instead of T·K small ones (on CPU the small ones are dominated by per-call overhead).
+        A separable optimizer (rows independent) evaluates the T·k stacked coordinates in one
+        ordinary call; another vmappable one through ``torch.func.vmap`` over the steps (its
+        cross-coordinate terms stay per step); otherwise, or when the steps' shapes differ, one step
+        at a time (also for an object without the ``vmappable`` flag: the regularizer needs only
+        ``network`` and ``coordinatewise``)."""
+        if not prepared:
+            return torch.zeros(0)
+        shapes = {(f.shape, tuple(h.shape for h in hd)) for f, hd, _ in prepared}
+        if len(prepared) == 1 or len(shapes) > 1 or not getattr(lopt, "vmappable", False):
+            out = []
+            for f, hd, start in prepared:
+                u = lopt.network(f, hd)[0]
+                s_adv = self.perturb(lopt, f, hd, u, start=start)
+                out.append((u - lopt.network(s_adv, hd)[0]).pow(2).mean())
+            return torch.stack(out)
+        T = len(prepared)
+        F = torch.stack([f for f, _, _ in prepared])
+        S0 = torch.stack([s for _, _, s in prepared])
+        H = tuple(torch.stack(hs) for hs in zip(*(hd for _, hd, _ in prepared)))
+        if getattr(lopt, "separable", False) and all(h.dim() >= 2 for h in H):
+            k = F.shape[1]
+
+            def network(f, hd):
+                fold = lambda t: t.reshape(T * k, *t.shape[2:])  # noqa: E731
+                u, _ = lopt.network(fold(f), tuple(map(fold, hd)))
+                return u.reshape(T, k), None
+        else:
+            vnet = torch.func.vmap(lambda f, hd: lopt.network(f, hd)[0])
+
+            def network(f, hd):
+                return vnet(f, hd), None
+
+        u = network(F, H)[0]
+        s_adv = self.perturb(lopt, F, H, u, start=S0, network=network)
+        return (u - network(s_adv, H)[0]).pow(2).reshape(T, -1).mean(1)
