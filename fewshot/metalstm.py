@@ -100,6 +100,7 @@ class MetaLSTM(LearnedOptimizer):
     name = "metalstm"
     meta_defaults = MetaDefaults(meta_loss="outer", lr=1e-3, random_scale=0.0)
     coordinatewise = True
+    separable = True  # network() treats rows independently (the loss is already a column of feats)
     needs_loss = True
     needs_params = True
 

@@ -106,10 +106,12 @@ class LearnedOptimizer(nn.Module):
     coordinate ``i`` (so that subsets of coordinates can be processed independently up to any
     cross-coordinate aggregation the network does).
 
-    ``separable`` is True when a coordinate's update depends only on its own rows of gradient,
-    features, statistics and hidden state (and on the shared step count): no aggregation over
-    coordinates and no loss input. A meta-batch of B instances then runs one ordinary step over the
-    B·n stacked coordinates instead of a vmapped one (the same numbers, one large kernel per op).
+    ``separable`` is True when ``network`` treats rows independently (no aggregation over
+    coordinates) and a coordinate's features and statistics depend only on its own gradient,
+    parameter and statistics, the shared step count and (with ``needs_loss``) the loss. The
+    smoothness PGD then evaluates many steps' rows stacked in one call, and a meta-batch of B
+    instances without ``needs_loss`` runs one ordinary step over the B·n stacked coordinates instead
+    of a vmapped one (the same numbers, one large kernel per op).
 
     ``vmappable`` is True when ``step`` can run under ``torch.func.vmap`` over optimizee instances
     (no data-dependent Python control flow), which meta-batches (``MetaTrainConfig(meta_batch=B)``)
