@@ -122,37 +122,42 @@ class SimpleOptimizer(LearnedOptimizer):
         cache-sized chunks of coordinates with in-place kernels (used by the torch.optim adapter;
         ~3x faster than the autograd path on CPU). Returns the new hidden state column-major."""
         n, H = h.shape
-        hT = h.t()
-        newT = torch.empty(H, n, dtype=h.dtype, device=h.device)
         w = self.out.weight[0]
         agg = self._config["aggregation"]
-        w_own = self.alpha * w[:H] if agg else w
-        w_ih = self.weight_ih[:, 0:1]
-        g = feats.reshape(1, -1)
-        u = feats.new_empty(n)
-        h_sum = feats.new_zeros(H)
-        cpu = h.device.type == "cpu"
-        for s in range(0, n, chunk):
-            e = min(s + chunk, n)
-            out = torch.mm(self.weight_hh, hT[:, s:e])
-            out.addcmul_(w_ih, g[:, s:e])
-            if self.bias_h is not None:
-                out.add_(self.bias_h[:, None])
-            if cpu:  # tanh(x) = 2σ(2x) − 1, see features.fast_tanh
-                out.mul_(2.0)
-                torch.sigmoid(out, out=out)
-                out.mul_(2.0).sub_(1.0)
-            else:
-                out.tanh_()
-            torch.mv(out.t(), w_own, out=u[s:e])
-            if agg:
-                h_sum += out.sum(1)
-            newT[:, s:e] = out
+        newT, u, h_sum = _cell_chunks(feats.reshape(-1), h.t(), self.weight_ih, self.weight_hh,
+                                      self.alpha * w[:H] if agg else w, self.bias_h, chunk)
         if agg:
             u += self.beta * torch.dot(h_sum / n, w[H:])
         if self.out.bias is not None:
             u += self.out.bias
         return u, (newT.t(),)
+
+
+def _cell_chunks(gv, hT, w_ih, w_hh, w_out, bias, chunk):
+    """h' = tanh(W_hh h + w_ih g + b) in chunks of ``chunk`` coordinates, each written in place into
+    a new (H, n) tensor while cache-resident, with u = h'ᵀ w_out (n,) and Σ_i h'_i (H,). ``gv``: (n,),
+    ``hT``: (H, n). No autograd (callers wrap it)."""
+    H, n = hT.shape
+    newT = torch.empty(H, n, dtype=hT.dtype, device=hT.device)
+    u = hT.new_empty(n)
+    h_sum = hT.new_zeros(H)
+    cpu = hT.device.type == "cpu"
+    for s in range(0, n, chunk):
+        e = min(s + chunk, n)
+        out = newT[:, s:e]  # a row-major block with leading dimension n: written in place
+        torch.mm(w_hh, hT[:, s:e], out=out)
+        out.addr_(w_ih[:, 0], gv[s:e])
+        if bias is not None:
+            out.add_(bias[:, None])
+        if cpu:  # tanh(x) = 2σ(2x) − 1, see features.fast_tanh
+            out.mul_(2.0)
+            torch.sigmoid(out, out=out)
+            out.mul_(2.0).sub_(1.0)
+        else:
+            out.tanh_()
+        torch.mv(out.t(), w_out, out=u[s:e])
+        h_sum += out.sum(1)
+    return newT, u, h_sum
 
 
 def _batched(*ts) -> bool:
@@ -176,28 +181,8 @@ class _FusedCell(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, g, h, w_ih, w_hh, w_out, chunk):
-        n, H = h.shape
-        gv = g.reshape(-1)
-        hT = h.t()
-        newT = torch.empty(H, n, dtype=h.dtype, device=h.device)
-        u = h.new_empty(n)
-        h_sum = h.new_zeros(H)
-        cpu = h.device.type == "cpu"
-        buf = h.new_empty(H, min(chunk, n))
-        for s in range(0, n, chunk):
-            e = min(s + chunk, n)
-            out = buf[:, :e - s]
-            torch.mm(w_hh, hT[:, s:e], out=out)
-            out.addr_(w_ih[:, 0], gv[s:e])
-            if cpu:
-                out.mul_(2.0)
-                torch.sigmoid(out, out=out)
-                out.mul_(2.0).sub_(1.0)
-            else:
-                out.tanh_()
-            torch.mv(out.t(), w_out, out=u[s:e])
-            h_sum += out.sum(1)
-            newT[:, s:e] = out
+        gv, hT = g.reshape(-1), h.t()
+        newT, u, h_sum = _cell_chunks(gv, hT, w_ih, w_hh, w_out, None, chunk)
         ctx.save_for_backward(gv, hT, newT, w_ih, w_hh, w_out)
         ctx.chunk = chunk
         ctx.g_shape = g.shape
@@ -225,10 +210,13 @@ class _FusedCell(torch.autograd.Function):
             hn = newT[:, s:e]
             if dT is None:
                 d.zero_()
+                if d_u is not None:
+                    d.addr_(w_out, d_u[s:e])
+            elif d_u is not None:
+                torch.addr(dT[:, s:e], w_out, d_u[s:e], out=d)
             else:
                 d.copy_(dT[:, s:e])
             if d_u is not None:
-                d.addr_(w_out, d_u[s:e])
                 dw_out.addmv_(hn, d_u[s:e])
             if d_sum is not None:
                 d.add_(d_sum[:, None])
@@ -240,7 +228,6 @@ class _FusedCell(torch.autograd.Function):
             if need_g:
                 torch.mv(d.t(), w_ih[:, 0], out=dg[s:e])
             if need_h:
-                torch.mm(w_hh.t(), d, out=t)
-                dhT[:, s:e] = t
+                torch.mm(w_hh.t(), d, out=dhT[:, s:e])
         return (None if dg is None else dg.reshape(ctx.g_shape), None if dhT is None else dhT.t(),
                 dw_ih[:, None], dw_hh, dw_out, None)
