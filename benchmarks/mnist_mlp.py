@@ -44,6 +44,7 @@ from l2l_zoo.cli import (ArgumentParser, UsageError, init_distributed, output_fo
 from l2l_zoo.evaluation import train_optimizee  # noqa: E402
 from l2l_zoo.meta import META_LOSSES, MetaTrainConfig, MetaTrainer  # noqa: E402
 from l2l_zoo.meta.trainer import dist_world  # noqa: E402
+from l2l_zoo.meta.unroll import AUTOCAST_DTYPES  # noqa: E402
 from l2l_zoo.regularizers import parse_smooth  # noqa: E402
 from l2l_zoo.tasks import TASKS, make_task  # noqa: E402
 
@@ -71,6 +72,7 @@ class Config:
     meta_grad_clip: float | None
     backend: str
     meta_batch: int
+    autocast: str | None
     opt_config: dict
     load: str | None
     finetune: bool
@@ -91,10 +93,10 @@ class Config:
 
 # Which results each field decides (the run cache keys on these groups; a test checks that every
 # field is classified, so a new flag cannot be forgotten by the cache).
-EVAL_KEYS = ("task", "eval_steps", "eval_every", "batch_size", "device", "data_dir", "finetune")
+EVAL_KEYS = ("task", "eval_steps", "eval_every", "batch_size", "device", "data_dir", "finetune", "autocast")
 META_KEYS = ("opt", "smooth", "meta_task", "meta_steps", "horizon", "unroll", "meta_lr", "meta_loss",
              "meta_grad_clip", "backend", "meta_batch", "opt_config", "load", "finetune", "meta_seed",
-             "batch_size", "device", "data_dir")
+             "batch_size", "device", "data_dir", "autocast")
 SELECTION_KEYS = ("seeds", "lr_grid", "tune_criterion", "baselines")  # which runs, not what they give
 NO_RESULT_KEYS = ("out", "resume", "progress")
 
@@ -123,6 +125,10 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--meta-batch", type=int, default=1,
                    help="optimizee instances unrolled together per meta-step (torch.func.vmap; their "
                         "meta-gradients are averaged; needs --backend func)")
+    p.add_argument("--autocast", default="none",
+                   help="mixed precision for the optimizee's forward passes, in meta-training and in every "
+                        "evaluation run (learned and baselines alike): none or bfloat16 (torch.autocast; "
+                        "parameters, gradients and optimizers stay float32)")
     p.add_argument("--opt-config", default=None, metavar="K=V,...",
                    help="constructor options of the learned optimizer, e.g. output_scale=0.01 or input_norm=rms")
     p.add_argument("--load", default=None, metavar="PATH", help="skip meta-training: load a saved learned optimizer")
@@ -174,6 +180,8 @@ def parse_config(argv=None) -> Config:
         raise UsageError(f"--backend must be func or higher, got {a.backend!r}")
     if a.meta_batch < 1:
         raise UsageError(f"--meta-batch must be an integer >= 1, got {a.meta_batch}")
+    if a.autocast not in ("none", *AUTOCAST_DTYPES):
+        raise UsageError(f"--autocast must be one of {['none', *AUTOCAST_DTYPES]}, got {a.autocast!r}")
     world = int(os.environ.get("WORLD_SIZE", "1") or 1)
     if world > 1:  # under torchrun: data-parallel meta-training, meta_batch instances shared out
         if a.opt in HAND or a.load is not None:
@@ -240,7 +248,7 @@ def parse_config(argv=None) -> Config:
         opt=a.opt, smooth=a.smooth, task=a.task, meta_task=a.meta_task,
         meta_steps=a.meta_steps or DEFAULT_META_STEPS.get(a.opt, 0), horizon=a.horizon, unroll=a.unroll,
         meta_lr=a.meta_lr, meta_loss=a.meta_loss, meta_grad_clip=a.meta_grad_clip, backend=a.backend,
-        meta_batch=a.meta_batch, opt_config=opt_config, load=a.load, finetune=a.finetune, eval_steps=a.eval_steps,
+        meta_batch=a.meta_batch, autocast=None if a.autocast == "none" else a.autocast, opt_config=opt_config, load=a.load, finetune=a.finetune, eval_steps=a.eval_steps,
         eval_every=a.eval_every or max(1, a.eval_steps // 20), seeds=parse_seeds(a.seeds),
         meta_seed=a.meta_seed, lr_grid=parse_floats(a.lr_grid, "--lr-grid"), tune_criterion=a.tune_criterion,
         baselines=baselines, batch_size=a.batch_size, device=a.device, data_dir=a.data_dir,
@@ -267,6 +275,8 @@ def meta_identity(cfg: Config) -> dict:
     ident = {k: getattr(cfg, k) for k in META_KEYS}
     if cfg.meta_batch == 1:  # the default: identities (and caches) from before the flag stay valid
         del ident["meta_batch"]
+    if cfg.autocast is None:
+        del ident["autocast"]
     if cfg.load:
         ident["load"] = runs.file_digest(cfg.load)
     return ident
@@ -282,6 +292,7 @@ def meta_train(cfg: Config, device, log) -> tuple[l2l_zoo.LearnedOptimizer, dict
     mcfg = MetaTrainConfig(meta_steps=cfg.meta_steps, horizon=cfg.horizon, unroll=cfg.unroll,
                            meta_lr=cfg.meta_lr, meta_loss=cfg.meta_loss, backend=cfg.backend,
                            meta_grad_clip=cfg.meta_grad_clip, seed=cfg.meta_seed, meta_batch=cfg.meta_batch,
+                           autocast=cfg.autocast,
                            smooth=parse_smooth(cfg.smooth) if cfg.smooth else None)
     world, rank = dist_world()
     if not cfg.resume and os.path.exists(ckpt) and rank == 0:
@@ -340,6 +351,8 @@ def _main(cfg: Config) -> int:
     results = runs.new_results("mnist_mlp", asdict(cfg), data=task.data.summary())
     cache = runs.RunCache(os.path.join(cfg.out, "runs"), enabled=cfg.resume)
     eval_setup = {**{k: getattr(cfg, k) for k in EVAL_KEYS}, "data": task.data.summary()}
+    if cfg.autocast is None:  # the default: cached runs from before the flag stay valid
+        del eval_setup["autocast"]
     tune_task = task.subsample(0.05, seed=0) if cfg.finetune else task
 
     def run(name: str, method: dict, make_opt, seed: int, on_task=None) -> dict:
@@ -349,7 +362,8 @@ def _main(cfg: Config) -> int:
         return cache.run(unit, lambda: train_optimizee(
             on_task or task, make_opt, steps=cfg.eval_steps, seed=seed, eval_every=cfg.eval_every,
             divergence_loss=DIVERGENCE_LOSS, progress=cfg.progress, desc=f"{name} seed {seed}",
-            checkpoint=ckpt, checkpoint_every=CHECKPOINT_EVERY, identity=unit, resume=cfg.resume, log=log),
+            checkpoint=ckpt, checkpoint_every=CHECKPOINT_EVERY, identity=unit, resume=cfg.resume, log=log,
+            autocast=cfg.autocast),
             name=f"{name}-seed{seed}")
 
     # Learned optimizer: meta-train (or load), optionally fine-tune, evaluate on every seed.
@@ -362,7 +376,8 @@ def _main(cfg: Config) -> int:
             lopt, results["meta_training"] = meta_train(cfg, device, log)
         if cfg.finetune:
             ft_cfg = MetaTrainConfig(meta_lr=cfg.meta_lr, meta_loss=cfg.meta_loss, unroll=cfg.unroll,
-                                     seed=cfg.meta_seed, smooth=parse_smooth(cfg.smooth) if cfg.smooth else None)
+                                     seed=cfg.meta_seed, smooth=parse_smooth(cfg.smooth) if cfg.smooth else None,
+                                     autocast=cfg.autocast)
             torch.manual_seed(cfg.meta_seed)
             ft = MetaTrainer(lopt, task, ft_cfg, log=log)
             results["finetune"] = ft.finetune(progress=cfg.progress)

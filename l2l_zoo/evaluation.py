@@ -45,7 +45,7 @@ def train_optimizee(task: Task, make_optimizer: Callable, *, steps: int, seed: i
                     progress: bool = True, desc: str = "", divergence_loss: float = 1e4,
                     eval_splits: tuple[str, ...] = SPLITS, grad_clip: float | None = None,
                     checkpoint: str | os.PathLike | None = None, checkpoint_every: int = 0,
-                    identity=None, resume: bool = False, log=None) -> dict:
+                    identity=None, resume: bool = False, log=None, autocast: str | None = None) -> dict:
     """Train a freshly initialised model (seed ``seed``) of ``task`` for ``steps`` minibatch steps.
 
     ``make_optimizer(params) -> torch.optim.Optimizer``. The minibatch order is drawn from a
@@ -55,7 +55,8 @@ def train_optimizee(task: Task, make_optimizer: Callable, *, steps: int, seed: i
     ``final``, ``diverged_at`` (the step at which the loss became non-finite or exceeded
     ``divergence_loss``, or the gradient non-finite; training stops there), ``wall_s`` and ``seed``.
     ``checkpoint``/``checkpoint_every``/``identity``/``resume`` are passed to
-    :func:`l2l_zoo.runs.train` (a killed run resumes exactly).
+    :func:`l2l_zoo.runs.train` (a killed run resumes exactly). ``autocast``: "bfloat16" runs the
+    model's training forward passes under ``torch.autocast`` (evaluations stay float32).
     """
     if not (isinstance(eval_every, int) and eval_every >= 1):
         raise ValueError(f"eval_every must be an integer >= 1, got {eval_every!r}")
@@ -65,7 +66,8 @@ def train_optimizee(task: Task, make_optimizer: Callable, *, steps: int, seed: i
     model.train()
     opt = make_optimizer(model.parameters())
     gen = torch.Generator().manual_seed(10_000 + seed)
-    stepper = runs.OptimizerStepper(model, opt, lambda m, b: task.loss(m(b[0]), b[1]), grad_clip=grad_clip)
+    stepper = runs.OptimizerStepper(model, opt, lambda m, b: task.loss(m(b[0]), b[1]), grad_clip=grad_clip,
+                                    autocast=autocast)
     rec = runs.train(stepper, lambda aux: task.sample_batch(gen), steps=steps,
                      evaluate=task_evaluator(task, model, eval_splits), eval_every=eval_every,
                      divergence_loss=divergence_loss if math.isfinite(divergence_loss) else math.inf,

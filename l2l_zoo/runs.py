@@ -40,6 +40,7 @@ produced silent wrong results (caches that ignored part of the configuration) an
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as _dt
 import hashlib
@@ -483,6 +484,17 @@ def _grads_finite(params) -> bool:
                                             if g.numel()] or [torch.zeros(())])).all())
 
 
+def _autocast(model: torch.nn.Module, dtype: str | None):
+    """``torch.autocast`` on the device of ``model``'s parameters (see
+    :func:`l2l_zoo.meta.unroll.autocast`), or a no-op for None."""
+    from .meta.unroll import autocast
+
+    if dtype is None:
+        return contextlib.nullcontext()
+    p = next(iter(model.parameters()), None)
+    return autocast("cpu" if p is None else p.device, dtype)
+
+
 class OptimizerStepper:
     """One training step with any ``torch.optim.Optimizer`` (a learned optimizer through
     :class:`~l2l_zoo.LearnedOptimizerAdapter` included): forward, backward, optional gradient-norm
@@ -492,12 +504,16 @@ class OptimizerStepper:
 
     ``loss_fn(model, batch)`` returns the mean loss or ``(loss, aux)``; ``aux`` (e.g. a language
     model's carried state) is handed to the next ``next_batch`` call of :func:`train`.
+    ``autocast``: ``"bfloat16"`` runs ``loss_fn`` under ``torch.autocast`` (mixed precision for the
+    model; parameters, gradients and the optimizer stay in their own dtype); None: off.
     """
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, loss_fn: Callable, *,
-                 scheduler=None, grad_clip: float | None = None):
+                 scheduler=None, grad_clip: float | None = None, autocast: str | None = None):
         if grad_clip is not None and not (math.isfinite(grad_clip) and grad_clip > 0):
             raise ValueError(f"grad_clip must be a finite number > 0 or None, got {grad_clip!r}")
+        _autocast(model, autocast)  # validates the name
+        self.autocast = autocast
         self.model, self.optimizer, self.loss_fn = model, optimizer, loss_fn
         self.scheduler, self.grad_clip = scheduler, grad_clip
         self._pass_loss = bool(getattr(getattr(optimizer, "lopt", None), "needs_loss", False))
@@ -507,7 +523,8 @@ class OptimizerStepper:
     def step(self, batch) -> dict:
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
-        loss, aux = _split(self.loss_fn(self.model, batch))
+        with _autocast(self.model, self.autocast):
+            loss, aux = _split(self.loss_fn(self.model, batch))
         value = float(loss.detach())
         lr = self.optimizer.param_groups[0].get("lr")
         lr = float(lr) if lr is not None else None
@@ -546,8 +563,9 @@ class ControllerStepper:
     hypergradient, μ, β, ...) are logged. A controller that raises ``ScheduleDiverged`` ends the run
     as diverged."""
 
-    def __init__(self, model: torch.nn.Module, controller, loss_fn: Callable):
-        self.model, self.controller, self.loss_fn = model, controller, loss_fn
+    def __init__(self, model: torch.nn.Module, controller, loss_fn: Callable, *, autocast: str | None = None):
+        _autocast(model, autocast)  # validates the name
+        self.model, self.controller, self.loss_fn, self.autocast = model, controller, loss_fn, autocast
 
     @property
     def t(self) -> int:
@@ -558,7 +576,8 @@ class ControllerStepper:
         from .schedules.controller import ScheduleDiverged
 
         self.model.train()
-        loss, aux = _split(self.loss_fn(self.model, batch))
+        with _autocast(self.model, self.autocast):
+            loss, aux = _split(self.loss_fn(self.model, batch))
         value = float(loss.detach())
         if not math.isfinite(value):
             return {"loss": value, "lr": float(self.controller.lr), "aux": aux}

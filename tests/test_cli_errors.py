@@ -70,6 +70,7 @@ CASES = [
     # ------------------------------------------------------------------ mnist_mlp
     ("mnist_mlp", "--opt lion", "--opt must be one of"),
     ("mnist_mlp", "--opt simple --meta-batch 0", "--meta-batch must be an integer >= 1, got 0"),
+    ("mnist_mlp", "--opt simple --autocast float16", "--autocast must be one of ['none', 'bfloat16'], got 'float16'"),
     ("mnist_mlp", "--opt sgd --meta-batch 2", "--meta-batch applies to meta-training a learned optimizer"),
     ("mnist_mlp", "--opt simple --meta-batch 2 --backend higher", "--meta-batch 2 needs --backend func"),
     ("mnist_mlp", "--opt simple --smooth eps=0.1,eps=0.2", "given more than once"),

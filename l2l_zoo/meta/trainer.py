@@ -35,7 +35,7 @@ from ..regularizers.smoothness import SmoothnessConfig, SmoothnessRegularizer
 from ..tasks.family import TaskFamily, as_family
 from ..tasks.task import Task
 from .losses import META_LOSSES, meta_loss
-from .unroll import BACKENDS, make_backend
+from .unroll import AUTOCAST_DTYPES, BACKENDS, autocast, make_backend
 
 __all__ = ["MetaTrainConfig", "MetaTrainer", "MetaTrainingDiverged", "adapt", "dist_world"]
 
@@ -88,6 +88,9 @@ class MetaTrainConfig:
     optimizer's meta-batch step runs on the stacked coordinates. ``False``: the per-step eager
     reference path. Equal meta-gradients (float64, ``tests/test_fast_path.py``), so ``fast`` is
     not part of a run's identity (omitted from :meth:`to_dict` at its default).
+    ``autocast``: ``"bfloat16"`` runs the optimizee's forward passes under ``torch.autocast``
+    (bfloat16 matrix products; parameters, gradients, the learned optimizer and the meta-gradient
+    stay float32); None (default): no autocast.
     """
 
     meta_steps: int = 100
@@ -107,6 +110,7 @@ class MetaTrainConfig:
     smooth: SmoothnessConfig | None = None
     meta_batch: int = 1
     fast: bool = True
+    autocast: str | None = None
 
     def __post_init__(self):
         for k in ("meta_steps", "horizon", "unroll", "checkpoint_every", "max_failures", "meta_batch"):
@@ -118,6 +122,8 @@ class MetaTrainConfig:
             raise ValueError(f"backend must be one of {sorted(BACKENDS)}, got {self.backend!r}")
         if self.meta_lr is not None and not self.meta_lr > 0:
             raise ValueError(f"meta_lr must be > 0, got {self.meta_lr!r}")
+        if self.autocast is not None and self.autocast not in AUTOCAST_DTYPES:
+            raise ValueError(f"autocast must be None or one of {sorted(AUTOCAST_DTYPES)}, got {self.autocast!r}")
         if self.checkpoint_network not in (True, False, "auto"):
             raise ValueError(f"checkpoint_network must be True, False or 'auto', got {self.checkpoint_network!r}")
         if self.random_scale is not None and self.random_scale < 0:
@@ -145,6 +151,8 @@ class MetaTrainConfig:
             del d["meta_batch"]
         if self.fast:
             del d["fast"]
+        if self.autocast is None:  # like meta_batch: absent at the default, so older identities hold
+            del d["autocast"]
         return d
 
 
@@ -186,7 +194,7 @@ class MetaTrainer:
         self.lopt.to(dev)
         self.dtype = next(iter(lopt.parameters())).dtype
         self.meta_opt = torch.optim.Adam(self.lopt.parameters(), lr=self.cfg.meta_lr)
-        self.backend = make_backend(self.cfg.backend, task)
+        self.backend = make_backend(self.cfg.backend, task, autocast=self.cfg.autocast)
         self.reg = SmoothnessRegularizer(self.cfg.smooth) if self.cfg.smooth is not None else None
         s = self.cfg.seed
         self.gens = {"data": torch.Generator().manual_seed(s),
@@ -372,7 +380,9 @@ class MetaTrainer:
 
         def one(x, xi, yi, s=None):
             theta = x if s is None else x * s
-            return task.loss(functional_call(task.model, task.unflatten(theta), (xi,)), yi)
+            with autocast(task.device, self.cfg.autocast):
+                loss = task.loss(functional_call(task.model, task.unflatten(theta), (xi,)), yi)
+            return loss if self.cfg.autocast is None else loss.float()
 
         if S is None:
             return torch.func.vmap(one)(X, xb, yb)

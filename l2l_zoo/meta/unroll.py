@@ -18,24 +18,46 @@ reaches it.
 
 Both compute the same function; ``tests/test_meta.py`` checks that their meta-gradients agree in
 float64. Random scaling (Lv et al. 2017, §3.1) is a property of the backend: with a per-coordinate
-scale c the optimizer sees x and the model is evaluated at θ = c·x.
+scale c the optimizer sees x and the model is evaluated at θ = c·x. With ``autocast="bfloat16"`` the
+model's forward runs under ``torch.autocast`` (the parameters, their gradients and the optimizer stay
+float32).
 """
 from __future__ import annotations
+
+import contextlib
 
 import torch
 from torch.func import functional_call
 
 from ..tasks.task import Task
 
-__all__ = ["BACKENDS", "FuncBackend", "HigherBackend", "make_backend"]
+__all__ = ["AUTOCAST_DTYPES", "BACKENDS", "FuncBackend", "HigherBackend", "autocast", "make_backend"]
+
+
+AUTOCAST_DTYPES = {"bfloat16": torch.bfloat16}
+
+
+def autocast(device: torch.device | str, dtype: str | None):
+    """``torch.autocast`` for the optimizee's forward pass (``dtype`` "bfloat16": matrix products in
+    bfloat16, losses, reductions and the parameters themselves in float32; no loss scaling is needed,
+    unlike float16), or a no-op for ``None``."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    if dtype not in AUTOCAST_DTYPES:
+        raise ValueError(f"autocast must be None or one of {sorted(AUTOCAST_DTYPES)}, got {dtype!r}")
+    return torch.autocast(device_type=torch.device(device).type, dtype=AUTOCAST_DTYPES[dtype])
 
 
 class _Backend:
     name = "base"
 
-    def __init__(self, task: Task, scale: torch.Tensor | None = None):
+    def __init__(self, task: Task, scale: torch.Tensor | None = None, autocast: str | None = None):
         self.task = task
         self.scale = scale  # flat (n,) or None
+        self.autocast = autocast  # the optimizee forward's torch.autocast dtype name, or None
+
+    def _autocast(self):
+        return autocast(self.task.device, self.autocast)
 
     def set_scale(self, scale: torch.Tensor | None) -> None:
         self.scale = scale
@@ -71,8 +93,10 @@ class FuncBackend(_Backend):
 
     def loss(self, P, batch):
         x, y = batch
-        out = functional_call(self.task.model, self.task.unflatten(self.theta(P)), (x,))
-        return self.task.loss(out, y)
+        with self._autocast():
+            out = functional_call(self.task.model, self.task.unflatten(self.theta(P)), (x,))
+            loss = self.task.loss(out, y)
+        return loss if self.autocast is None else loss.float()
 
     def loss_and_grad(self, P, batch, *, create_graph=False):
         loss = self.loss(P, batch)
@@ -88,8 +112,8 @@ class HigherBackend(_Backend):
 
     name = "higher"
 
-    def __init__(self, task, scale=None):
-        super().__init__(task, scale)
+    def __init__(self, task, scale=None, autocast=None):
+        super().__init__(task, scale, autocast)
         import higher  # imported here so that the library works without it installed
 
         self._higher = higher
@@ -115,7 +139,9 @@ class HigherBackend(_Backend):
         x, y = batch
         scales = self._scales()
         params = P if scales is None else [p * s for p, s in zip(P, scales)]
-        return self.task.loss(self._fmodel(x, params=params), y)
+        with self._autocast():
+            loss = self.task.loss(self._fmodel(x, params=params), y)
+        return loss if self.autocast is None else loss.float()
 
     def loss_and_grad(self, P, batch, *, create_graph=False):
         loss = self.loss(P, batch)
@@ -129,7 +155,7 @@ class HigherBackend(_Backend):
 BACKENDS = {"func": FuncBackend, "higher": HigherBackend}
 
 
-def make_backend(name: str, task: Task, scale: torch.Tensor | None = None) -> _Backend:
+def make_backend(name: str, task: Task, scale: torch.Tensor | None = None, autocast: str | None = None) -> _Backend:
     if name not in BACKENDS:
         raise KeyError(f"unknown unroll backend {name!r}; choose from {sorted(BACKENDS)}")
-    return BACKENDS[name](task, scale)
+    return BACKENDS[name](task, scale, autocast)
