@@ -156,6 +156,11 @@ class MetaTrainConfig:
         return d
 
 
+#: with ``fast``, a meta-batch of instances at least this large runs the optimizer step once per
+#: instance instead of under vmap (unless the optimizer is separable: then once, stacked)
+LOOP_MIN_COORDINATES = 32768
+
+
 @dataclass
 class _Run:
     """One optimizee run in progress (everything needed to continue it exactly)."""
@@ -425,8 +430,22 @@ class MetaTrainer:
             return (unfold(out.updates), tuple(map(unfold, out.state.stats)),
                     tuple(map(unfold, out.state.hidden)), unfold(out.feats))
 
-        separable = cfg.fast and lopt.separable and not lopt.needs_loss
-        batched_step = stacked_step if separable else torch.func.vmap(step_fn)
+        def looped_step(g, stats_, hidden_, *args):
+            # Large instances: one ordinary step per instance (fused kernels apply, and each
+            # instance's working set stays cache-sized; per-call overhead is negligible at this size).
+            outs = [lopt.step(g[b], OptState(step_no, tuple(t[b] for t in stats_), tuple(t[b] for t in hidden_)),
+                              network=self._network, **{k: a[b] for k, a in zip(extra, args)}) for b in range(B)]
+            return (torch.stack([o.updates for o in outs]),
+                    tuple(torch.stack(ts) for ts in zip(*(o.state.stats for o in outs))),
+                    tuple(torch.stack(ts) for ts in zip(*(o.state.hidden for o in outs))),
+                    torch.stack([o.feats for o in outs]))
+
+        if cfg.fast and lopt.separable and not lopt.needs_loss:
+            batched_step = stacked_step
+        elif cfg.fast and X.shape[1] >= LOOP_MIN_COORDINATES:
+            batched_step = looped_step
+        else:
+            batched_step = torch.func.vmap(step_fn)
 
         def draw(split_fn):
             xs, ys = zip(*(split_fn(t, self.gens[f"data/{b}"]) for b, t in zip(self.instances, tasks)))
