@@ -6,7 +6,7 @@ phase, all in one process.
 
     python benchmarks/metatrain_speed.py                         # the four cases below, CPU
     python benchmarks/metatrain_speed.py --cases simple+smooth --repeats 5 --device cuda
-    python benchmarks/metatrain_speed.py --cases dm,simple --meta-batch 8    # vmapped meta-batch vs sequential
+    python benchmarks/metatrain_speed.py --cases dm,simple --meta-batch 8    # meta-batch vs sequential
 
 Cases (``--cases``): ``simple`` and ``simple+smooth`` are the flagship (SimpleOptimizer, MNIST MLP
 784-500-10, batch 128, truncation ``--unroll`` 20; ``+smooth`` is ``--smooth eps=0.1`` as in
@@ -41,8 +41,9 @@ What is reported per case (medians over ``--repeats``):
 SimpleOptimizer's fused cell), interleaved in this process (``speedup``; skip with
 ``--no-reference``).
 
-With ``--meta-batch B``: ``meta_batch``: a meta-batch of B instances in one vmapped truncation
-against B sequential truncations (``speedup``), and the meta-gradient's total variance over fresh
+With ``--meta-batch B``: ``meta_batch``: a meta-batch of B instances in one truncation (the
+optimizee vmapped; the optimizer step stacked for DM/RNNProp, per instance for large ones, vmapped
+otherwise: ``MetaTrainer._truncation_batch``) against B sequential truncations (``speedup``), and the meta-gradient's total variance over fresh
 single instances against fresh meta-batches (``variance_reduction``; B in expectation).
 
 Writes ``--out`` (results JSON, ``l2l_zoo.runs`` schema) and a PNG of the phase shares beside it.
