@@ -26,7 +26,6 @@ from typing import Callable
 
 import torch
 import torch.utils.checkpoint
-from torch.func import functional_call
 from tqdm.auto import tqdm
 
 from .. import runs
@@ -35,7 +34,7 @@ from ..regularizers.smoothness import SmoothnessConfig, SmoothnessRegularizer
 from ..tasks.family import TaskFamily, as_family
 from ..tasks.task import Task
 from .losses import META_LOSSES, meta_loss
-from .unroll import AUTOCAST_DTYPES, BACKENDS, autocast, make_backend
+from .unroll import AUTOCAST_DTYPES, BACKENDS, make_backend, model_loss
 
 __all__ = ["MetaTrainConfig", "MetaTrainer", "MetaTrainingDiverged", "adapt", "dist_world"]
 
@@ -290,11 +289,8 @@ class MetaTrainer:
             if lopt.needs_loss:
                 kw["loss"] = loss.detach()
             step = lopt.step(grad, state, network=self._network, **kw)
-            if self.reg is not None:
-                if self.cfg.fast:  # the PGD of every step runs once, after the loop
-                    penalties.append(self.reg.prepare(lopt, step.feats, step.hidden, self.gens["reg"]))
-                else:
-                    penalties.append(self.reg(lopt, step.feats, step.hidden, self.gens["reg"]))
+            if self.reg is not None:  # the random draws now, the PGD of every step after the loop
+                penalties.append(self.reg.prepare(lopt, step.feats, step.hidden, self.gens["reg"]))
             state = step.state
             P = be.apply(P, step.updates)
             loss, grad = be.loss_and_grad(P, task.inner_batch(self.gens["data"]),
@@ -302,8 +298,8 @@ class MetaTrainer:
             if not self.cfg.second_order:
                 grad = grad.detach()
             losses.append(loss)
-        if self.reg is not None and self.cfg.fast and penalties:
-            penalties = list(self.reg.penalties(lopt, penalties).unbind())
+        if self.reg is not None and penalties:  # fast: all steps together; else one at a time
+            penalties = list(self.reg.penalties(lopt, penalties, batched=self.cfg.fast).unbind())
         lam = self.reg.config.lam if self.reg is not None else 0.0
         outer = None
         if self.cfg.meta_loss == "outer":
@@ -384,10 +380,7 @@ class MetaTrainer:
         task = self.task
 
         def one(x, xi, yi, s=None):
-            theta = x if s is None else x * s
-            with autocast(task.device, self.cfg.autocast):
-                loss = task.loss(functional_call(task.model, task.unflatten(theta), (xi,)), yi)
-            return loss if self.cfg.autocast is None else loss.float()
+            return model_loss(task, x if s is None else x * s, xi, yi, self.cfg.autocast)
 
         if S is None:
             return torch.func.vmap(one)(X, xb, yb)
@@ -458,16 +451,16 @@ class MetaTrainer:
             step_no += 1
             if self.reg is not None:
                 for b in range(B):
-                    args_b = (lopt, feats[b], tuple(h[b] for h in hid_in), self.gens[f"reg/{self.instances[b]}"])
-                    pens[b].append(self.reg.prepare(*args_b) if cfg.fast else self.reg(*args_b))
+                    pens[b].append(self.reg.prepare(lopt, feats[b], tuple(h[b] for h in hid_in),
+                                                    self.gens[f"reg/{self.instances[b]}"]))
             X = X + upd
             loss = self._batched_loss(X, S, *draw(lambda t, g: t.inner_batch(g)))
             (grad,) = torch.autograd.grad(loss.sum(), X, create_graph=cfg.second_order, retain_graph=True)
             if not cfg.second_order:
                 grad = grad.detach()
             losses.append(loss)
-        if self.reg is not None and cfg.fast and steps:  # every instance's and step's PGD at once
-            R = self.reg.penalties(lopt, [p for pb in pens for p in pb]).reshape(B, steps)
+        if self.reg is not None and steps:  # every instance's and step's PGD (fast: at once)
+            R = self.reg.penalties(lopt, [p for pb in pens for p in pb], batched=cfg.fast).reshape(B, steps)
             pens = [list(R[b].unbind()) for b in range(B)]
         lam = self.reg.config.lam if self.reg is not None else 0.0
         outer = None

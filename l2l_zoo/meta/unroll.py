@@ -48,6 +48,14 @@ def autocast(device: torch.device | str, dtype: str | None):
     return torch.autocast(device_type=torch.device(device).type, dtype=AUTOCAST_DTYPES[dtype])
 
 
+def model_loss(task: Task, theta: torch.Tensor, x, y, autocast_dtype: str | None = None) -> torch.Tensor:
+    """The task's loss of its model at flat parameters ``theta`` (``functional_call``, so it also
+    runs under ``torch.func.vmap``), the forward under :func:`autocast`; a float32 loss with autocast."""
+    with autocast(task.device, autocast_dtype):
+        loss = task.loss(functional_call(task.model, task.unflatten(theta), (x,)), y)
+    return loss if autocast_dtype is None else loss.float()
+
+
 class _Backend:
     name = "base"
 
@@ -92,11 +100,7 @@ class FuncBackend(_Backend):
         return flat if flat.requires_grad else flat.detach().requires_grad_(True)
 
     def loss(self, P, batch):
-        x, y = batch
-        with self._autocast():
-            out = functional_call(self.task.model, self.task.unflatten(self.theta(P)), (x,))
-            loss = self.task.loss(out, y)
-        return loss if self.autocast is None else loss.float()
+        return model_loss(self.task, self.theta(P), *batch, self.autocast)
 
     def loss_and_grad(self, P, batch, *, create_graph=False):
         loss = self.loss(P, batch)

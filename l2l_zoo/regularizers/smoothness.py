@@ -155,11 +155,7 @@ class SmoothnessRegularizer:
         """R = mean over (sampled) coordinates of (u(s) − u(s'))², differentiable in the
         meta-parameters. ``feats``/``hidden`` are the step's input state and the hidden state
         *before* the step."""
-        feats, hidden = self.select(lopt, feats, hidden, generator)
-        u = lopt.network(feats, hidden)[0]
-        s_adv = self.perturb(lopt, feats, hidden, u, generator)
-        u_adv = lopt.network(s_adv, hidden)[0]
-        return (u - u_adv).pow(2).mean()
+        return self.penalties(lopt, [self.prepare(lopt, feats, hidden, generator)])[0]
 
     # ------------------------------------------------------------------ deferred, batched penalties
     def prepare(self, lopt: LearnedOptimizer, feats: torch.Tensor, hidden: tuple,
@@ -172,7 +168,7 @@ class SmoothnessRegularizer:
         noise = torch.randn(feats.shape, generator=generator, dtype=feats.dtype).to(feats.device)
         return feats, hidden, feats + self.config.noise * noise
 
-    def penalties(self, lopt: LearnedOptimizer, prepared: list) -> torch.Tensor:
+    def penalties(self, lopt: LearnedOptimizer, prepared: list, batched: bool = True) -> torch.Tensor:
         """R_t for every prepared step, shape (T,), differentiable in the meta-parameters.
 
         The T PGD problems are independent, so they run together: K network evaluations over all
@@ -181,11 +177,11 @@ class SmoothnessRegularizer:
         ordinary call; another vmappable one through ``torch.func.vmap`` over the steps (its
         cross-coordinate terms stay per step); otherwise, or when the steps' shapes differ, one step
         at a time (also for an object without the ``vmappable`` flag: the regularizer needs only
-        ``network`` and ``coordinatewise``)."""
+        ``network`` and ``coordinatewise``, or with ``batched=False``: the reference)."""
         if not prepared:
             return torch.zeros(0)
         shapes = {(f.shape, tuple(h.shape for h in hd)) for f, hd, _ in prepared}
-        if len(prepared) == 1 or len(shapes) > 1 or not getattr(lopt, "vmappable", False):
+        if not batched or len(prepared) == 1 or len(shapes) > 1 or not getattr(lopt, "vmappable", False):
             out = []
             for f, hd, start in prepared:
                 u = lopt.network(f, hd)[0]
