@@ -89,7 +89,8 @@ def main(argv=None) -> int:
         if method == "metalstm":
             mcfg = mlstm.MetaLSTMConfig(**{**protocol, "shots": shots, "queries": queries,
                                            "inner_batch_size": None})
-            accs = mlstm.evaluate(model.to(device), mcfg, sampler, a.episodes, TEST_SEED, device=device)
+            accs = mlstm.evaluate(model.to(device), mcfg, sampler, a.episodes, TEST_SEED, device=device,
+                                  autocast=info.get("autocast"))  # as it was meta-trained
         elif method == "finetune":
             from .finetune import evaluate_finetune
             mcfg = mlstm.MetaLSTMConfig(**{**model["protocol"], "ways": ways, "shots": shots, "queries": queries,

@@ -432,7 +432,8 @@ def meta_train(cfg: MetaLSTMConfig, splits: Mapping[str, FewShotSplit] | FewShot
                checkpoint_path: str | os.PathLike | None = None, checkpoint_every: int = 50,
                resume: bool = False, progress: bool = True, log: Callable[[str], None] | None = None,
                callback: Callable[[int, dict], None] | None = None, lopt: MetaLSTM | None = None,
-               attach: Mapping[str, object] | None = None, device="cpu") -> MetaTrainer:
+               attach: Mapping[str, object] | None = None, device="cpu", meta_batch: int = 1,
+               autocast: str | None = None) -> MetaTrainer:
     """Meta-train a Meta-LSTM (Ravi & Larochelle 2017, Algorithm 1; with ``smooth``, the smoothness
     paper's Algorithm 2) on the training split of ``splits`` (a dict with ``"train"``, a split, or
     an episode sampler) for ``episodes`` meta-steps (default ``cfg.episodes``), one episode each.
@@ -444,7 +445,14 @@ def meta_train(cfg: MetaLSTMConfig, splits: Mapping[str, FewShotSplit] | FewShot
     selector) is kept in the trainer's checkpoints (:meth:`l2l_zoo.meta.MetaTrainer.attach`). With ``checkpoint_path`` the trainer checkpoints every
     ``checkpoint_every`` meta-steps and ``resume=True`` continues a killed run bit-for-bit
     (:class:`l2l_zoo.meta.MetaTrainer`). Returns the trainer: ``.lopt`` is the trained meta-learner,
-    ``.history`` the per-meta-step records (``outer_loss`` is the query loss)."""
+    ``.history`` the per-meta-step records (``outer_loss`` is the query loss).
+
+    ``meta_batch``: episodes per meta-step (both codes: 1); the meta-gradient is the mean of theirs
+    (the episodes run one after another: the learner's BatchNorm rules out vmap). Under
+    ``torch.distributed`` (``torchrun``) the episodes of a meta-step are shared out over the
+    processes (``meta_batch`` a multiple of the world size), meta-gradients all-reduced; only rank 0
+    writes checkpoints (:class:`l2l_zoo.meta.MetaTrainer`). ``autocast="bfloat16"``: the learner's
+    forward passes under ``torch.autocast`` (:class:`l2l_zoo.meta.MetaTrainConfig`)."""
     if isinstance(splits, Mapping):
         if "train" not in splits:
             raise ValueError(f"splits must hold a 'train' split, got keys {sorted(splits)}")
@@ -460,7 +468,7 @@ def meta_train(cfg: MetaLSTMConfig, splits: Mapping[str, FewShotSplit] | FewShot
                            horizon=cfg.inner_steps, unroll=cfg.inner_steps, meta_lr=cfg.meta_lr,
                            meta_loss="outer", second_order=not cfg.first_order,
                            meta_clip_norm=cfg.meta_clip_norm, checkpoint_every=checkpoint_every, seed=seed,
-                           smooth=smooth)
+                           smooth=smooth, meta_batch=meta_batch, autocast=autocast)
     trainer = MetaTrainer(lopt, family, mcfg, checkpoint_path=checkpoint_path, log=log)
     for name, obj in (attach or {}).items():
         trainer.attach(name, obj)
@@ -477,13 +485,15 @@ def _episodes(sampler: EpisodeSampler, episodes: int | Sequence[Episode], seed: 
 
 
 def evaluate(lopt: LearnedOptimizer, cfg: MetaLSTMConfig, sampler: EpisodeSampler | FewShotSplit,
-             episodes: int | Sequence[Episode], seed: int, *, device="cpu", progress: bool = False) -> list[float]:
+             episodes: int | Sequence[Episode], seed: int, *, device="cpu", progress: bool = False,
+             autocast: str | None = None) -> list[float]:
     """Meta-test: for each episode (``episodes`` of ``seed``, i.e. ``sampler.episode(seed, i)`` for
     i < episodes, or a given list), adapt the learner on the support set with ``cfg.inner_steps``
     updates of ``lopt`` from its initialisation (:func:`l2l_zoo.meta.adapt`; c₀, or the learner's
     ``cfg.init_seed`` initialisation for an optimizer without one), then classify the query set
     with ``cfg.eval_bn_mode`` BatchNorm statistics. Returns the per-episode query accuracies
     (fractions in [0, 1]; :func:`fewshot.data.mean_ci` gives the mean and 95 % half-width).
+    ``autocast="bfloat16"``: the inner loop's forward passes in bfloat16 (the query in float32).
     Neither ``lopt`` nor torch's global random state is changed."""
     from tqdm.auto import tqdm
 
@@ -497,7 +507,7 @@ def evaluate(lopt: LearnedOptimizer, cfg: MetaLSTMConfig, sampler: EpisodeSample
             task = EpisodeTask(ep, model_fn, inner_batch_size=cfg.inner_batch_size, bn_mode=cfg.eval_bn_mode,
                                device=device)
             params, _ = adapt(lopt, task, cfg.inner_steps, gen=torch.Generator().manual_seed(k),
-                              init_seed=cfg.init_seed)
+                              init_seed=cfg.init_seed, autocast=autocast)
             accs.append(task.query_accuracy(params)[1])
     return accs
 
@@ -513,17 +523,20 @@ class BestOnValidation:
     trainer's checkpoint so that a resumed run keeps its selection."""
 
     def __init__(self, lopt: LearnedOptimizer, cfg: MetaLSTMConfig, sampler: EpisodeSampler | FewShotSplit, *,
-                 episodes: int, seed: int, every: int, device="cpu", log: Callable[[str], None] | None = None):
+                 episodes: int, seed: int, every: int, device="cpu", log: Callable[[str], None] | None = None,
+                 autocast: str | None = None):
         if not (isinstance(every, int) and every >= 1):
             raise ValueError(f"every must be an integer >= 1, got {every!r}")
         self.lopt, self.cfg, self.sampler = lopt, cfg, _sampler(cfg, sampler)
         self.episodes, self.seed, self.every, self.device, self.log = episodes, seed, every, device, log
+        self.autocast = autocast
         self.curve: list[dict] = []
         self.best: dict | None = None
         self.best_state: dict | None = None
 
     def validate(self, meta_step: int) -> dict:
-        accs = evaluate(self.lopt, self.cfg, self.sampler, self.episodes, self.seed, device=self.device)
+        accs = evaluate(self.lopt, self.cfg, self.sampler, self.episodes, self.seed, device=self.device,
+                        autocast=self.autocast)
         m, ci = mean_ci(accs)
         entry = {"meta_step": meta_step, "val_acc": m, "val_ci": ci}
         self.curve.append(entry)

@@ -45,7 +45,10 @@ import torch
 
 import l2l_zoo
 from l2l_zoo import runs
-from l2l_zoo.cli import ArgumentParser, UsageError, output_folder, plot_curves, resolve_device, run_main
+from l2l_zoo.cli import (ArgumentParser, UsageError, init_distributed, output_folder, plot_curves, resolve_device,
+                         run_main)
+from l2l_zoo.meta.trainer import dist_world
+from l2l_zoo.meta.unroll import AUTOCAST_DTYPES
 from l2l_zoo.regularizers import parse_smooth
 
 from . import metalstm as mlstm
@@ -80,12 +83,23 @@ class Config:
     threads: int
     device: str
     data_dir: str | None
+    meta_batch: int
+    autocast: str | None
     out: str
     resume: bool
     progress: bool
 
 
 NO_RESULT_KEYS = ("out", "resume", "progress", "backbone_cache")
+#: fields that postdate cached runs: absent from a run's identity at these defaults, so caches hold
+LATER_DEFAULTS = {"meta_batch": 1, "autocast": None}
+
+
+def identity(cfg: "Config") -> dict:
+    """What a run's results depend on: the config without output/progress settings (and without
+    the later fields at their defaults); the number of processes is not part of it."""
+    return {k: v for k, v in asdict(cfg).items()
+            if k not in NO_RESULT_KEYS and not (k in LATER_DEFAULTS and v == LATER_DEFAULTS[k])}
 
 
 def build_parser() -> ArgumentParser:
@@ -122,6 +136,12 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--backbone-cache", default=None, metavar="DIR",
                    help="folder for pretrained backbones, shared between runs (default: --out); each is kept "
                         "under a hash of its settings")
+    p.add_argument("--meta-batch", type=int, default=1,
+                   help="metalstm: episodes per meta-step, their meta-gradients averaged (default 1, as both "
+                        "codes). Under torchrun the episodes of a meta-step are shared out over the processes "
+                        "(a multiple of WORLD_SIZE; see the README's distributed section)")
+    p.add_argument("--autocast", default="none", help="metalstm: none or bfloat16 (the learner's forward "
+                   "passes under torch.autocast, in meta-training and evaluation)")
     p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0 = torch's default)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--data-dir", default=None, help="dataset folder; must exist if given (default: $L2L_ZOO_DATA)")
@@ -140,7 +160,7 @@ def parse_config(argv=None) -> Config:
     for flag, v, lo in (("--ways", a.ways, 2), ("--shots", a.shots, 1), ("--queries", a.queries, 1),
                         ("--val-episodes", a.val_episodes, 1), ("--test-episodes", a.test_episodes, 1),
                         ("--seed", a.seed, 0), ("--filters", a.filters, 1), ("--pretrain-steps", a.pretrain_steps, 1),
-                        ("--threads", a.threads, 0)):
+                        ("--threads", a.threads, 0), ("--meta-batch", a.meta_batch, 1)):
         if v < lo:
             raise UsageError(f"{flag} must be an integer >= {lo}, got {v}")
     for flag, v in (("--episodes", a.episodes), ("--val-every", a.val_every), ("--inner-steps", a.inner_steps)):
@@ -160,6 +180,19 @@ def parse_config(argv=None) -> Config:
             mlstm.preset_config(a.preset, a.shots)
         except ValueError as e:
             raise UsageError(f"--preset {a.preset!r} with --shots {a.shots}: {e}") from None
+    if a.autocast not in ("none", *AUTOCAST_DTYPES):
+        raise UsageError(f"--autocast must be one of {['none', *AUTOCAST_DTYPES]}, got {a.autocast!r}")
+    for flag, on in (("--meta-batch", a.meta_batch != 1), ("--autocast", a.autocast != "none")):
+        if on and a.method != "metalstm":
+            raise UsageError(f"{flag} applies to --method metalstm, not {a.method!r}")
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if world > 1:  # under torchrun: Meta-LSTM's episodes of a meta-step shared out over the processes
+        if a.method != "metalstm":
+            raise UsageError(f"under torchrun (WORLD_SIZE={world}) only --method metalstm meta-trains in parallel, "
+                             f"not {a.method!r}; run it without torchrun")
+        if a.meta_batch % world:
+            raise UsageError(f"--meta-batch {a.meta_batch} must be a multiple of WORLD_SIZE={world} (each "
+                             "process meta-trains on meta-batch / world-size episodes per meta-step)")
     if a.backbone not in ("conv4", "wrn"):
         raise UsageError(f"--backbone must be conv4 or wrn, got {a.backbone!r}")
     if a.backbone == "wrn" and a.backbone_checkpoint is None:
@@ -178,7 +211,9 @@ def parse_config(argv=None) -> Config:
                   filters=a.filters, inner_steps=a.inner_steps, meta_lr=a.meta_lr, backbone=a.backbone,
                   backbone_checkpoint=a.backbone_checkpoint, pretrain_steps=a.pretrain_steps,
                   backbone_cache=a.backbone_cache, threads=a.threads,
-                  device=a.device, data_dir=a.data_dir, out=out, resume=a.resume, progress=not a.no_progress)
+                  device=a.device, data_dir=a.data_dir, meta_batch=a.meta_batch,
+                  autocast=None if a.autocast == "none" else a.autocast, out=out, resume=a.resume,
+                  progress=not a.no_progress)
 
 
 # Fixed episode lists: validation and test episodes never depend on --seed.
@@ -211,27 +246,40 @@ def metalstm_config(cfg: Config) -> "mlstm.MetaLSTMConfig":
     return mlstm.preset_config(cfg.preset, cfg.shots, **over)
 
 
-def run_metalstm(cfg: Config, splits, smp, device, log) -> tuple[dict, dict]:
+def run_metalstm(cfg: Config, splits, smp, device, log) -> tuple[dict, dict] | None:
+    """Meta-train (under torchrun: every process, each on its share of a meta-step's episodes),
+    then, on rank 0 only, select on validation and test; other ranks return None."""
     mcfg = metalstm_config(cfg)
     smooth = parse_smooth(cfg.smooth) if cfg.smooth else None
-    ident = {k: v for k, v in asdict(cfg).items() if k not in NO_RESULT_KEYS}
-    ckpt = os.path.join(cfg.out, f"metatrain-{runs.config_hash(ident)}.ckpt")
-    if not cfg.resume and os.path.exists(ckpt):
+    ckpt = os.path.join(cfg.out, f"metatrain-{runs.config_hash(identity(cfg))}.ckpt")
+    world, rank = dist_world()
+    if not cfg.resume and os.path.exists(ckpt) and rank == 0:
         os.remove(ckpt)
+    if world > 1:
+        torch.distributed.barrier()  # nobody reads a checkpoint rank 0 is about to remove
     family = mlstm.episode_family(mcfg, smp["train"], device=device)
     lopt = mlstm.build_metalstm(mcfg, family.template, cfg.seed)
-    selector = mlstm.BestOnValidation(lopt, mcfg, smp["val"], episodes=cfg.val_episodes, seed=VAL_SEED,
-                                      every=cfg.val_every, device=device, log=log)
+    selector = None
+    if rank == 0:  # validation and selection on rank 0 (the others hold the same meta-parameters)
+        selector = mlstm.BestOnValidation(lopt, mcfg, smp["val"], episodes=cfg.val_episodes, seed=VAL_SEED,
+                                          every=cfg.val_every, device=device, log=log, autocast=cfg.autocast)
     t0 = time.perf_counter()
     trainer = mlstm.meta_train(mcfg, smp["train"], smooth=smooth, episodes=cfg.episodes, seed=cfg.seed,
                                checkpoint_path=ckpt, checkpoint_every=cfg.val_every, resume=cfg.resume,
-                               progress=cfg.progress, log=log, callback=selector, lopt=lopt,
-                               attach={"selector": selector}, device=device)
+                               progress=cfg.progress and rank == 0, log=log, callback=selector, lopt=lopt,
+                               attach={"selector": selector} if selector is not None else None, device=device,
+                               meta_batch=cfg.meta_batch, autocast=cfg.autocast)
     train_s = time.perf_counter() - t0
+    if world > 1:  # done with each other: tear the group down together; rank 0 tests alone
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+    if rank != 0:
+        return None
     if selector.best_state is not None:  # best on validation
         lopt.load_state_dict(selector.best_state)
     t1 = time.perf_counter()
-    accs = mlstm.evaluate(lopt, mcfg, smp["test"], cfg.test_episodes, TEST_SEED, device=device, progress=cfg.progress)
+    accs = mlstm.evaluate(lopt, mcfg, smp["test"], cfg.test_episodes, TEST_SEED, device=device, progress=cfg.progress,
+                          autocast=cfg.autocast)
     test_s = time.perf_counter() - t1
     rec = runs.new_record(cfg.episodes, seed=cfg.seed)
     for r in trainer.history:
@@ -241,13 +289,13 @@ def run_metalstm(cfg: Config, splits, smp, device, log) -> tuple[dict, dict]:
         runs.log_eval(rec, e["meta_step"], {"val_acc": e["val_acc"], "val_ci": e["val_ci"]})
     rec["final"] = {**summary_of(accs, test_s), "best_val_acc": (selector.best or {}).get("val_acc"),
                     "best_meta_step": (selector.best or {}).get("meta_step"),
-                    "train_episodes_per_s": cfg.episodes / max(trainer.elapsed, 1e-9)}
+                    "train_episodes_per_s": cfg.episodes * cfg.meta_batch / max(trainer.elapsed, 1e-9)}
     rec.update(wall_s=train_s + test_s, meta_train_s=trainer.elapsed, test_accs=accs,
                meta_failures=trainer.total_failures, protocol=mcfg.to_dict(),
-               num_meta_parameters=lopt.num_meta_parameters())
+               num_meta_parameters=lopt.num_meta_parameters(), world_size=world)
     l2l_zoo.save(lopt, os.path.join(cfg.out, "model.pt"),
                  fewshot={"method": "metalstm", "protocol": mcfg.to_dict(), "dataset": cfg.dataset,
-                          "smooth": cfg.smooth})
+                          "smooth": cfg.smooth, "autocast": cfg.autocast})
     return rec, {"protocol": mcfg.to_dict()}
 
 
@@ -299,7 +347,7 @@ def run_sib(cfg: Config, splits, smp, device, log) -> tuple[dict, dict]:
                         step=stepper.t)
         return {"val_acc": m, "val_ci": ci}
 
-    ident = {**{k: v for k, v in asdict(cfg).items() if k not in NO_RESULT_KEYS}, **{
+    ident = {**identity(cfg), **{
         k: v for k, v in info.items() if k in ("backbone", "checkpoint", "pretrain_steps")}}
     ckpt = os.path.join(cfg.out, f"sib-{runs.config_hash(ident)}.pt")
     rec = runs.train(stepper, lambda aux: fs["train"].episode(cfg.seed, stepper.t), steps=cfg.episodes,
@@ -380,28 +428,47 @@ RUNNERS = {"metalstm": run_metalstm, "sib": run_sib, "ncm": run_ncm, "finetune":
 
 def main(argv=None) -> int:
     cfg = parse_config(argv)
-    with output_folder(cfg.out):
-        return _main(cfg)
+    device = resolve_device(cfg.device)
+    world, rank = init_distributed(device)  # under torchrun (--method metalstm only: parse_config)
+    try:
+        if rank == 0:  # rank 0 owns --out (the lock, results, checkpoints); the others only meta-train
+            with output_folder(cfg.out):
+                return _main(cfg)
+        return _main(cfg, worker=True)
+    finally:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():  # an error path
+            torch.distributed.destroy_process_group()
 
 
-def _main(cfg: Config) -> int:
+def _main(cfg: Config, worker: bool = False) -> int:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = resolve_device(cfg.device)
     from tqdm.auto import tqdm
-    log = tqdm.write
+    log = (lambda s: None) if worker else tqdm.write
     t_start = time.perf_counter()
     splits = load_fewshot(cfg.dataset, cfg.data_dir)
     for k, s in splits.items():
         log(f"[data] {k}: {s.num_classes} classes, {s.images.shape[0]} images {tuple(s.image_shape)}; {s.note}")
     smp = samplers(cfg, splits)  # ValueError (e.g. more ways than a split has classes): one line
+    world, _ = dist_world()
     label = cfg.method + ("+smooth" if cfg.smooth else "")
+    cache = runs.RunCache(os.path.join(cfg.out, "runs"), enabled=cfg.resume)
+    unit = {**identity(cfg), "data": {k: s.summary() for k, s in splits.items()}}
+    if world > 1:  # rank 0's run cache decides for everyone (a cached run needs no meta-training)
+        hit = [None if worker else cache.get(unit, name=label) is not None]
+        torch.distributed.broadcast_object_list(hit, src=0)
+        if hit[0]:
+            torch.distributed.destroy_process_group()
+            if worker:
+                return 0
+    if worker:
+        run_metalstm(cfg, splits, smp, device, log)
+        return 0
     results = runs.new_results("fewshot.train", asdict(cfg), data={k: s.summary() for k, s in splits.items()})
     results["protocol"] = {"val_seed": VAL_SEED, "test_seed": TEST_SEED,
                            "episodes": f"{cfg.ways}-way {cfg.shots}-shot, {cfg.queries} queries per class"}
-    cache = runs.RunCache(os.path.join(cfg.out, "runs"), enabled=cfg.resume)
-    unit = {**{k: v for k, v in asdict(cfg).items() if k not in NO_RESULT_KEYS},
-            "data": {k: s.summary() for k, s in splits.items()}}
+    results["world_size"] = world
     rec, info = cache.run(unit, lambda: RUNNERS[cfg.method](cfg, splits, smp, device, log), name=label)
     results["runs"][label] = [rec]
     results["summary"][label] = runs.summarize([rec])

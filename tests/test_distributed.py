@@ -156,3 +156,39 @@ def test_torchrun_mnist_mlp_matches_one_process(data_dir, tmp_path):
     assert [h["meta_loss"] for h in two["history"]] == pytest.approx([h["meta_loss"] for h in one["history"]],
                                                                       rel=1e-5)
     assert not any(f.endswith(".tmp") for f in os.listdir(tmp_path / "two"))
+
+
+def test_fewshot_train_checks_torchrun_settings_before_any_work(monkeypatch, tmp_path):
+    from l2l_zoo.cli import UsageError
+    import fewshot.train as ft
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(UsageError, match="--meta-batch 3 must be a multiple of WORLD_SIZE=2"):
+        ft.parse_config(["--method", "metalstm", "--meta-batch", "3", "--out", str(tmp_path / "o")])
+    with pytest.raises(UsageError, match=r"only --method metalstm meta-trains in parallel, not 'sib'"):
+        ft.parse_config(["--method", "sib", "--out", str(tmp_path / "o")])
+
+
+def test_torchrun_fewshot_metalstm_matches_one_process(data_dir, tmp_path):
+    """``torchrun -m fewshot.train --method metalstm --meta-batch 2`` on 2 gloo processes (one
+    episode each per meta-step) meta-trains like one process with the same meta-batch: the same
+    meta-losses, validation curve and test accuracy; rank 0 alone writes --out."""
+    import json
+    flags = ["--method", "metalstm", "--dataset", "omniglot-small", "--meta-batch", "2", "--episodes", "4",
+             "--val-every", "2", "--val-episodes", "5", "--test-episodes", "10", "--filters", "4",
+             "--inner-steps", "2", "--smooth", "eps=0.1,lam=10,steps=1", "--no-progress", "--data-dir", data_dir]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                        str(29900 + os.getpid() % 90), "-m", "fewshot.train", *flags, "--out", str(tmp_path / "two")],
+                       env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    r1 = subprocess.run([sys.executable, "-m", "fewshot.train", *flags, "--out", str(tmp_path / "one")], env=env,
+                        capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert r1.returncode == 0, r1.stderr[-2000:]
+    two, one = (json.loads((tmp_path / d / "results.json").read_text()) for d in ("two", "one"))
+    assert two["world_size"] == 2 and one["world_size"] == 1
+    (a,), (b,) = two["runs"]["metalstm+smooth"], one["runs"]["metalstm+smooth"]
+    assert a["step_log"]["meta_loss"] == pytest.approx(b["step_log"]["meta_loss"], rel=1e-5)
+    assert a["step_log"]["penalty"] == pytest.approx(b["step_log"]["penalty"], rel=1e-5)
+    assert len(a["step_log"]["meta_loss"]) == 4 and a["eval"]["val_acc"] == pytest.approx(b["eval"]["val_acc"])
+    assert a["final"]["test_acc"] == pytest.approx(b["final"]["test_acc"])
+    assert not any(f.endswith(".tmp") for f in os.listdir(tmp_path / "two"))

@@ -45,6 +45,10 @@ BAD = [
     ("fewshot.train", ["--method", "sib", "--backbone", "wrn"], "needs --backbone-checkpoint"),
     ("fewshot.train", ["--method", "sib", "--data-dir", "/nonexistent/folder"], "--data-dir: no such folder"),
     ("fewshot.train", ["--method", "pixelnn", "--ways", "30"], "ways=30 exceeds the 22 classes of the 'val' split"),
+    ("fewshot.train", ["--method", "metalstm", "--meta-batch", "0"], "--meta-batch must be an integer >= 1, got 0"),
+    ("fewshot.train", ["--method", "sib", "--meta-batch", "2"], "--meta-batch applies to --method metalstm"),
+    ("fewshot.train", ["--method", "metalstm", "--autocast", "fp8"], "--autocast must be one of"),
+    ("fewshot.train", ["--method", "finetune", "--autocast", "bfloat16"], "--autocast applies to --method metalstm"),
     ("fewshot.evaluate", ["/nonexistent/model.pt"], "no such checkpoint"),
 ]
 

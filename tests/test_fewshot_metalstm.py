@@ -456,3 +456,34 @@ def test_pixel_nearest_neighbour_on_a_hand_computed_episode():
     assert evaluate_pixel_nn([ep, ep]) == [0.5, 0.5]
     with pytest.raises(ValueError, match="metric must be 'l2' or 'cosine', got 'l1'"):
         pixel_nn_predict(ep, "l1")
+
+
+def test_a_meta_batch_of_episodes_is_the_mean_of_their_meta_gradients():
+    """meta_batch=3 episodes per meta-step (looped: the learner has BatchNorm): the meta-loss and
+    meta-gradient equal the mean over the same three episodes run one at a time on the plain path,
+    each with its instance's generators; the episodes differ; a run with it trains."""
+    import copy
+    cfg = preset_config("official", 1, filters=4, inner_steps=2)
+    smooth = SmoothnessConfig(eps=0.1, steps=2, subsample=64)
+    tr = meta_train(cfg, {"train": synthetic_split()}, smooth=smooth, episodes=2, seed=0, progress=False,
+                    meta_batch=3)
+    assert tr.loop and tr.cfg.meta_batch == 3 and tr.runs_started == 6 and len(tr.history) == 2
+    batch = tr._new_batch()
+    assert len({tuple(r.task.episode.classes) for r in batch}) == 3, "each instance needs its own episode"
+    saved = {k: g.get_state() for k, g in tr.gens.items()}
+    runs = [copy.copy(r) for r in batch]
+    ml, grads = tr.meta_gradient(batch)
+    params = list(tr.lopt.parameters())
+    mls, seq = [], []
+    for b, r in enumerate(runs):
+        tr.gens["data"].set_state(saved[f"data/{b}"])
+        tr.gens["reg"].set_state(saved[f"reg/{b}"])
+        m, *_ = tr._truncation(r, tr.cfg.unroll)
+        g = torch.autograd.grad(m, params, allow_unused=True)
+        mls.append(m.detach())
+        seq.append(torch.cat([(torch.zeros_like(p) if x is None else x).reshape(-1) for x, p in zip(g, params)]))
+    torch.testing.assert_close(ml, torch.stack(mls).mean(), rtol=1e-6, atol=0)
+    ref = torch.stack(seq).mean(0)
+    got = torch.cat([x.reshape(-1) for x in grads])
+    assert float((got - ref).norm() / ref.norm()) < 1e-5
+    assert float((seq[0] - seq[1]).norm()) > 1e-3 * float(ref.norm())

@@ -38,17 +38,19 @@ def flat(grads):
     return torch.cat([g.reshape(-1) for g in grads])
 
 
+@pytest.mark.parametrize("mode", ["vmap", "loop"])
 @pytest.mark.parametrize("name", ALL)
 @pytest.mark.parametrize("second_order,smooth", [(False, None), (True, None),
                                                  (False, SmoothnessConfig(eps=0.1, lam=1.0, steps=2, subsample=7))])
-def test_meta_batch_equals_the_mean_of_sequential_meta_gradients(name, second_order, smooth):
+def test_meta_batch_equals_the_mean_of_sequential_meta_gradients(name, second_order, smooth, mode):
     B = 3
-    if not type(l2l_zoo.create(name, **LOPT_OPTIONS.get(name, {}))).vmappable:
+    if mode == "vmap" and not type(l2l_zoo.create(name, **LOPT_OPTIONS.get(name, {}))).vmappable:
         # MLR-SNet computes γ from float(loss) at step 0: refused in one line, not mis-batched
         with pytest.raises(ValueError, match="cannot run under torch.func.vmap"):
-            make(name, B)
+            make(name, B, meta_batch_mode="vmap")
         return
-    tr = make(name, B, second_order=second_order, smooth=smooth)
+    tr = make(name, B, second_order=second_order, smooth=smooth, meta_batch_mode=mode)
+    assert tr.loop == (mode == "loop")
     batch = tr._new_batch()
     assert len({float(r.x.sum()) for r in batch}) == B, "instances must start from different initialisations"
     saved = {k: g.get_state() for k, g in tr.gens.items()}
@@ -105,11 +107,16 @@ def test_meta_batch_training_resumes_bit_for_bit(tmp_path):
 def test_what_cannot_be_batched_is_refused():
     with pytest.raises(ValueError, match="meta_batch must be >= 1"):
         MetaTrainConfig(meta_batch=0)
-    with pytest.raises(ValueError, match="needs backend='func'"):
-        make("simple", 2, backend="higher")
-    with pytest.raises(ValueError, match="without buffers"):
-        lopt = l2l_zoo.create("simple").to(torch.float64)
-        bn = toy_task(model=lambda: nn.Sequential(nn.Linear(6, 4), nn.BatchNorm1d(4), nn.Linear(4, 2)).double())
+    with pytest.raises(ValueError, match="meta_batch_mode must be one of"):
+        MetaTrainConfig(meta_batch_mode="scan")
+    with pytest.raises(ValueError, match="vmap needs backend='func'"):
+        make("simple", 2, backend="higher", meta_batch_mode="vmap")
+    assert make("simple", 2, backend="higher").loop  # auto: what vmap cannot do, the loop does
+    lopt = l2l_zoo.create("simple").to(torch.float64)
+    bn = toy_task(model=lambda: nn.Sequential(nn.Linear(6, 4), nn.BatchNorm1d(4), nn.Linear(4, 2)).double())
+    with pytest.raises(ValueError, match="cannot update buffers"):
+        MetaTrainer(lopt, bn, MetaTrainConfig(meta_batch=2, meta_batch_mode="vmap"), log=lambda s: None)
+    with pytest.raises(ValueError, match="would share the buffers of task 'toy_mlp'"):  # one task, one set of buffers
         MetaTrainer(lopt, bn, MetaTrainConfig(meta_batch=2), log=lambda s: None)
     with pytest.raises(ValueError, match="one optimizee at a time"):
         make("simple", 2).finetune(repeats=1, max_steps=2, progress=False)
@@ -117,4 +124,6 @@ def test_what_cannot_be_batched_is_refused():
 
 def test_the_default_leaves_configs_and_checkpoint_identities_unchanged():
     assert "meta_batch" not in MetaTrainConfig().to_dict()
+    assert "meta_batch_mode" not in MetaTrainConfig(meta_batch=4).to_dict()
+    assert MetaTrainConfig(meta_batch=4, meta_batch_mode="loop").to_dict()["meta_batch_mode"] == "loop"
     assert MetaTrainConfig(meta_batch=4).to_dict()["meta_batch"] == 4

@@ -31,13 +31,16 @@ from tqdm.auto import tqdm
 from .. import runs
 from ..base import LearnedOptimizer, OptState, reference_kernels
 from ..regularizers.smoothness import SmoothnessConfig, SmoothnessRegularizer
-from ..tasks.family import TaskFamily, as_family
+from ..tasks.family import SingleTask, TaskFamily, as_family
 from ..tasks.task import Task
 from .losses import META_LOSSES, meta_loss
 from .unroll import AUTOCAST_DTYPES, BACKENDS, make_backend, model_loss
 
 __all__ = ["MetaTrainConfig", "MetaTrainer", "MetaTrainingDiverged", "adapt", "dist_world"]
 
+
+#: how a meta-batch is unrolled (MetaTrainConfig.meta_batch_mode)
+META_BATCH_MODES = ("auto", "vmap", "loop")
 
 #: meta-steps between the checks that every torch.distributed process holds the same meta-parameters
 SYNC_CHECK_EVERY = 10
@@ -81,6 +84,12 @@ class MetaTrainConfig:
     has the same seeds whatever the number of processes), meta-gradients are all-reduced, only rank
     0 writes checkpoints (which hold every instance, so a run resumes on any number of processes),
     and every process must be given the same ``checkpoint_path``.
+    ``meta_batch_mode``: how the B instances are unrolled: ``"vmap"`` (as above), ``"loop"`` (one
+    ordinary truncation per instance, one after another, and the mean of their meta-losses: the same
+    meta-gradient, for any optimizee, backend and optimizer, e.g. few-shot episodes whose learner
+    has BatchNorm; the B graphs are held until the one backward pass) or ``"auto"`` (default: vmap
+    when the optimizee, backend and optimizer allow it, else loop). Under torch.distributed with one
+    instance per process, ``"auto"`` loops (there is nothing to vmap over).
     ``fast``: the fast implementation of the same computation: the smoothness PGD of a truncation
     runs once at its end for all its steps together (:meth:`SmoothnessRegularizer.penalties`; R_t
     depends on data of step t only, and the random draws keep their order), and a separable
@@ -108,6 +117,7 @@ class MetaTrainConfig:
     seed: int = 0
     smooth: SmoothnessConfig | None = None
     meta_batch: int = 1
+    meta_batch_mode: str = "auto"
     fast: bool = True
     autocast: str | None = None
 
@@ -119,6 +129,8 @@ class MetaTrainConfig:
             raise ValueError(f"meta_loss must be one of {list(META_LOSSES)}, got {self.meta_loss!r}")
         if self.backend not in BACKENDS:
             raise ValueError(f"backend must be one of {sorted(BACKENDS)}, got {self.backend!r}")
+        if self.meta_batch_mode not in META_BATCH_MODES:
+            raise ValueError(f"meta_batch_mode must be one of {list(META_BATCH_MODES)}, got {self.meta_batch_mode!r}")
         if self.meta_lr is not None and not self.meta_lr > 0:
             raise ValueError(f"meta_lr must be > 0, got {self.meta_lr!r}")
         if self.autocast is not None and self.autocast not in AUTOCAST_DTYPES:
@@ -150,6 +162,8 @@ class MetaTrainConfig:
             del d["meta_batch"]
         if self.fast:
             del d["fast"]
+        if self.meta_batch_mode == "auto":  # absent at its default, so older identities hold
+            del d["meta_batch_mode"]
         if self.autocast is None:  # like meta_batch: absent at the default, so older identities hold
             del d["autocast"]
         return d
@@ -209,9 +223,9 @@ class MetaTrainer:
         self.world, self.rank = dist_world()
         self.batched = self.cfg.meta_batch > 1 or self.world > 1
         self.instances = range(0)
+        self.loop = False  # meta-batch instances one after another instead of under vmap
         if self.batched:
-            self._check_batchable()
-            per = self.cfg.meta_batch // self.world
+            per = self._check_batchable()
             self.instances = range(self.rank * per, (self.rank + 1) * per)  # this process's share
             for b in self.instances:  # instance b's own streams: the same on any number of processes
                 self.gens[f"data/{b}"] = torch.Generator().manual_seed(s + 5_000_011 * (b + 1))
@@ -270,11 +284,14 @@ class MetaTrainer:
         return _Run(self.runs_started - 1, 0, x0 if learned else x0.detach(), state, loss.detach(),
                     grad, scale, initial_loss=float(loss.detach()), task=task, task_state=task_state)
 
-    def _truncation(self, run: _Run, steps: int, task: Task | None = None):
+    def _truncation(self, run: _Run, steps: int, task: Task | None = None, instance: int | None = None):
         """Unroll ``steps`` optimizee steps from ``run``; returns (meta_loss, losses, penalties, P,
         state, last loss, last grad). The graph reaches the meta-parameters. With the ``outer``
-        meta-loss the outer batch is evaluated at the end (in the task's ``outer_train_mode``)."""
+        meta-loss the outer batch is evaluated at the end (in the task's ``outer_train_mode``).
+        Meta-batch ``instance`` b draws minibatches and regularizer noise from its own generators."""
         task = task or run.task or self.task
+        gdata, greg = (self.gens["data"], self.gens["reg"]) if instance is None else \
+            (self.gens[f"data/{instance}"], self.gens[f"reg/{instance}"])
         lopt, be = self.lopt, self.backend
         be.task = task
         be.set_scale(run.scale)
@@ -290,10 +307,10 @@ class MetaTrainer:
                 kw["loss"] = loss.detach()
             step = lopt.step(grad, state, network=self._network, **kw)
             if self.reg is not None:  # the random draws now, the PGD of every step after the loop
-                penalties.append(self.reg.prepare(lopt, step.feats, step.hidden, self.gens["reg"]))
+                penalties.append(self.reg.prepare(lopt, step.feats, step.hidden, greg))
             state = step.state
             P = be.apply(P, step.updates)
-            loss, grad = be.loss_and_grad(P, task.inner_batch(self.gens["data"]),
+            loss, grad = be.loss_and_grad(P, task.inner_batch(gdata),
                                           create_graph=self.cfg.second_order)
             if not self.cfg.second_order:
                 grad = grad.detach()
@@ -306,7 +323,7 @@ class MetaTrainer:
             mode = task.model.training
             task.model.train(task.outer_train_mode)
             try:
-                outer = be.loss(P, task.outer_batch(self.gens["data"]))
+                outer = be.loss(P, task.outer_batch(gdata))
             finally:
                 task.model.train(mode)
         ml = meta_loss(self.cfg.meta_loss, losses, penalties, lam, outer=outer)
@@ -337,7 +354,7 @@ class MetaTrainer:
         step (used by tests and diagnostics). With ``meta_batch`` > 1, ``run`` is a list of B runs
         (default: fresh ones) unrolled together."""
         if self.batched:
-            ml, *_ = self._truncation_batch(run or self._new_batch(), steps or self.cfg.unroll)
+            ml, *_ = self._truncation_many(run or self._new_batch(), steps or self.cfg.unroll)
         else:
             ml, *_ = self._truncation(run or self._new_run(), steps or self.cfg.unroll)
         grads = torch.autograd.grad(ml, list(self.lopt.parameters()), allow_unused=True)
@@ -348,22 +365,65 @@ class MetaTrainer:
         return ml.detach(), grads
 
     # ------------------------------------------------------------------ meta-batches (vmap)
-    def _check_batchable(self) -> None:
+    def _vmap_obstacle(self) -> str | None:
+        """Why this meta-batch cannot run under vmap (None: it can)."""
+        cfg = self.cfg
+        if cfg.backend != "func":
+            return f"vmap needs backend='func', got {cfg.backend!r}"
+        if cfg.checkpoint_network is True:
+            return "vmap does not combine with checkpoint_network=True"
+        if not self.lopt.vmappable:
+            return f"the {self.lopt.name!r} optimizer's step cannot run under torch.func.vmap"
+        bufs = [k for k, _ in self.task.model.named_buffers()]
+        if bufs:
+            return f"vmap cannot update buffers in place; task {self.task.name!r} has {bufs[:3]}"
+        return None
+
+    def _check_batchable(self) -> int:
+        """Check the meta-batch settings, choose vmap or loop (``self.loop``); returns the number of
+        instances of this process."""
         cfg = self.cfg
         if cfg.meta_batch % self.world:
             raise ValueError(f"meta_batch {cfg.meta_batch} must be a multiple of the {self.world} processes of "
                              "torch.distributed (each unrolls meta_batch / world_size instances)")
-        if cfg.backend != "func":
-            raise ValueError(f"meta_batch > 1 needs backend='func' (torch.func.vmap), got {cfg.backend!r}")
-        if cfg.checkpoint_network is True:
-            raise ValueError("meta_batch > 1 does not combine with checkpoint_network=True")
-        if not self.lopt.vmappable:
-            raise ValueError(f"meta_batch > 1: the {self.lopt.name!r} optimizer's step cannot run under "
-                             "torch.func.vmap; use meta_batch=1")
-        bufs = [k for k, _ in self.task.model.named_buffers()]
-        if bufs:
-            raise ValueError(f"meta_batch > 1 needs an optimizee without buffers (vmap cannot update them in "
-                             f"place); task {self.task.name!r} has {bufs[:3]}")
+        per = cfg.meta_batch // self.world
+        why = self._vmap_obstacle()
+        if cfg.meta_batch_mode == "vmap" and why is not None:
+            raise ValueError(f"meta_batch_mode='vmap': {why}; use meta_batch_mode='loop' or 'auto'")
+        self.loop = cfg.meta_batch_mode == "loop" or (cfg.meta_batch_mode == "auto" and (why is not None or per == 1))
+        if self.loop and per > 1 and isinstance(self.family, SingleTask) and any(True for _ in
+                                                                               self.task.model.named_buffers()):
+            raise ValueError(f"meta_batch {cfg.meta_batch}, looped: the {per} instances of a process would share "
+                             f"the buffers of task {self.task.name!r} (one model); use a task family (a task per "
+                             "instance), one instance per process, or meta_batch=1")
+        return per
+
+    def _truncation_many(self, batch: list[_Run], steps: int):
+        """One truncation of every run of this process's meta-batch: vmapped or looped."""
+        return (self._truncation_loop if self.loop else self._truncation_batch)(batch, steps)
+
+    def _truncation_loop(self, batch: list[_Run], steps: int):
+        """:meth:`_truncation` of each run in turn (its own generators), returned like
+        :meth:`_truncation_batch`: the mean meta-loss (its gradient is the mean meta-gradient), the
+        per-step mean losses and penalties, and the instances' end states stacked."""
+        mls, losses, pens, xs, states, loss, grad, outers = [], [], [], [], [], [], [], []
+        for b, r in zip(self.instances, batch):
+            ml_b, losses_b, pens_b, P, st, l_b, g_b = self._truncation(r, steps, instance=b)
+            mls.append(ml_b)
+            losses.append(torch.stack([torch.as_tensor(x) for x in losses_b]))
+            if pens_b:
+                pens.append(torch.stack(pens_b))
+            xs.append(self.backend.flat(P))
+            states.append(st)
+            loss.append(l_b)
+            grad.append(g_b)
+            outers.append(self._last_outer)
+        self._last_outer = None if outers[0] is None else sum(outers) / len(outers)
+        mean_pens = list(torch.stack(pens).mean(0).unbind()) if pens else []
+        state = OptState(states[0].step, tuple(torch.stack(ts) for ts in zip(*(x.stats for x in states))),
+                         tuple(torch.stack(ts) for ts in zip(*(x.hidden for x in states))))
+        return (torch.stack(mls).mean(), list(torch.stack(losses).mean(0).unbind()), mean_pens, torch.stack(xs),
+                state, torch.stack(loss), torch.stack(grad))
 
     def _new_batch(self) -> list[_Run]:
         """Fresh runs for this process's instances (all B of them without torch.distributed), each
@@ -605,7 +665,7 @@ class MetaTrainer:
                         self.batch_runs = self._new_batch()
                     run = self.batch_runs[0]
                     steps = min(cfg.unroll, cfg.horizon - run.step)
-                    ml, losses, pens, P, state, loss, grad = self._truncation_batch(self.batch_runs, steps)
+                    ml, losses, pens, P, state, loss, grad = self._truncation_many(self.batch_runs, steps)
                 else:
                     if self.run is None:
                         self.run = self._new_run()
@@ -792,16 +852,17 @@ class MetaTrainer:
 
 
 def adapt(lopt: LearnedOptimizer, task: Task, steps: int, *, gen: torch.Generator, init_seed: int = 0,
-          backend: str = "func") -> tuple[torch.Tensor, list[float]]:
+          backend: str = "func", autocast: str | None = None) -> tuple[torch.Tensor, list[float]]:
     """Run ``steps`` inner steps of ``lopt`` on ``task`` from its starting point
     (``lopt.initial_params`` of the task's initialisation with ``init_seed``), without meta-gradient:
     the meta-test inner loop (e.g. adapting to a few-shot episode's support set). The task is
     ``reset()`` first and its template module left in train mode, so BatchNorm running statistics
     accumulate over the inner loop as in training. Returns the final flat parameters (detached) and
-    the inner minibatch losses [f_0, ..., f_{steps-1}]."""
+    the inner minibatch losses [f_0, ..., f_{steps-1}]. ``autocast``: as
+    :class:`MetaTrainConfig`'s (the forward passes in bfloat16)."""
     if not (isinstance(steps, int) and steps >= 0):
         raise ValueError(f"steps must be an integer >= 0, got {steps!r}")
-    be = make_backend(backend, task)
+    be = make_backend(backend, task, autocast=autocast)
     task.reset()
     task.model.train()
     dtype = next(iter(lopt.parameters())).dtype
