@@ -74,3 +74,28 @@ def test_bad_autocast_names_are_refused():
         autocast("cpu", "float16")
     assert "autocast" not in MetaTrainConfig().to_dict()
     assert MetaTrainConfig(autocast="bfloat16").to_dict()["autocast"] == "bfloat16"
+
+
+def test_metalstm_meta_training_and_evaluation_under_autocast():
+    """Meta-LSTM on episodes (Conv-4 with BatchNorm): the convolutions run in bfloat16 in
+    meta-training and in the evaluation's inner loop, the meta-parameters stay float32, and the
+    first meta-loss is within bfloat16 rounding of the float32 one."""
+    from fewshot.data import EpisodeSampler
+    from fewshot.metalstm import evaluate, meta_train, preset_config
+    from test_fewshot_metalstm import synthetic_split
+    cfg = preset_config("official", 1, filters=4, inner_steps=2)
+    split = synthetic_split()
+    ref = meta_train(cfg, {"train": split}, episodes=2, seed=0, progress=False)
+    seen = []
+    handle = torch.nn.modules.module.register_module_forward_hook(
+        lambda m, i, o: seen.append(o.dtype) if isinstance(m, torch.nn.Conv2d) else None)
+    try:
+        tr = meta_train(cfg, {"train": split}, episodes=2, seed=0, progress=False, autocast="bfloat16")
+        n = len(seen)
+        accs = evaluate(tr.lopt, cfg, EpisodeSampler(split, 5, 1, 15), 2, seed=3, autocast="bfloat16")
+    finally:
+        handle.remove()
+    assert torch.bfloat16 in seen[:n] and torch.bfloat16 in seen[n:], "conv layers ran in bfloat16"
+    assert all(p.dtype == torch.float32 for p in tr.lopt.parameters()) and len(accs) == 2
+    assert tr.history[0]["meta_loss"] == pytest.approx(ref.history[0]["meta_loss"], rel=0.05)
+    assert tr.history[0]["meta_loss"] != ref.history[0]["meta_loss"]
