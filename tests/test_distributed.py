@@ -57,9 +57,9 @@ torch.distributed.destroy_process_group()
 '''
 
 
-def run_ranks(tmp_path, mode, world=2):
+def run_ranks(tmp_path, mode, world=2, source=None):
     script = tmp_path / "worker.py"
-    script.write_text(WORKER)
+    script.write_text(source or WORKER)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
     procs = [subprocess.Popen([sys.executable, str(script), str(r), str(world), str(tmp_path), mode], env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in range(world)]
@@ -192,3 +192,74 @@ def test_torchrun_fewshot_metalstm_matches_one_process(data_dir, tmp_path):
     assert len(a["step_log"]["meta_loss"]) == 4 and a["eval"]["val_acc"] == pytest.approx(b["eval"]["val_acc"])
     assert a["final"]["test_acc"] == pytest.approx(b["final"]["test_acc"])
     assert not any(f.endswith(".tmp") for f in os.listdir(tmp_path / "two"))
+
+
+MLRS = '''
+import os, sys
+import torch
+import torch.nn.functional as F
+from l2l_zoo import MLRSNet
+from l2l_zoo.meta.mlrsnet import MLRSNetMetaTrainer, MLRSNetTrainConfig
+
+def ce(model, batch):
+    return F.cross_entropy(model(batch[0]), batch[1])
+
+def train(rank, world, steps=7):
+    """Online MLR-SNet meta-training of a float64 MLP (SGD momentum, weight decay, clipping); the
+    process of ``rank`` gets its 1/world share of every training and meta-data minibatch."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(96, 6, generator=g, dtype=torch.float64)
+    y = (x[:, 0] - x[:, 2] > 0).long()
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2)).double()
+    net = MLRSNet(num_classes=2).double()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
+    share = lambda lo, n: slice(lo + rank * n // world, lo + (rank + 1) * n // world)  # noqa: E731
+    calls = [0]
+    def val_batch():
+        i = 48 + 16 * (calls[0] % 3)
+        calls[0] += 1
+        return x[share(i, 16)], y[share(i, 16)]
+    def train_loss():
+        with torch.no_grad():
+            return float(ce(model, (x[share(0, 48)], y[share(0, 48)])))
+    tr = MLRSNetMetaTrainer(net, model, opt, loss_fn=ce, val_batch_fn=val_batch, train_loss_fn=train_loss,
+                            config=MLRSNetTrainConfig(t_val=2, grad_clip=1.0))
+    lrs = []
+    for t in range(steps):
+        i = 16 * (t % 3)
+        lrs.append(tr.step((x[share(i, 16)], y[share(i, 16)]))["lr"])
+    return {"model": torch.cat([p.detach().reshape(-1) for p in model.parameters()]),
+            "net": torch.cat([p.detach().reshape(-1) for p in net.parameters()]),
+            "lrs": torch.tensor(lrs, dtype=torch.float64),
+            "val": torch.tensor([h["val_loss"] for h in tr.meta_history], dtype=torch.float64)}
+
+if __name__ == "__main__":
+    rank, world, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo", init_method="file://" + os.path.join(out, "rendezvous"),
+                                         rank=rank, world_size=world)
+    torch.save(train(rank, world), os.path.join(out, f"mlrs{rank}.pt"))
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
+'''
+
+
+def test_mlrsnet_online_meta_training_on_two_processes_equals_one_on_the_union(tmp_path):
+    """MLRSNetMetaTrainer under torch.distributed (2 gloo processes, each with half of every training
+    and meta-data minibatch) follows, in float64, the single process's trajectory on the whole
+    minibatches: the same rates, validation losses, model and MLR-SNet parameters, bit-identical on
+    both processes. (BatchNorm's batch statistics would be per process, as in DDP without
+    SyncBatchNorm; the model here has none.)"""
+    run_ranks(tmp_path, "mlrs", source=MLRS)
+    a, b = (torch.load(tmp_path / f"mlrs{r}.pt", weights_only=True) for r in (0, 1))
+    assert all(torch.equal(a[k], b[k]) for k in a), "the processes differ"
+    ns = {"__name__": "mlrs_single"}
+    exec(MLRS, ns)
+    one = ns["train"](0, 1)
+    assert len(one["val"]) == 4 and len(set(one["lrs"].tolist())) > 1
+    for k in ("lrs", "val", "model", "net"):
+        torch.testing.assert_close(a[k], one[k], rtol=1e-10, atol=1e-14, msg=k)
+    # and the shares matter: one process on half the data follows another trajectory
+    half = ns["train"](0, 2)
+    assert float((half["model"] - one["model"]).norm()) > 1e-6

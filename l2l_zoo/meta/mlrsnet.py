@@ -49,7 +49,11 @@ from torch import nn
 
 from ..optimizers.mlrsnet import MLRSNet
 from ..schedules.core import dynamics_from_optimizer, read_state
+from .distributed import all_mean, check_in_sync, dist_world
 from .trainer import MetaTrainingDiverged
+
+#: meta-updates between the checks that every torch.distributed process holds the same parameters
+SYNC_CHECK_EVERY = 10
 
 __all__ = ["MLRSNetTrainConfig", "MLRSNetMetaTrainer", "MetaUpdateFailed", "virtual_step_loss",
            "meta_gradient", "select_snapshots"]
@@ -98,7 +102,8 @@ class _LossOf(nn.Module):
 
 def virtual_step_loss(net: MLRSNet, hidden: tuple, x: torch.Tensor, gamma: float, model: nn.Module,
                       optimizer: torch.optim.Optimizer, train_batch, val_batch,
-                      loss_fn: Callable, *, grad_clip: float | None = None, return_hidden: bool = False):
+                      loss_fn: Callable, *, grad_clip: float | None = None, return_hidden: bool = False,
+                      all_reduce: bool = False):
     """Validation loss f^Val(D^(v); ŵ_{t+1}(φ)) of the virtual step ŵ_{t+1} = w_t − A(f_t, θ_t; φ)·d_t
     (eq. 11), differentiable in φ = ``net``'s parameters. Returns ``(val_loss, lr)`` (scalar
     tensors), plus the network's next (h, c), detached, with ``return_hidden``.
@@ -111,6 +116,8 @@ def virtual_step_loss(net: MLRSNet, hidden: tuple, x: torch.Tensor, gamma: float
     g_t of ``loss_fn(model, train_batch)`` clipped first when ``grad_clip`` is set. Parameters
     without a gradient stay where they are (torch.optim skips them). ``model`` (parameters and
     buffers) and ``optimizer`` are not modified; works under ``torch.no_grad()`` too.
+    ``all_reduce``: under torch.distributed each process holds its share of D_t, and g_t is the mean
+    of the processes' gradients (as DistributedDataParallel averages them), before clipping.
     """
     params = _optimizer_params(optimizer)
     names = {id(p): n for n, p in model.named_parameters()}
@@ -128,6 +135,8 @@ def virtual_step_loss(net: MLRSNet, hidden: tuple, x: torch.Tensor, gamma: float
         leaves = [p.detach().requires_grad_(True) for p in params]
         train_loss = torch.func.functional_call(loss_of, {**buffers, **dict(zip(keys, leaves))}, (train_batch,))
         grads = torch.autograd.grad(train_loss, leaves, allow_unused=True)
+        if all_reduce:
+            all_mean([g for g in grads if g is not None])
         used = [g is not None for g in grads]
         if grad_clip is not None and any(used):
             coef = _clip_coefficient([g for g in grads if g is not None], grad_clip)
@@ -150,11 +159,19 @@ def virtual_step_loss(net: MLRSNet, hidden: tuple, x: torch.Tensor, gamma: float
 
 def meta_gradient(net: MLRSNet, *args, **kwargs) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """``(val_loss, [∂ val_loss / ∂φ_i])`` for :func:`virtual_step_loss` (same arguments; with
-    ``return_hidden`` the virtual step's next (h, c) comes third)."""
+    ``return_hidden`` the virtual step's next (h, c) comes third). With ``all_reduce=True`` the
+    validation loss and its gradient are the means over the processes (each its share of D^(v))."""
     val_loss, _, *rest = virtual_step_loss(net, *args, **kwargs)
     params = list(net.parameters())
     grads = torch.autograd.grad(val_loss, params, allow_unused=True)
     grads = [torch.zeros_like(p) if g is None else g for g, p in zip(grads, params)]
+    if kwargs.get("all_reduce"):
+        val_loss = val_loss.detach().clone()
+        if all(g.dtype == val_loss.dtype for g in grads):
+            all_mean([val_loss, *grads])  # one all-reduce
+        else:
+            all_mean(grads)
+            all_mean([val_loss])
     return (val_loss.detach(), grads, *rest)
 
 
@@ -205,6 +222,17 @@ class MLRSNetMetaTrainer:
     step, e.g. a language model's carried state, is returned by :meth:`step`). ``val_batch_fn()``:
     the next minibatch of meta-data. ``gamma``: γ (None: from ``train_loss_fn()``, the mean training
     loss, at the first step). ``log``: one-line messages (NaN reports).
+
+    Under ``torch.distributed`` (e.g. ``torchrun``; gloo on CPU, NCCL on CUDA) the trainer is
+    data-parallel as ``DistributedDataParallel`` would make it, done here by hand because the
+    virtual step is functional: every process holds the same model, optimizer and MLR-SNet and
+    passes its own share of each training and meta-data minibatch; the training loss that MLR-SNet
+    reads, γ's mean training loss, the gradients of the real and the virtual step (before
+    clipping), the validation loss and the meta-gradient are means over the processes, and the
+    model's buffers (BatchNorm statistics) are broadcast from rank 0 after each step (DDP's
+    ``broadcast_buffers``). With equal shares this equals one process on the union of the shares
+    (``tests/test_distributed.py``, float64), and every process holds bit-identical parameters
+    (checked every ``SYNC_CHECK_EVERY`` meta-updates); only the caller's rank 0 should write files.
     """
 
     def __init__(self, net: MLRSNet, model: nn.Module, optimizer: torch.optim.Optimizer, *,
@@ -231,12 +259,22 @@ class MLRSNetMetaTrainer:
         self.meta_history: list[dict] = []
         self.failures = 0
         self.total_failures = 0
+        self.world, self.rank = dist_world()
+
+    def _global(self, value: float) -> float:
+        """The mean of ``value`` over the processes (itself in one process)."""
+        if self.world == 1:
+            return value
+        t = torch.tensor([value], dtype=torch.float64, device=next(self.model.parameters()).device)
+        all_mean([t])
+        return float(t)
 
     def _meta_update(self, x, batch) -> float | None:
         """Eq. (10)-(11); returns the validation loss, or None when it was skipped (non-finite)."""
         val_loss, grads, advanced = meta_gradient(self.net, self.hidden, x, self.gamma, self.model,
                                                   self.optimizer, batch, self.val_batch_fn(), self.loss_fn,
-                                                  grad_clip=self.cfg.grad_clip, return_hidden=True)
+                                                  grad_clip=self.cfg.grad_clip, return_hidden=True,
+                                                  all_reduce=self.world > 1)
         if self.cfg.lstm_state == "authors-code":
             self.hidden = advanced
         ok = bool(torch.isfinite(val_loss)) and all(bool(torch.isfinite(g).all()) for g in grads)
@@ -257,6 +295,9 @@ class MLRSNetMetaTrainer:
             p.grad = g
         self.meta_opt.step()
         self.meta_opt.zero_grad(set_to_none=True)
+        if self.world > 1 and len(self.meta_history) % SYNC_CHECK_EVERY == 0:
+            check_in_sync([*self.net.parameters(), *self.model.parameters()], "MLR-SNet and model parameters",
+                          f"step {self.t}")
         return float(val_loss)
 
     def step(self, batch) -> dict:
@@ -264,11 +305,11 @@ class MLRSNetMetaTrainer:
         (``meta_loss`` None on steps without a meta-update; ``loss`` non-finite: nothing changed)."""
         self.model.train()
         loss, aux = _split(self.loss_fn(self.model, batch))
-        value = float(loss.detach())
+        value = self._global(float(loss.detach()))  # the whole minibatch's loss: every process agrees
         if not math.isfinite(value):
             return {"loss": value, "lr": None, "meta_loss": None, "aux": aux}
         if self.gamma is None:
-            self.gamma = self.net.gamma_for(self.train_loss_fn())
+            self.gamma = self.net.gamma_for(self._global(self.train_loss_fn()))
             self.model.train()
         x = self.net.loss_input(value)
         meta_loss = None
@@ -277,6 +318,8 @@ class MLRSNetMetaTrainer:
             self.meta_history.append({"step": self.t, "val_loss": meta_loss})
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if self.world > 1:  # as DistributedDataParallel: the mean gradient, before clipping
+            all_mean([p.grad for p in self.params if p.grad is not None])
         if self.cfg.grad_clip is not None:  # over the optimizer's parameters, as the virtual step
             nn.utils.clip_grad_norm_(self.params, self.cfg.grad_clip)
         with torch.no_grad():
@@ -287,6 +330,9 @@ class MLRSNetMetaTrainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.optimizer.step()
+        if self.world > 1:
+            for b in self.model.buffers():
+                torch.distributed.broadcast(b, src=0)
         self.t += 1
         if self.cfg.snapshot_every and self.t % self.cfg.snapshot_every == 0:
             self.snapshots.append((self.t, {k: v.detach().cpu().clone() for k, v in self.net.state_dict().items()}))

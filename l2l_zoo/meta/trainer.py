@@ -33,6 +33,7 @@ from ..base import LearnedOptimizer, OptState, reference_kernels
 from ..regularizers.smoothness import SmoothnessConfig, SmoothnessRegularizer
 from ..tasks.family import SingleTask, TaskFamily, as_family
 from ..tasks.task import Task
+from .distributed import all_mean, check_in_sync, dist_world
 from .losses import META_LOSSES, meta_loss
 from .unroll import AUTOCAST_DTYPES, BACKENDS, make_backend, model_loss
 
@@ -44,14 +45,6 @@ META_BATCH_MODES = ("auto", "vmap", "loop")
 
 #: meta-steps between the checks that every torch.distributed process holds the same meta-parameters
 SYNC_CHECK_EVERY = 10
-
-
-def dist_world() -> tuple[int, int]:
-    """(world size, rank) of torch.distributed, or (1, 0) when it is not initialised."""
-    d = torch.distributed
-    if d.is_available() and d.is_initialized():
-        return d.get_world_size(), d.get_rank()
-    return 1, 0
 
 
 class MetaTrainingDiverged(RuntimeError):
@@ -618,30 +611,14 @@ class MetaTrainer:
 
     # ------------------------------------------------------------------ torch.distributed
     def _all_mean(self, tensors: list[torch.Tensor]) -> None:
-        """In place: each tensor becomes its mean over the processes (one flat all-reduce)."""
-        flat = torch.cat([t.reshape(-1) for t in tensors])
-        torch.distributed.all_reduce(flat)
-        flat /= self.world
-        i = 0
-        for t in tensors:
-            t.copy_(flat[i:i + t.numel()].view_as(t))
-            i += t.numel()
+        all_mean(tensors)
 
     def _check_in_sync(self) -> None:
-        """Meta-parameters and Adam moments must be bit-identical on every process: compare a
-        checksum of their bytes (all-gathered) and stop with a clear error if they differ."""
+        """Meta-parameters and Adam moments must be bit-identical on every process."""
         vals = [p.detach() for p in self.lopt.parameters()]
         for st in self.meta_opt.state.values():
             vals += [v for v in st.values() if torch.is_tensor(v) and v.is_floating_point()]
-        flat = torch.cat([v.reshape(-1).double() for v in vals])
-        pos = torch.arange(1, flat.numel() + 1, dtype=torch.float64, device=flat.device)
-        mine = torch.stack([flat.sum(), (flat * pos).sum(), (flat * flat).sum()])
-        every = [torch.empty_like(mine) for _ in range(self.world)]
-        torch.distributed.all_gather(every, mine)
-        if not all(torch.equal(every[0], e) for e in every):
-            raise RuntimeError(f"meta-parameters differ between the {self.world} processes at meta-step "
-                               f"{self.meta_step + 1} (checksums {[e.tolist() for e in every]}); they must "
-                               "start from the same seed and see the same all-reduced meta-gradients")
+        check_in_sync(vals, "meta-parameters", f"meta-step {self.meta_step + 1}")
 
     # ------------------------------------------------------------------ main loop
     def train(self, *, resume: bool = False, progress: bool = True,

@@ -1,0 +1,45 @@
+"""The torch.distributed pieces shared by the meta-trainers (:class:`~l2l_zoo.meta.MetaTrainer`,
+:class:`~l2l_zoo.meta.mlrsnet.MLRSNetMetaTrainer`): the process group's size and rank, an in-place
+mean over the processes, and a cheap check that every process holds the same numbers."""
+from __future__ import annotations
+
+import torch
+
+__all__ = ["dist_world", "all_mean", "check_in_sync"]
+
+
+def dist_world() -> tuple[int, int]:
+    """(world size, rank) of torch.distributed, or (1, 0) when it is not initialised."""
+    d = torch.distributed
+    if d.is_available() and d.is_initialized():
+        return d.get_world_size(), d.get_rank()
+    return 1, 0
+
+
+def all_mean(tensors: list[torch.Tensor]) -> None:
+    """In place: each tensor becomes its mean over the processes (one flat all-reduce; the tensors
+    share a dtype)."""
+    if not tensors:
+        return
+    flat = torch.cat([t.reshape(-1) for t in tensors])
+    torch.distributed.all_reduce(flat)
+    flat /= torch.distributed.get_world_size()
+    i = 0
+    for t in tensors:
+        t.copy_(flat[i:i + t.numel()].view_as(t))
+        i += t.numel()
+
+
+def check_in_sync(tensors: list[torch.Tensor], what: str, where: str) -> None:
+    """Stop with a clear error unless ``tensors`` are bit-identical on every process: three
+    checksums of their values (sum, position-weighted sum, sum of squares, in float64) are
+    all-gathered and compared."""
+    flat = torch.cat([v.detach().reshape(-1).double() for v in tensors])
+    pos = torch.arange(1, flat.numel() + 1, dtype=torch.float64, device=flat.device)
+    mine = torch.stack([flat.sum(), (flat * pos).sum(), (flat * flat).sum()])
+    every = [torch.empty_like(mine) for _ in range(torch.distributed.get_world_size())]
+    torch.distributed.all_gather(every, mine)
+    if not all(torch.equal(every[0], e) for e in every):
+        raise RuntimeError(f"{what} differ between the {len(every)} processes at {where} (checksums "
+                           f"{[e.tolist() for e in every]}); they must start from the same seed and see the "
+                           "same all-reduced gradients")
