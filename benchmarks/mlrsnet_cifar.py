@@ -6,6 +6,7 @@ longer horizon, against tuned hand-designed schedules; the authors' released net
     python benchmarks/mlrsnet_cifar.py                       # CPU defaults: 26 min on 2 cores at load ~7
     python benchmarks/mlrsnet_cifar.py --epochs 200 --t-val 100 --channels 32 --device cuda --seeds 3
     python benchmarks/mlrsnet_cifar.py --resume              # continue an interrupted run
+    torchrun --nproc_per_node 4 benchmarks/mlrsnet_cifar.py --device cuda   # meta-training data-parallel
 
 Protocol.
 * Data: CIFAR-10 and MNIST from ``$L2L_ZOO_DATA`` through the core loaders (with only the official
@@ -29,6 +30,12 @@ Protocol.
   base optimizer as MLR-SNet (``--baseline-momentum`` to give them momentum, as §4.2.1 does). On
   ``long`` the α0 tuned on ``cifar`` is reused with the schedule rescaled, as §4.2.2 does.
 
+Under ``torchrun`` the meta-training (Algorithm 1) is data-parallel: every process draws the same
+minibatch indices and trains on its 1/WORLD_SIZE share of each training and meta-data minibatch
+(:class:`~l2l_zoo.meta.MLRSNetMetaTrainer` averages losses, gradients and meta-gradients over the
+processes, as DDP would), so the batch stays ``--batch-size`` in total; rank 0 alone writes ``--out``
+and runs the meta-test and the baselines after it (the others stop after meta-training).
+
 Outputs in ``--out`` (locked while the script runs): ``results.json`` (the ``l2l_zoo.runs`` schema:
 full config, environment, data notes, meta-training run, tuning records, every run's per-step loss
 and rate and periodic validation/test metrics under ``"<task>/<method>"`` labels, summary),
@@ -43,7 +50,7 @@ import math
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from functools import partial
 
 import torch
@@ -54,8 +61,9 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import l2l_zoo  # noqa: E402
 from l2l_zoo import MLRSNet  # noqa: E402
 from l2l_zoo import runs  # noqa: E402
-from l2l_zoo.cli import (ArgumentParser, UsageError, output_folder, parse_floats, parse_seeds,  # noqa: E402
-                         resolve_device, run_main)
+from l2l_zoo.cli import (ArgumentParser, UsageError, init_distributed, output_folder, parse_floats,  # noqa: E402
+                         parse_seeds, resolve_device, run_main)
+from l2l_zoo.meta.distributed import dist_world  # noqa: E402
 from l2l_zoo.meta.mlrsnet import MLRSNetMetaTrainer, MLRSNetTrainConfig, select_snapshots  # noqa: E402
 from l2l_zoo.schedules.baselines import BASELINES as HAND_DESIGNED, make_baseline  # noqa: E402
 from l2l_zoo.schedules.mlrsnet import MLRSNetController  # noqa: E402
@@ -178,6 +186,13 @@ def parse_config(argv=None) -> Config:
     if a.layout not in ("meta-train", "meta-test"):
         raise UsageError(f"--layout must be meta-train or meta-test, got {a.layout!r}")
     resolve_device(a.device)
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if world > 1:  # under torchrun: each process takes an equal share of every minibatch
+        for flag, n in (("--batch-size", a.batch_size), ("--n-meta (the meta-data minibatch)",
+                                                         min(a.batch_size, a.n_meta))):
+            if n % world:
+                raise UsageError(f"{flag} {n} must be a multiple of WORLD_SIZE={world} (each process trains "
+                                 "on an equal share of every minibatch)")
     return Config(epochs=a.epochs, batch_size=a.batch_size, arch=a.arch, channels=a.channels, momentum=a.momentum,
                   weight_decay=a.weight_decay, t_val=a.t_val, meta_lr=a.meta_lr,
                   meta_weight_decay=a.meta_weight_decay, n_meta=a.n_meta, layout=a.layout, k=a.k,
@@ -252,9 +267,10 @@ class Runner:
         return {**self.setup, "method": method, "steps": steps, "seed": seed, "task": task.name,
                 "data": task.data.summary()}
 
-    def train(self, key, unit, task, steps, seed, stepper, gens, *, keep_final=False):
+    def train(self, key, unit, task, steps, seed, stepper, gens, *, keep_final=False, batch=None):
         spe = math.ceil(len(task.data.y_train) / task.batch_size)
-        return runs.train(stepper, lambda aux: task.sample_batch(gens["data"]), steps=steps,
+        batch = batch or (lambda: task.sample_batch(gens["data"]))
+        return runs.train(stepper, lambda aux: batch(), steps=steps,
                           evaluate=evaluator(task, stepper.model), eval_every=max(1, steps // self.cfg.evals),
                           divergence_loss=DIVERGENCE_LOSS,
                           checkpoint=os.path.join(self.ckpt_dir, f"{key}-{runs.config_hash(unit)}.pt"),
@@ -278,9 +294,22 @@ class Runner:
         return self.cache.run(unit, compute, name=key)
 
 
+def shard(batch):
+    """This process's equal share of a minibatch under torch.distributed (the whole batch otherwise)."""
+    world, rank = dist_world()
+    if world == 1:
+        return batch
+    n = len(batch[1])
+    if n % world:
+        raise ValueError(f"a minibatch of {n} does not split into {world} equal shares")
+    part = slice(rank * n // world, (rank + 1) * n // world)
+    return tuple(t[part] for t in batch)
+
+
 def meta_train(cfg: Config, task: Task, steps: int, runner: Runner, log):
     """Algorithm 1 on the CIFAR-10 task; returns (run record, trainer). The final state is kept in its
-    checkpoint, so a resumed run gets the trained snapshots back without training again."""
+    checkpoint, so a resumed run gets the trained snapshots back without training again. Under
+    torchrun, data-parallel (module docstring)."""
     torch.manual_seed(cfg.meta_seed)
     net = MLRSNet(layout=cfg.layout, num_classes=10)
     spe = math.ceil(len(task.data.y_train) / task.batch_size)
@@ -289,13 +318,19 @@ def meta_train(cfg: Config, task: Task, steps: int, runner: Runner, log):
     gval = torch.Generator().manual_seed(20_000 + cfg.meta_seed)
     tcfg = MLRSNetTrainConfig(t_val=cfg.t_val, meta_lr=cfg.meta_lr, meta_weight_decay=cfg.meta_weight_decay,
                               snapshot_every=spe)
-    trainer = MLRSNetMetaTrainer(net, model, opt, loss_fn=ce, val_batch_fn=lambda: task.sample_batch(gval, "val"),
+    trainer = MLRSNetMetaTrainer(net, model, opt, loss_fn=ce,
+                                 val_batch_fn=lambda: shard(task.sample_batch(gval, "val")),
                                  config=tcfg, train_loss_fn=lambda: task.evaluate(model, "train")[0], log=log)
     gen = torch.Generator().manual_seed(10_000 + cfg.meta_seed)
     unit = runner.unit({"what": "meta-train"}, task, steps, cfg.meta_seed)
     torch.manual_seed(cfg.meta_seed)
     rec = runner.train("metatrain", unit, task, steps, cfg.meta_seed, trainer, {"data": gen, "val": gval},
-                       keep_final=True)
+                       keep_final=True, batch=lambda: shard(task.sample_batch(gen)))
+    world, _ = dist_world()
+    if world > 1:  # the processes are done with each other; rank 0 meta-tests alone
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+    rec["world_size"] = world
     rec.update(seed=cfg.meta_seed, gamma=trainer.gamma, meta_failures=trainer.total_failures,
                meta_updates=sum(v is not None for v in rec["step_log"].get("meta_loss", [])),
                snapshot_steps=[t for t, _ in trainer.snapshots], config=tcfg.to_dict(), net_config=net.config)
@@ -310,16 +345,28 @@ def final(run, key):
 
 def main(argv=None) -> int:
     cfg = parse_config(argv)
-    with output_folder(cfg.out):
-        return _main(cfg)
+    world, rank = init_distributed(resolve_device(cfg.device))
+    try:
+        if rank == 0:  # rank 0 owns --out; the others only meta-train
+            with output_folder(cfg.out):
+                return _main(cfg)
+        return _main(cfg, worker=True)
+    finally:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():  # an error path
+            torch.distributed.destroy_process_group()
 
 
-def _main(cfg: Config) -> int:
+def _main(cfg: Config, worker: bool = False) -> int:
     device = resolve_device(cfg.device)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     from tqdm.auto import tqdm
-    log = tqdm.write
+    log = (lambda s: None) if worker else tqdm.write
+    if worker:
+        cfg = replace(cfg, progress=False)
+        cifar_task, T = make_tasks(cfg, device)["cifar"]
+        meta_train(cfg, cifar_task, T, Runner(cfg, log), log)
+        return 0
     t_start = time.perf_counter()
     tasks = make_tasks(cfg, device)
     for name, (task, steps) in tasks.items():

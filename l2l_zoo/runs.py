@@ -682,8 +682,16 @@ def train(stepper, next_batch: Callable[[Any], Any], *, steps: int,
     and scalars to log), ``state_dict()``, ``load_state_dict()`` and a ``model`` attribute, e.g.
     :class:`OptimizerStepper`, :class:`ControllerStepper` or
     :class:`~l2l_zoo.meta.MLRSNetMetaTrainer`.
+
+    Under ``torch.distributed`` every process runs this loop in step (a data-parallel stepper such
+    as :class:`~l2l_zoo.meta.MLRSNetMetaTrainer` returns the same loss on every process, and
+    ``evaluate`` must too), every process reads a checkpoint to resume, and only rank 0 writes or
+    removes it.
     """
     from tqdm.auto import tqdm
+
+    writer = not (torch.distributed.is_available() and torch.distributed.is_initialized()) or \
+        torch.distributed.get_rank() == 0
 
     if not isinstance(steps, int) or steps < 0:
         raise ValueError(f"steps must be an integer >= 0, got {steps!r}")
@@ -717,6 +725,8 @@ def train(stepper, next_batch: Callable[[Any], Any], *, steps: int,
         rec = new_record(steps)
 
     def save(t):
+        if not writer:
+            return
         save_torch(checkpoint, {"format": "l2l_zoo.train_checkpoint", "version": 1, "identity": ident,
                                 "step": t, "stepper": stepper.state_dict(), "record": rec,
                                 "generators": {k: g.get_state() for k, g in generators.items()},
@@ -776,7 +786,7 @@ def train(stepper, next_batch: Callable[[Any], Any], *, steps: int,
     if checkpoint is not None:
         if keep_final:
             save(t)
-        elif os.path.exists(checkpoint):
+        elif writer and os.path.exists(checkpoint):
             os.remove(checkpoint)
     return rec
 

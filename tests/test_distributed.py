@@ -263,3 +263,48 @@ def test_mlrsnet_online_meta_training_on_two_processes_equals_one_on_the_union(t
     # and the shares matter: one process on half the data follows another trajectory
     half = ns["train"](0, 2)
     assert float((half["model"] - one["model"]).norm()) > 1e-6
+
+
+def test_torchrun_mlrsnet_cifar_meta_trains_like_one_process(data_dir, tmp_path):
+    """``torchrun benchmarks/mlrsnet_cifar.py`` on 2 gloo processes (each half of every minibatch):
+    rank 0 alone writes --out, and the meta-training trajectory (losses, MLR-SNet's rates, meta-losses)
+    follows the single-process run to float32 rounding over the first 25 steps. (Later the two drift
+    apart: at this high rate float32 rounding differences grow to ~1 % by step 45; the float64 test
+    above shows the computation itself is the same.)"""
+    import json
+    flags = ["--epochs", "1", "--channels", "4", "--transfers", "none", "--schedules", "none", "--no-official",
+             "--seeds", "1", "--evals", "1", "--no-progress", "--data-dir", data_dir]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    script = os.path.join(ROOT, "benchmarks", "mlrsnet_cifar.py")
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                        str(29700 + os.getpid() % 190), script, *flags, "--out", str(tmp_path / "two")],
+                       env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    r1 = subprocess.run([sys.executable, script, *flags, "--out", str(tmp_path / "one")], env=env,
+                        capture_output=True, text=True, timeout=600)
+    assert r1.returncode == 0, r1.stderr[-2000:]
+    key = "cifar/MLR-SNet (meta-train run)"
+    two, one = (json.loads((tmp_path / d / "results.json").read_text()) for d in ("two", "one"))
+    assert two["meta_training"]["world_size"] == 2 and one["meta_training"]["world_size"] == 1
+    a, b = two["runs"][key][0]["step_log"], one["runs"][key][0]["step_log"]
+    assert len(a["loss"]) == len(b["loss"]) > 25
+    for k in ("loss", "lr"):
+        assert a[k][:25] == pytest.approx(b[k][:25], rel=1e-5), k
+    ma, mb = ([v for v in x["meta_loss"][:25] if v is not None] for x in (a, b))
+    assert len(ma) == len(mb) >= 4 and ma == pytest.approx(mb, rel=1e-5)
+    assert not any(f.endswith(".tmp") for f in os.listdir(tmp_path / "two"))
+
+
+def test_mlrsnet_cifar_checks_torchrun_settings_before_any_work(monkeypatch, tmp_path):
+    import importlib.util
+    from l2l_zoo.cli import UsageError
+    spec = importlib.util.spec_from_file_location("_dist_mlrsnet_cifar",
+                                                  os.path.join(ROOT, "benchmarks", "mlrsnet_cifar.py"))
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod
+    spec.loader.exec_module(mod)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(UsageError, match="--batch-size 127 must be a multiple of WORLD_SIZE=2"):
+        mod.parse_config(["--batch-size", "127", "--out", str(tmp_path / "o")])
+    with pytest.raises(UsageError, match="meta-data minibatch.* 99 must be a multiple of WORLD_SIZE=2"):
+        mod.parse_config(["--n-meta", "99", "--out", str(tmp_path / "o")])
