@@ -64,6 +64,7 @@ from l2l_zoo import runs  # noqa: E402
 from l2l_zoo.cli import (ArgumentParser, UsageError, init_distributed, output_folder, parse_floats,  # noqa: E402
                          parse_seeds, resolve_device, run_main)
 from l2l_zoo.meta.distributed import dist_world  # noqa: E402
+from l2l_zoo.meta.unroll import AUTOCAST_DTYPES  # noqa: E402
 from l2l_zoo.meta.mlrsnet import MLRSNetMetaTrainer, MLRSNetTrainConfig, select_snapshots  # noqa: E402
 from l2l_zoo.schedules.baselines import BASELINES as HAND_DESIGNED, make_baseline  # noqa: E402
 from l2l_zoo.schedules.mlrsnet import MLRSNetController  # noqa: E402
@@ -98,6 +99,7 @@ class Config:
     data_seed: int
     evals: int
     threads: int
+    autocast: str | None
     device: str
     data_dir: str | None
     out: str
@@ -141,6 +143,9 @@ def build_parser() -> ArgumentParser:
                    help="seed of meta-training (model init, data order, MLR-SNet init)")
     p.add_argument("--data-seed", type=int, default=0, help="seed of the train/val/test carves")
     p.add_argument("--evals", type=int, default=8, help="validation/test evaluations per run (plus step 0)")
+    p.add_argument("--autocast", default="none",
+                   help="none or bfloat16: every training run's forward passes (meta-training's real and virtual "
+                        "steps, meta-test, baselines) under torch.autocast; evaluations stay float32")
     p.add_argument("--threads", type=int, default=1,
                    help="CPU threads for torch (1 is fastest on a shared, busy CPU; 0 = torch's default)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
@@ -186,6 +191,8 @@ def parse_config(argv=None) -> Config:
     if a.layout not in ("meta-train", "meta-test"):
         raise UsageError(f"--layout must be meta-train or meta-test, got {a.layout!r}")
     resolve_device(a.device)
+    if a.autocast not in ("none", *AUTOCAST_DTYPES):
+        raise UsageError(f"--autocast must be one of {['none', *AUTOCAST_DTYPES]}, got {a.autocast!r}")
     world = int(os.environ.get("WORLD_SIZE", "1") or 1)
     if world > 1:  # under torchrun: each process takes an equal share of every minibatch
         for flag, n in (("--batch-size", a.batch_size), ("--n-meta (the meta-data minibatch)",
@@ -201,7 +208,8 @@ def parse_config(argv=None) -> Config:
                   schedules=_list(a.schedules, HAND_DESIGNED, "--schedules"),
                   baseline_momentum=a.momentum if a.baseline_momentum is None else a.baseline_momentum,
                   official=not a.no_official, seeds=parse_seeds(a.seeds), meta_seed=a.meta_seed,
-                  data_seed=a.data_seed, evals=a.evals, threads=a.threads, device=a.device, data_dir=a.data_dir,
+                  data_seed=a.data_seed, evals=a.evals, threads=a.threads,
+                  autocast=None if a.autocast == "none" else a.autocast, device=a.device, data_dir=a.data_dir,
                   out=a.out, resume=a.resume, progress=not a.no_progress)
 
 
@@ -261,7 +269,8 @@ class Runner:
         self.cfg, self.log = cfg, log
         self.ckpt_dir = os.path.join(cfg.out, "ckpt")
         self.cache = runs.RunCache(os.path.join(cfg.out, "runs"), enabled=cfg.resume)
-        self.setup = {k: v for k, v in asdict(cfg).items() if k not in SELECTION_KEYS + NO_RESULT_KEYS}
+        self.setup = {k: v for k, v in asdict(cfg).items() if k not in SELECTION_KEYS + NO_RESULT_KEYS
+                      and not (k == "autocast" and v is None)}  # absent at its default: caches hold
 
     def unit(self, method: dict, task: Task, steps: int, seed: int) -> dict:
         return {**self.setup, "method": method, "steps": steps, "seed": seed, "task": task.name,
@@ -317,7 +326,7 @@ def meta_train(cfg: Config, task: Task, steps: int, runner: Runner, log):
     opt = sgd(model, 1.0, cfg.momentum, cfg.weight_decay)
     gval = torch.Generator().manual_seed(20_000 + cfg.meta_seed)
     tcfg = MLRSNetTrainConfig(t_val=cfg.t_val, meta_lr=cfg.meta_lr, meta_weight_decay=cfg.meta_weight_decay,
-                              snapshot_every=spe)
+                              snapshot_every=spe, autocast=cfg.autocast)
     trainer = MLRSNetMetaTrainer(net, model, opt, loss_fn=ce,
                                  val_batch_fn=lambda: shard(task.sample_batch(gval, "val")),
                                  config=tcfg, train_loss_fn=lambda: task.evaluate(model, "train")[0], log=log)
@@ -425,7 +434,7 @@ def _main(cfg: Config, worker: bool = False) -> int:
                 opt = sgd(model, 0.0, cfg.momentum, cfg.weight_decay)
                 ctl = MLRSNetController(opt, ns, total_steps=steps,
                                         train_loss_fn=lambda: task.evaluate(model, "train")[0])
-                return runs.ControllerStepper(model, ctl, ce)
+                return runs.ControllerStepper(model, ctl, ce, autocast=cfg.autocast)
             method = {"method": label, "nets": [{k: v.tolist() for k, v in n.state_dict().items()} for n in ns]
                       if tag == "ours" else "official"}
             add(name, label, [runner.run(f"{name}_{tag}_seed{s}", method, task, steps, s, make) for s in cfg.seeds])
@@ -434,7 +443,7 @@ def _main(cfg: Config, worker: bool = False) -> int:
                 def make(model):
                     opt = sgd(model, lr, cfg.baseline_momentum, cfg.weight_decay)
                     return runs.OptimizerStepper(model, opt, ce, scheduler=make_baseline(
-                        sched, opt, total_steps=steps, preset="mlrsnet"))
+                        sched, opt, total_steps=steps, preset="mlrsnet"), autocast=cfg.autocast)
                 return make
             cifar_key = f"cifar/{sched}"
             if name == "long" and cifar_key in result["tuning"] and result["tuning"][cifar_key]["best"] is not None:

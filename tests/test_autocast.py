@@ -99,3 +99,43 @@ def test_metalstm_meta_training_and_evaluation_under_autocast():
     assert all(p.dtype == torch.float32 for p in tr.lopt.parameters()) and len(accs) == 2
     assert tr.history[0]["meta_loss"] == pytest.approx(ref.history[0]["meta_loss"], rel=0.05)
     assert tr.history[0]["meta_loss"] != ref.history[0]["meta_loss"]
+
+
+def test_mlrsnet_online_meta_training_under_autocast():
+    """MLRSNetMetaTrainer(autocast="bfloat16"): the model's linear layers run in bfloat16 in the real
+    and the virtual step; MLR-SNet's meta-parameters, rates and the meta-gradient stay float32; the
+    trajectory stays within bfloat16 rounding of the float32 one; a bad name is refused."""
+    import torch.nn.functional as F
+    from l2l_zoo import MLRSNet
+    from l2l_zoo.meta.mlrsnet import MLRSNetMetaTrainer, MLRSNetTrainConfig
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 6, generator=g)
+    y = (x[:, 0] > 0).long()
+
+    def run(ac):
+        torch.manual_seed(0)
+        model = MLP(6, (32,), 2)
+        net = MLRSNet(num_classes=2)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        tr = MLRSNetMetaTrainer(net, model, opt, loss_fn=lambda m, b: F.cross_entropy(m(b[0]), b[1]),
+                                val_batch_fn=lambda: (x[32:], y[32:]), gamma=1.0,
+                                config=MLRSNetTrainConfig(t_val=2, autocast=ac))
+        out = [tr.step((x[:32], y[:32])) for _ in range(4)]
+        return out, tr
+
+    ref, _ = run(None)
+    seen = []
+    handle = torch.nn.modules.module.register_module_forward_hook(
+        lambda m, i, o: seen.append(o.dtype) if isinstance(m, torch.nn.Linear) and o.shape[-1] in (32, 2) else None)
+    try:
+        got, tr = run("bfloat16")
+    finally:
+        handle.remove()
+    assert torch.bfloat16 in seen and torch.float32 not in seen, set(seen)
+    assert all(p.dtype == torch.float32 for p in tr.net.parameters())
+    for a, b in zip(got, ref):
+        assert a["loss"] == pytest.approx(b["loss"], rel=0.05) and a["lr"] == pytest.approx(b["lr"], rel=0.05)
+    assert got[0]["meta_loss"] is not None and got[0]["meta_loss"] != ref[0]["meta_loss"]
+    with pytest.raises(ValueError, match="autocast must be None or one of"):
+        MLRSNetTrainConfig(autocast="fp8")

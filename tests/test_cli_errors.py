@@ -143,6 +143,7 @@ CASES = [
     ("mlrsnet_cifar", "--arch vgg", "--arch must be one of"),
     ("mlrsnet_cifar", "--transfers cifar,svhn", "--transfers must be"),
     ("mlrsnet_cifar", "--layout sideways", "--layout must be"),
+    ("mlrsnet_cifar", "--autocast fp8", "--autocast must be one of"),
     ("mlrsnet_cifar", "--out {file}", "is an existing file"),
     # ------------------------------------------------------------------ mlrsnet_ptb
     ("mlrsnet_ptb", "--dropout 1", "--dropout must be in [0, 1)"),

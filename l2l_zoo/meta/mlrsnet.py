@@ -49,7 +49,9 @@ from torch import nn
 
 from ..optimizers.mlrsnet import MLRSNet
 from ..schedules.core import dynamics_from_optimizer, read_state
+from ..runs import _autocast
 from .distributed import all_mean, check_in_sync, dist_world
+from .unroll import AUTOCAST_DTYPES
 from .trainer import MetaTrainingDiverged
 
 #: meta-updates between the checks that every torch.distributed process holds the same parameters
@@ -103,7 +105,7 @@ class _LossOf(nn.Module):
 def virtual_step_loss(net: MLRSNet, hidden: tuple, x: torch.Tensor, gamma: float, model: nn.Module,
                       optimizer: torch.optim.Optimizer, train_batch, val_batch,
                       loss_fn: Callable, *, grad_clip: float | None = None, return_hidden: bool = False,
-                      all_reduce: bool = False):
+                      all_reduce: bool = False, autocast: str | None = None):
     """Validation loss f^Val(D^(v); ŵ_{t+1}(φ)) of the virtual step ŵ_{t+1} = w_t − A(f_t, θ_t; φ)·d_t
     (eq. 11), differentiable in φ = ``net``'s parameters. Returns ``(val_loss, lr)`` (scalar
     tensors), plus the network's next (h, c), detached, with ``return_hidden``.
@@ -118,6 +120,8 @@ def virtual_step_loss(net: MLRSNet, hidden: tuple, x: torch.Tensor, gamma: float
     buffers) and ``optimizer`` are not modified; works under ``torch.no_grad()`` too.
     ``all_reduce``: under torch.distributed each process holds its share of D_t, and g_t is the mean
     of the processes' gradients (as DistributedDataParallel averages them), before clipping.
+    ``autocast="bfloat16"``: both forward passes under ``torch.autocast`` (parameters, gradients,
+    the rate and the meta-gradient stay in their own dtype).
     """
     params = _optimizer_params(optimizer)
     names = {id(p): n for n, p in model.named_parameters()}
@@ -133,7 +137,8 @@ def virtual_step_loss(net: MLRSNet, hidden: tuple, x: torch.Tensor, gamma: float
     buffers = {"model." + n: b.detach().clone() for n, b in model.named_buffers()}
     with torch.enable_grad():
         leaves = [p.detach().requires_grad_(True) for p in params]
-        train_loss = torch.func.functional_call(loss_of, {**buffers, **dict(zip(keys, leaves))}, (train_batch,))
+        with _autocast(model, autocast):
+            train_loss = torch.func.functional_call(loss_of, {**buffers, **dict(zip(keys, leaves))}, (train_batch,))
         grads = torch.autograd.grad(train_loss, leaves, allow_unused=True)
         if all_reduce:
             all_mean([g for g in grads if g is not None])
@@ -153,7 +158,9 @@ def virtual_step_loss(net: MLRSNet, hidden: tuple, x: torch.Tensor, gamma: float
         lr = lr.reshape(()).to(device=w.device, dtype=w.dtype)
         w_hat = w - lr * d.detach()
         views = [v.view_as(p) for v, p in zip(w_hat.split([p.numel() for p in leaves]), leaves)]
-        val_loss = torch.func.functional_call(loss_of, {**buffers, **dict(zip(keys, views))}, (val_batch,))
+        with _autocast(model, autocast):
+            val_loss = torch.func.functional_call(loss_of, {**buffers, **dict(zip(keys, views))}, (val_batch,))
+        val_loss = val_loss.float() if val_loss.dtype in (torch.bfloat16, torch.float16) else val_loss
     return (val_loss, lr, (h1.detach(), c1.detach())) if return_hidden else (val_loss, lr)
 
 
@@ -184,7 +191,9 @@ class MLRSNetTrainConfig:
     PTB: 0.25, §4.1.2), ``snapshot_every`` (steps between saved copies of φ; 0: none),
     ``max_meta_failures`` (consecutive non-finite meta-updates before giving up) and
     ``lstm_state``: on meta-update steps the real rate uses θ_t (``"paper"``, eqs. 11-12) or the
-    state the virtual rate already advanced (``"authors-code"``, their meta-train script)."""
+    state the virtual rate already advanced (``"authors-code"``, their meta-train script).
+    ``autocast``: ``"bfloat16"`` runs the model's forward passes (real and virtual) under
+    ``torch.autocast``; None (default): none."""
 
     t_val: int = 100
     meta_lr: float = 1e-3
@@ -193,8 +202,11 @@ class MLRSNetTrainConfig:
     snapshot_every: int = 0
     max_meta_failures: int = 10
     lstm_state: str = "paper"
+    autocast: str | None = None
 
     def __post_init__(self):
+        if self.autocast is not None and self.autocast not in AUTOCAST_DTYPES:
+            raise ValueError(f"autocast must be None or one of {sorted(AUTOCAST_DTYPES)}, got {self.autocast!r}")
         if not (isinstance(self.t_val, int) and self.t_val >= 1):
             raise ValueError(f"t_val must be an integer >= 1, got {self.t_val!r}")
         if not (math.isfinite(self.meta_lr) and self.meta_lr > 0):
@@ -210,7 +222,10 @@ class MLRSNetTrainConfig:
                              f"{self.snapshot_every!r}, {self.max_meta_failures!r}")
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        if self.autocast is None:  # absent at its default, so older records compare equal
+            del d["autocast"]
+        return d
 
 
 class MLRSNetMetaTrainer:
@@ -274,7 +289,7 @@ class MLRSNetMetaTrainer:
         val_loss, grads, advanced = meta_gradient(self.net, self.hidden, x, self.gamma, self.model,
                                                   self.optimizer, batch, self.val_batch_fn(), self.loss_fn,
                                                   grad_clip=self.cfg.grad_clip, return_hidden=True,
-                                                  all_reduce=self.world > 1)
+                                                  all_reduce=self.world > 1, autocast=self.cfg.autocast)
         if self.cfg.lstm_state == "authors-code":
             self.hidden = advanced
         ok = bool(torch.isfinite(val_loss)) and all(bool(torch.isfinite(g).all()) for g in grads)
@@ -304,7 +319,8 @@ class MLRSNetMetaTrainer:
         """One iteration of Algorithm 1 on minibatch ``batch``: ``{"loss", "lr", "meta_loss", "aux"}``
         (``meta_loss`` None on steps without a meta-update; ``loss`` non-finite: nothing changed)."""
         self.model.train()
-        loss, aux = _split(self.loss_fn(self.model, batch))
+        with _autocast(self.model, self.cfg.autocast):
+            loss, aux = _split(self.loss_fn(self.model, batch))
         value = self._global(float(loss.detach()))  # the whole minibatch's loss: every process agrees
         if not math.isfinite(value):
             return {"loss": value, "lr": None, "meta_loss": None, "aux": aux}
