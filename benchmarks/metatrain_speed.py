@@ -41,9 +41,11 @@ What is reported per case (medians over ``--repeats``):
 SimpleOptimizer's fused cell), interleaved in this process (``speedup``; skip with
 ``--no-reference``).
 
-With ``--meta-batch B``: ``meta_batch``: a meta-batch of B instances in one truncation (the
-optimizee vmapped; the optimizer step stacked for DM/RNNProp, per instance for large ones, vmapped
-otherwise: ``MetaTrainer._truncation_batch``) against B sequential truncations (``speedup``), and the meta-gradient's total variance over fresh
+With ``--meta-batch B``: ``meta_batch``: a meta-batch of B instances in one truncation (with
+``--meta-batch-mode vmap``, the default: the optimizee vmapped; the optimizer step stacked for
+DM/RNNProp, per instance for large ones, vmapped otherwise: ``MetaTrainer._truncation_batch``; with
+``loop``: the B truncations one after another, one backward pass) against B sequential truncations
+(``speedup``), and the meta-gradient's total variance over fresh
 single instances against fresh meta-batches (``variance_reduction``; B in expectation).
 
 Writes ``--out`` (results JSON, ``l2l_zoo.runs`` schema) and a PNG of the phase shares beside it.
@@ -93,6 +95,8 @@ def parse(argv=None):
     p.add_argument("--meta-batch", type=int, default=1,
                    help="also time a meta-batch of B instances (torch.func.vmap) against B sequential "
                         "truncations and measure the meta-gradient's variance reduction (1 = skip)")
+    p.add_argument("--meta-batch-mode", default="vmap", help="how the meta-batch is unrolled: vmap or loop "
+                   "(MetaTrainConfig.meta_batch_mode)")
     p.add_argument("--var-samples", type=int, default=8,
                    help="fresh meta-gradients per estimate of the meta-gradient variance (with --meta-batch)")
     p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0 = torch's default)")
@@ -112,6 +116,8 @@ def parse(argv=None):
             raise UsageError(f"{flag} must be an integer >= {lo}, got {v}")
     if a.data_dir is not None and not os.path.isdir(a.data_dir):
         raise UsageError(f"--data-dir: no such folder {a.data_dir!r}")
+    if a.meta_batch_mode not in ("vmap", "loop"):
+        raise UsageError(f"--meta-batch-mode must be vmap or loop, got {a.meta_batch_mode!r}")
     return a, cases
 
 
@@ -211,7 +217,7 @@ def truncation(tr: MetaTrainer, device, *, mode=None, label: bool = False, keep_
     with mode if mode is not None else contextlib.nullcontext(), rf("truncation"):
         sync(device)
         t0 = time.perf_counter()
-        ml, *_ = (tr._truncation_batch if batched else tr._truncation)(run, tr.cfg.unroll)
+        ml, *_ = (tr._truncation_many if batched else tr._truncation)(run, tr.cfg.unroll)
         sync(device)
         t1 = time.perf_counter()
         with rf(PHASES[3]):
@@ -254,14 +260,15 @@ def copy_bandwidth(mb: int, device, repeats: int = 5) -> float:
     return best
 
 
-def make_trainer(case: str, a, device, tasks: dict, meta_batch: int = 1, fast: bool = True) -> MetaTrainer:
+def make_trainer(case: str, a, device, tasks: dict, meta_batch: int = 1, fast: bool = True,
+                 meta_batch_mode: str = "auto") -> MetaTrainer:
     opt, task_name, smooth = CASES[case]
     if task_name not in tasks:
         tasks[task_name] = make_task(task_name, data_dir=a.data_dir, device=device, batch_size=a.batch_size)
     torch.manual_seed(0)
     lopt = l2l_zoo.create(opt).to(device)
     cfg = MetaTrainConfig(unroll=a.unroll, seed=0, smooth=parse_smooth(smooth) if smooth else None,
-                          meta_batch=meta_batch, fast=fast)
+                          meta_batch=meta_batch, fast=fast, meta_batch_mode=meta_batch_mode)
     return MetaTrainer(lopt, tasks[task_name], cfg, log=lambda s: None)
 
 
@@ -333,7 +340,7 @@ def meta_batch_comparison(case: str, a, device, tasks: dict, single: MetaTrainer
     ``--var-samples`` fresh single instances against that of ``--var-samples`` fresh meta-batches
     (the mean of B independent instances: B times smaller in expectation)."""
     B = a.meta_batch
-    trb = make_trainer(case, a, device, tasks, meta_batch=B)
+    trb = make_trainer(case, a, device, tasks, meta_batch=B, meta_batch_mode=a.meta_batch_mode)
     for _ in range(a.warmup):
         truncation(trb, device)
     t_batch, t_seq = [], []
@@ -353,7 +360,7 @@ def meta_batch_comparison(case: str, a, device, tasks: dict, single: MetaTrainer
     gb = [truncation(trb, device, keep_grad=True)[3] for _ in range(a.var_samples)]
     v1, vb = total_var(g1), total_var(gb)
     tb, ts = statistics.median(t_batch), statistics.median(t_seq)
-    return {"B": B, "batched_s": tb, "sequential_s": ts, "speedup": ts / tb, "batched_s_all": t_batch,
+    return {"B": B, "mode": a.meta_batch_mode, "batched_s": tb, "sequential_s": ts, "speedup": ts / tb, "batched_s_all": t_batch,
             "sequential_s_all": t_seq, "grad_var_single": v1, "grad_var_batched": vb,
             "variance_reduction": v1 / vb if vb > 0 else None, "var_samples": a.var_samples}
 
@@ -405,7 +412,7 @@ def _main(a, cases, device) -> int:
                   f"{m['speedup']:.2f}x faster")
         if "meta_batch" in s:
             m = s["meta_batch"]
-            print(f"  meta-batch B={m['B']}: {m['batched_s']:.3f} s vs {m['sequential_s']:.3f} s for {m['B']} sequential "
+            print(f"  meta-batch B={m['B']} ({m.get('mode', 'vmap')}): {m['batched_s']:.3f} s vs {m['sequential_s']:.3f} s for {m['B']} sequential "
                   f"truncations ({m['speedup']:.2f}x); meta-gradient variance {m['grad_var_single']:.3g} (one instance) "
                   f"-> {m['grad_var_batched']:.3g} (meta-batch), {m['variance_reduction']:.2f}x smaller "
                   f"({m['var_samples']} samples each)")

@@ -68,12 +68,13 @@ def test_tiny_run_writes_every_reported_field(ms, data_dir, tmp_path, capsys):
     assert r["fast_s"] > 0 and r["reference_s"] > 0 and r["speedup"] > 0
 
 
-def test_meta_batch_comparison_fields(ms, data_dir, tmp_path, capsys):
+@pytest.mark.parametrize("mode", ["vmap", "loop"])
+def test_meta_batch_comparison_fields(ms, data_dir, tmp_path, capsys, mode):
     torch.set_num_threads(1)
     out = tmp_path / "mb.json"
     assert ms.main(["--cases", "dm", "--unroll", "2", "--repeats", "1", "--warmup", "0", "--matmul-size", "64",
                     "--copy-mb", "4", "--threads", "1", "--no-profile", "--meta-batch", "3", "--var-samples", "2",
-                    "--data-dir", data_dir, "--out", str(out)]) == 0
+                    "--meta-batch-mode", mode, "--data-dir", data_dir, "--out", str(out)]) == 0
     m = json.loads(out.read_text())["summary"]["dm"]["meta_batch"]
-    assert m["B"] == 3 and m["batched_s"] > 0 and m["sequential_s"] > 0 and m["speedup"] > 0
+    assert m["B"] == 3 and m["mode"] == mode and m["batched_s"] > 0 and m["sequential_s"] > 0 and m["speedup"] > 0
     assert m["grad_var_single"] > 0 and m["grad_var_batched"] > 0
