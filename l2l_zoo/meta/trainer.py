@@ -479,8 +479,12 @@ class MetaTrainer:
         def looped_step(g, stats_, hidden_, *args):
             # Large instances: one ordinary step per instance (fused kernels apply, and each
             # instance's working set stays cache-sized; per-call overhead is negligible at this size).
-            outs = [lopt.step(g[b], OptState(step_no, tuple(t[b] for t in stats_), tuple(t[b] for t in hidden_)),
-                              network=self._network, **{k: a[b] for k, a in zip(extra, args)}) for b in range(B)]
+            # unbind, not g[b]: the backward of B index ops would write B full-size zero tensors
+            # (one per instance) where unbind's is one stack
+            gs, sts, hs = g.unbind(0), [t.unbind(0) for t in stats_], [t.unbind(0) for t in hidden_]
+            ax = {k: a.unbind(0) for k, a in zip(extra, args)}
+            outs = [lopt.step(gs[b], OptState(step_no, tuple(t[b] for t in sts), tuple(t[b] for t in hs)),
+                              network=self._network, **{k: a[b] for k, a in ax.items()}) for b in range(B)]
             return (torch.stack([o.updates for o in outs]),
                     tuple(torch.stack(ts) for ts in zip(*(o.state.stats for o in outs))),
                     tuple(torch.stack(ts) for ts in zip(*(o.state.hidden for o in outs))),
@@ -503,8 +507,9 @@ class MetaTrainer:
             upd, stats, hidden, feats = batched_step(grad, stats, hidden, *args)
             step_no += 1
             if self.reg is not None:
+                fb, hb = feats.unbind(0), [h.unbind(0) for h in hid_in]
                 for b in range(B):
-                    pens[b].append(self.reg.prepare(lopt, feats[b], tuple(h[b] for h in hid_in),
+                    pens[b].append(self.reg.prepare(lopt, fb[b], tuple(h[b] for h in hb),
                                                     self.gens[f"reg/{self.instances[b]}"]))
             X = X + upd
             loss = self._batched_loss(X, S, *draw(lambda t, g: t.inner_batch(g)))
