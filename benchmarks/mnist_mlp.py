@@ -123,8 +123,9 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--meta-grad-clip", type=float, default=None, help="clamp meta-gradient entries to ±value")
     p.add_argument("--backend", default="func", help="unroll backend: func (torch.func) or higher")
     p.add_argument("--meta-batch", type=int, default=1,
-                   help="optimizee instances unrolled together per meta-step (torch.func.vmap; their "
-                        "meta-gradients are averaged; needs --backend func)")
+                   help="optimizee instances per meta-step, their meta-gradients averaged (unrolled together "
+                        "under torch.func.vmap with --backend func, else one after another; "
+                        "MetaTrainConfig.meta_batch_mode='auto')")
     p.add_argument("--autocast", default="none",
                    help="mixed precision for the optimizee's forward passes, in meta-training and in every "
                         "evaluation run (learned and baselines alike): none or bfloat16 (torch.autocast; "
@@ -194,11 +195,11 @@ def parse_config(argv=None) -> Config:
         if a.opt in HAND or a.load is not None:
             raise UsageError("--meta-batch applies to meta-training a learned optimizer (not to --opt "
                              f"{a.opt!r}{' with --load' if a.load else ''})")
-        if a.backend != "func":
-            raise UsageError(f"--meta-batch {a.meta_batch} needs --backend func, got {a.backend!r}")
-        if a.meta_task in TASKS and any(True for _ in TASKS[a.meta_task][1]().buffers()):
+        per = a.meta_batch // max(world, 1)
+        if per > 1 and a.meta_task in TASKS and any(True for _ in TASKS[a.meta_task][1]().buffers()):
             raise UsageError(f"--meta-batch {a.meta_batch}: the meta-task {a.meta_task!r} has BatchNorm buffers, "
-                             "which vmap cannot update; use --meta-batch 1")
+                             f"which the {per} instances of a process would share; use --meta-batch 1 (or one "
+                             "instance per process under torchrun)")
     if a.tune_criterion not in CRITERIA:
         raise UsageError(f"--tune-criterion must be one of {list(CRITERIA)}, got {a.tune_criterion!r}")
     for flag, val, lo in (("--meta-steps", a.meta_steps, 1), ("--horizon", a.horizon, 1),

@@ -72,7 +72,6 @@ CASES = [
     ("mnist_mlp", "--opt simple --meta-batch 0", "--meta-batch must be an integer >= 1, got 0"),
     ("mnist_mlp", "--opt simple --autocast float16", "--autocast must be one of ['none', 'bfloat16'], got 'float16'"),
     ("mnist_mlp", "--opt sgd --meta-batch 2", "--meta-batch applies to meta-training a learned optimizer"),
-    ("mnist_mlp", "--opt simple --meta-batch 2 --backend higher", "--meta-batch 2 needs --backend func"),
     ("mnist_mlp", "--opt simple --smooth eps=0.1,eps=0.2", "given more than once"),
     ("mnist_mlp", "--opt simple --smooth eps=-1", "eps must be > 0"),
     ("mnist_mlp", "--opt dm --opt-config output_scale=abc", "'output_scale' of optimizer 'dm' must be a number"),

@@ -127,3 +127,13 @@ def test_the_default_leaves_configs_and_checkpoint_identities_unchanged():
     assert "meta_batch_mode" not in MetaTrainConfig(meta_batch=4).to_dict()
     assert MetaTrainConfig(meta_batch=4, meta_batch_mode="loop").to_dict()["meta_batch_mode"] == "loop"
     assert MetaTrainConfig(meta_batch=4).to_dict()["meta_batch"] == 4
+
+
+def test_a_looped_meta_batch_works_on_the_higher_backend():
+    """What vmap cannot run is looped: the higher backend's meta-batch equals the func backend's
+    (the same instances, seeds and meta-gradient formula; float64)."""
+    a, b = make("simple", 2, backend="higher"), make("simple", 2, meta_batch_mode="loop")
+    assert a.loop and b.loop
+    (ma, ga), (mb, gb) = a.meta_gradient(), b.meta_gradient()
+    torch.testing.assert_close(ma, mb, rtol=1e-10, atol=0)
+    torch.testing.assert_close(flat(ga), flat(gb), rtol=1e-8, atol=1e-12)
