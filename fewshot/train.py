@@ -27,6 +27,12 @@ classes, model selection on a fixed list of ``--val-episodes`` validation episod
 the mean and 95 % CI (1.96·std/√n). Default budgets fit CPU runs of ≤ 30 minutes on omniglot-small
 (``--episodes``: Meta-LSTM 500, SIB 3000; the papers use 50,000-75,000 on miniImageNet: pass them).
 
+Scale (Meta-LSTM): ``--meta-batch B`` averages the meta-gradients of B episodes per meta-step
+(``--episodes`` counts meta-steps); under ``torchrun`` (``torchrun --nproc_per_node P -m fewshot.train
+--method metalstm --meta-batch B ...``, B a multiple of P) each process runs its share of every
+meta-step's episodes, meta-gradients are all-reduced, and rank 0 alone validates, tests and writes
+``--out``. ``--autocast bfloat16``: the learner's forward passes in bfloat16.
+
 Outputs in ``--out`` (locked while running): ``results.json`` (the ``l2l_zoo.runs`` schema: config,
 environment, the splits used, the validation curve, test accuracy ± CI with the per-episode
 accuracies, wall times and episodes per second), ``val_curve.png`` and ``model.pt`` (read by
