@@ -26,6 +26,12 @@ Methods (every run: same initialisation and data order per seed):
   by 4 when the validation loss did not decrease over an epoch; α0 tuned over ``--sgd-grid`` /
   ``--adam-grid`` by final validation perplexity on the first seed.
 
+Under ``torchrun`` (``torchrun --nproc_per_node P benchmarks/mlrsnet_ptb.py``, ``--batch-size`` a
+multiple of P) MLR-SNet's meta-training is data-parallel: each process trains on its share of the
+token streams of every training and meta-data chunk (:class:`~l2l_zoo.meta.MLRSNetMetaTrainer`
+averages over the processes); rank 0 alone writes ``--out`` and runs the rest. Dropout masks then
+differ from one process's, so such a run is cached apart (``world_size`` in its identity).
+
 Outputs in ``--out`` (locked while the script runs): ``results.json`` (the ``l2l_zoo.runs`` schema:
 config, environment, data, every run's per-step loss and rate, periodic validation/test perplexity
 under ``"ptb/<method>"`` labels, tuning records, summary), ``mlrsnet_ptb.png``
@@ -38,7 +44,7 @@ import math
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -49,8 +55,9 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import l2l_zoo  # noqa: E402
 from l2l_zoo import MLRSNet  # noqa: E402
 from l2l_zoo import runs  # noqa: E402
-from l2l_zoo.cli import (ArgumentParser, UsageError, output_folder, parse_floats, parse_seeds,  # noqa: E402
-                         resolve_device, run_main)
+from l2l_zoo.cli import (ArgumentParser, UsageError, init_distributed, output_folder, parse_floats,  # noqa: E402
+                         parse_seeds, resolve_device, run_main)
+from l2l_zoo.meta.distributed import dist_world  # noqa: E402
 from l2l_zoo.meta.mlrsnet import MLRSNetMetaTrainer, MLRSNetTrainConfig  # noqa: E402
 from l2l_zoo.schedules.mlrsnet import MLRSNetController  # noqa: E402
 from l2l_zoo.tasks import DataNotFoundError  # noqa: E402
@@ -145,6 +152,10 @@ def parse_config(argv=None) -> Config:
     if a.data_dir is not None and not os.path.isdir(a.data_dir):
         raise UsageError(f"--data-dir: no such folder {a.data_dir!r}")
     resolve_device(a.device)
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if world > 1 and a.batch_size % world:
+        raise UsageError(f"--batch-size {a.batch_size} must be a multiple of WORLD_SIZE={world} (each process "
+                         "meta-trains on an equal share of the token streams)")
     return Config(epochs=a.epochs, hidden=a.hidden, layers=a.layers, dropout=a.dropout, batch_size=a.batch_size,
                   bptt=a.bptt, clip=a.clip, weight_decay=a.weight_decay, val_fraction=a.val_fraction, t_val=a.t_val,
                   meta_lr=a.meta_lr, sgd_grid=parse_floats(a.sgd_grid, "--sgd-grid"),
@@ -271,16 +282,27 @@ DIVERGENCE_LOSS = 1e4
 
 def main(argv=None) -> int:
     cfg = parse_config(argv)
-    with output_folder(cfg.out):
-        return _main(cfg)
+    world, rank = init_distributed(resolve_device(cfg.device))
+    try:
+        if rank == 0:  # rank 0 owns --out; the others only meta-train
+            with output_folder(cfg.out):
+                return _main(cfg)
+        return _main(replace(cfg, progress=False), worker=True)
+    finally:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():  # an error path
+            torch.distributed.destroy_process_group()
 
 
-def _main(cfg: Config) -> int:
+def _main(cfg: Config, worker: bool = False) -> int:
     device = resolve_device(cfg.device)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     from tqdm.auto import tqdm
-    log = tqdm.write
+    log = (lambda s: None) if worker else tqdm.write
+    world, rank = dist_world()
+    # under torchrun, MLR-SNet's meta-training runs data-parallel: each process its share of the
+    # token streams (columns) of every training and meta-data chunk
+    cols = slice(rank * cfg.batch_size // world, (rank + 1) * cfg.batch_size // world)
     t_start = time.perf_counter()
     corpus = Corpus(*find_ptb(cfg.data_dir), cfg.val_fraction)
     V = len(corpus.vocab)
@@ -303,12 +325,13 @@ def _main(cfg: Config) -> int:
         torch.manual_seed(seed)
         return RNNLM(V, cfg.hidden, cfg.layers, cfg.dropout).to(device)
 
-    def batches(stepper):
+    def batches(stepper, shard=False):
+        c = cols if shard else slice(None)
         def next_batch(aux):
             i = stepper.t % spe
-            x = train[i * cfg.bptt:(i + 1) * cfg.bptt]
-            y = train[i * cfg.bptt + 1:(i + 1) * cfg.bptt + 1]
-            state = stepper.model.init_state(cfg.batch_size, device) if i == 0 or aux is None else aux
+            x = train[i * cfg.bptt:(i + 1) * cfg.bptt, c]
+            y = train[i * cfg.bptt + 1:(i + 1) * cfg.bptt + 1, c]
+            state = stepper.model.init_state(x.shape[1], device) if i == 0 or aux is None else aux
             return x, y, state
         return next_batch
 
@@ -318,14 +341,16 @@ def _main(cfg: Config) -> int:
             return {"val_loss": vl, "val_ppl": math.exp(vl), "test_loss": tl, "test_ppl": math.exp(tl)}
         return evaluate
 
-    def run(key, method, seed, make_stepper, gens=None):
+    def run(key, method, seed, make_stepper, gens=None, shard=False):
         unit = {**setup, "method": method, "seed": seed, "steps": steps}
+        if shard and world > 1:  # dropout masks differ from one process's: not the same run
+            unit["world_size"] = world
 
         def compute():
             model = new_model(seed)
             stepper = make_stepper(model)
-            torch.manual_seed(seed)  # dropout masks
-            rec = runs.train(stepper, batches(stepper), steps=steps, evaluate=evaluate_fn(model),
+            torch.manual_seed(seed)  # dropout masks (the same stream on every process: resume stays exact)
+            rec = runs.train(stepper, batches(stepper, shard), steps=steps, evaluate=evaluate_fn(model),
                              eval_every=max(1, steps // cfg.evals), divergence_loss=DIVERGENCE_LOSS,
                              checkpoint=os.path.join(cfg.out, "ckpt", f"{key}-{runs.config_hash(unit)}.pt"),
                              checkpoint_every=spe, identity=unit, generators=gens or {}, resume=cfg.resume,
@@ -335,8 +360,13 @@ def _main(cfg: Config) -> int:
             if isinstance(ctl, MLRSNetController):
                 rec["gammas"] = ctl.gammas
             if isinstance(stepper, MLRSNetMetaTrainer):
-                rec.update(gamma=stepper.gamma, meta_failures=stepper.total_failures)
+                rec.update(gamma=stepper.gamma, meta_failures=stepper.total_failures, world_size=world)
             return rec
+        if shard and world > 1:  # rank 0's run cache decides for everyone
+            hit = [None if worker else cache.get(unit, name=key) is not None]
+            torch.distributed.broadcast_object_list(hit, src=0)
+            if worker:
+                return None if hit[0] else compute()
         return cache.run(unit, compute, name=key)
 
     def add(label, recs):
@@ -351,8 +381,8 @@ def _main(cfg: Config) -> int:
 
         def val_batch():
             j = int(torch.randint(0, n_val_chunks, (1,), generator=gval))
-            return (val_chunks[j * cfg.bptt:(j + 1) * cfg.bptt], val_chunks[j * cfg.bptt + 1:(j + 1) * cfg.bptt + 1],
-                    model.init_state(cfg.batch_size, device))
+            x = val_chunks[j * cfg.bptt:(j + 1) * cfg.bptt, cols]
+            return x, val_chunks[j * cfg.bptt + 1:(j + 1) * cfg.bptt + 1, cols], model.init_state(x.shape[1], device)
         return MLRSNetMetaTrainer(net, model, opt, loss_fn=lm_loss, val_batch_fn=val_batch,
                                   config=MLRSNetTrainConfig(t_val=cfg.t_val, meta_lr=cfg.meta_lr, grad_clip=cfg.clip),
                                   train_loss_fn=lambda: stream_loss(model, train, cfg.bptt), log=log)
@@ -362,7 +392,12 @@ def _main(cfg: Config) -> int:
         gval = torch.Generator().manual_seed(20_000 + s)
         # MetaUpdateFailed (repeated non-finite meta-updates) ends the script: one line, exit status 4.
         out.append(run(f"mlrsnet_meta_seed{s}", {"method": label}, s, lambda m: make_meta(m, gval, s),
-                       gens={"val": gval}))
+                       gens={"val": gval}, shard=True))
+    if world > 1:  # the processes are done with each other; rank 0 runs the rest alone
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+    if worker:
+        return 0
     add(label, out)
 
     # 2. Transferred nets (Algorithm 2).

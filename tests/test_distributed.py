@@ -308,3 +308,47 @@ def test_mlrsnet_cifar_checks_torchrun_settings_before_any_work(monkeypatch, tmp
         mod.parse_config(["--batch-size", "127", "--out", str(tmp_path / "o")])
     with pytest.raises(UsageError, match="meta-data minibatch.* 99 must be a multiple of WORLD_SIZE=2"):
         mod.parse_config(["--n-meta", "99", "--out", str(tmp_path / "o")])
+
+
+def test_torchrun_mlrsnet_ptb_meta_trains_like_one_process(data_dir, tmp_path):
+    """``torchrun benchmarks/mlrsnet_ptb.py`` on 2 gloo processes (each half of the token streams of
+    every chunk; no dropout, so that the two computations are the same): the meta-training run's
+    losses, rates and meta-losses follow the single-process run to float32 rounding (1e-6 over the
+    first 5 steps, 1e-4 over 20: at SGD rate ~20 rounding differences grow fast), and rank 0 alone
+    writes --out."""
+    import json
+    flags = ["--epochs", "1", "--hidden", "16", "--layers", "1", "--dropout", "0", "--no-official",
+             "--sgd-grid", "10", "--adam-grid", "0.01", "--evals", "1", "--no-progress", "--data-dir", data_dir]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    script = os.path.join(ROOT, "benchmarks", "mlrsnet_ptb.py")
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                        str(29500 + os.getpid() % 190), script, *flags, "--out", str(tmp_path / "two")],
+                       env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    r1 = subprocess.run([sys.executable, script, *flags, "--out", str(tmp_path / "one")], env=env,
+                        capture_output=True, text=True, timeout=600)
+    assert r1.returncode == 0, r1.stderr[-2000:]
+    key = "ptb/MLR-SNet (meta-train)"
+    two, one = (json.loads((tmp_path / d / "results.json").read_text()) for d in ("two", "one"))
+    ra, rb = two["runs"][key][0], one["runs"][key][0]
+    assert ra["world_size"] == 2 and rb["world_size"] == 1
+    a, b = ra["step_log"], rb["step_log"]
+    assert len(a["loss"]) == len(b["loss"]) > 20
+    for k in ("loss", "lr"):  # rounding grows at SGD rate ~20: 1e-6 over 5 steps, ~3e-5 by step 13 (measured)
+        assert a[k][:5] == pytest.approx(b[k][:5], rel=1e-6), k
+        assert a[k][:20] == pytest.approx(b[k][:20], rel=1e-4), k
+    ma, mb = ([v for v in x["meta_loss"][:20] if v is not None] for x in (a, b))
+    assert len(ma) == len(mb) >= 3 and ma == pytest.approx(mb, rel=1e-4)
+    assert not any(f.endswith(".tmp") for f in os.listdir(tmp_path / "two"))
+
+
+def test_mlrsnet_ptb_checks_torchrun_settings_before_any_work(monkeypatch, tmp_path):
+    import importlib.util
+    from l2l_zoo.cli import UsageError
+    spec = importlib.util.spec_from_file_location("_dist_mlrsnet_ptb", os.path.join(ROOT, "benchmarks", "mlrsnet_ptb.py"))
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod
+    spec.loader.exec_module(mod)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(UsageError, match="--batch-size 33 must be a multiple of WORLD_SIZE=2"):
+        mod.parse_config(["--batch-size", "33", "--out", str(tmp_path / "o")])
