@@ -61,7 +61,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import l2l_zoo  # noqa: E402
 from l2l_zoo import MLRSNet  # noqa: E402
 from l2l_zoo import runs  # noqa: E402
-from l2l_zoo.cli import (ArgumentParser, UsageError, init_distributed, output_folder, parse_floats,  # noqa: E402
+from l2l_zoo.cli import (ArgumentParser, UsageError, distributed_main, parse_floats,  # noqa: E402
                          parse_seeds, resolve_device, run_main)
 from l2l_zoo.meta.distributed import dist_world  # noqa: E402
 from l2l_zoo.meta.unroll import AUTOCAST_DTYPES  # noqa: E402
@@ -353,16 +353,8 @@ def final(run, key):
 # ---------------------------------------------------------------------------------- main
 
 def main(argv=None) -> int:
-    cfg = parse_config(argv)
-    world, rank = init_distributed(resolve_device(cfg.device))
-    try:
-        if rank == 0:  # rank 0 owns --out; the others only meta-train
-            with output_folder(cfg.out):
-                return _main(cfg)
-        return _main(cfg, worker=True)
-    finally:
-        if torch.distributed.is_available() and torch.distributed.is_initialized():  # an error path
-            torch.distributed.destroy_process_group()
+    cfg = parse_config(argv)  # under torchrun: rank 0 owns --out, the others only meta-train
+    return distributed_main(resolve_device(cfg.device), cfg.out, lambda: _main(cfg), lambda: _main(cfg, worker=True))
 
 
 def _main(cfg: Config, worker: bool = False) -> int:

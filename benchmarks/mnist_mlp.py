@@ -39,7 +39,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import l2l_zoo  # noqa: E402
 from l2l_zoo import runs  # noqa: E402
-from l2l_zoo.cli import (ArgumentParser, UsageError, init_distributed, output_folder, parse_floats,  # noqa: E402
+from l2l_zoo.cli import (ArgumentParser, UsageError, distributed_main, parse_floats,  # noqa: E402
                          parse_kv, parse_seeds, plot_curves, resolve_device, run_main)
 from l2l_zoo.evaluation import train_optimizee  # noqa: E402
 from l2l_zoo.meta import META_LOSSES, MetaTrainConfig, MetaTrainer  # noqa: E402
@@ -329,16 +329,12 @@ def report(results: dict, cfg: Config, log) -> None:
 def main(argv=None) -> int:
     cfg = parse_config(argv)
     device = resolve_device(cfg.device)
-    world, rank = init_distributed(device)
-    try:
-        if rank == 0:  # rank 0 owns --out (the lock, results, the checkpoint); the others only meta-train
-            with output_folder(cfg.out):
-                return _main(cfg)
+
+    def worker() -> int:
         meta_train(cfg, device, log=lambda s: None)
         return 0
-    finally:
-        if torch.distributed.is_available() and torch.distributed.is_initialized():  # an error path
-            torch.distributed.destroy_process_group()
+    # under torchrun: rank 0 owns --out (the lock, results, the checkpoint); the others only meta-train
+    return distributed_main(device, cfg.out, lambda: _main(cfg), worker)
 
 
 def _main(cfg: Config) -> int:

@@ -51,7 +51,7 @@ import torch
 
 import l2l_zoo
 from l2l_zoo import runs
-from l2l_zoo.cli import (ArgumentParser, UsageError, init_distributed, output_folder, plot_curves, resolve_device,
+from l2l_zoo.cli import (ArgumentParser, UsageError, distributed_main, plot_curves, resolve_device,
                          run_main)
 from l2l_zoo.meta.trainer import dist_world
 from l2l_zoo.meta.unroll import AUTOCAST_DTYPES
@@ -433,17 +433,8 @@ RUNNERS = {"metalstm": run_metalstm, "sib": run_sib, "ncm": run_ncm, "finetune":
 # ---------------------------------------------------------------------------------- main
 
 def main(argv=None) -> int:
-    cfg = parse_config(argv)
-    device = resolve_device(cfg.device)
-    world, rank = init_distributed(device)  # under torchrun (--method metalstm only: parse_config)
-    try:
-        if rank == 0:  # rank 0 owns --out (the lock, results, checkpoints); the others only meta-train
-            with output_folder(cfg.out):
-                return _main(cfg)
-        return _main(cfg, worker=True)
-    finally:
-        if torch.distributed.is_available() and torch.distributed.is_initialized():  # an error path
-            torch.distributed.destroy_process_group()
+    cfg = parse_config(argv)  # under torchrun (--method metalstm only): rank 0 owns --out, the others meta-train
+    return distributed_main(resolve_device(cfg.device), cfg.out, lambda: _main(cfg), lambda: _main(cfg, worker=True))
 
 
 def _main(cfg: Config, worker: bool = False) -> int:

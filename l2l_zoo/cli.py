@@ -115,6 +115,23 @@ def init_distributed(device: torch.device) -> tuple[int, int]:
     return dist_world()
 
 
+def distributed_main(device: torch.device, out: str | os.PathLike, rank0: Callable[[], int],
+                     worker: Callable[[], int]) -> int:
+    """A script's main under ``torchrun`` or alone: join the process group (:func:`init_distributed`),
+    then rank 0 locks the output folder ``out`` (:func:`output_folder`) and runs ``rank0()`` while
+    every other rank runs ``worker()`` (its share of the parallel work, writing nothing); the group
+    is torn down on every way out (a normal end has done so already, before rank 0 works alone)."""
+    _, rank = init_distributed(device)
+    try:
+        if rank == 0:
+            with output_folder(out):
+                return rank0()
+        return worker()
+    finally:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():  # an error path
+            torch.distributed.destroy_process_group()
+
+
 def output_folder(path: str | os.PathLike) -> "runs.OutputLock":
     """Validate an output folder before any work (created if missing, writable, not a file) and lock
     it against a second concurrent run; use as ``with output_folder(cfg.out): ...``."""

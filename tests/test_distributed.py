@@ -345,7 +345,8 @@ def test_torchrun_mlrsnet_ptb_meta_trains_like_one_process(data_dir, tmp_path):
 def test_mlrsnet_ptb_checks_torchrun_settings_before_any_work(monkeypatch, tmp_path):
     import importlib.util
     from l2l_zoo.cli import UsageError
-    spec = importlib.util.spec_from_file_location("_dist_mlrsnet_ptb", os.path.join(ROOT, "benchmarks", "mlrsnet_ptb.py"))
+    spec = importlib.util.spec_from_file_location("_dist_mlrsnet_ptb",
+                                                  os.path.join(ROOT, "benchmarks", "mlrsnet_ptb.py"))
     mod = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = mod
     spec.loader.exec_module(mod)
