@@ -137,3 +137,12 @@ def test_a_looped_meta_batch_works_on_the_higher_backend():
     (ma, ga), (mb, gb) = a.meta_gradient(), b.meta_gradient()
     torch.testing.assert_close(ma, mb, rtol=1e-10, atol=0)
     torch.testing.assert_close(flat(ga), flat(gb), rtol=1e-8, atol=1e-12)
+
+
+def test_auto_loops_large_instances_on_cpu(monkeypatch):
+    """``meta_batch_mode="auto"`` on CPU: small optimizees vmap, ones of at least
+    LOOP_MIN_COORDINATES parameters loop (faster there, measured); "vmap" still forces vmap."""
+    import l2l_zoo.meta.trainer as T
+    assert not make("simple", 2).loop
+    monkeypatch.setattr(T, "LOOP_MIN_COORDINATES", 10)  # the toy MLP has 47 parameters
+    assert make("simple", 2).loop and not make("simple", 2, meta_batch_mode="vmap").loop

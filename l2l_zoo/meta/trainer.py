@@ -81,8 +81,9 @@ class MetaTrainConfig:
     ordinary truncation per instance, one after another, and the mean of their meta-losses: the same
     meta-gradient, for any optimizee, backend and optimizer, e.g. few-shot episodes whose learner
     has BatchNorm; the B graphs are held until the one backward pass) or ``"auto"`` (default: vmap
-    when the optimizee, backend and optimizer allow it, else loop). Under torch.distributed with one
-    instance per process, ``"auto"`` loops (there is nothing to vmap over).
+    when the optimizee, backend and optimizer allow it, else loop; on CPU, optimizees of at least
+    ``LOOP_MIN_COORDINATES`` parameters loop too, which measured faster there). Under
+    torch.distributed with one instance per process, ``"auto"`` loops (there is nothing to vmap over).
     ``fast``: the fast implementation of the same computation: the smoothness PGD of a truncation
     runs once at its end for all its steps together (:meth:`SmoothnessRegularizer.penalties`; R_t
     depends on data of step t only, and the random draws keep their order), and a separable
@@ -383,7 +384,12 @@ class MetaTrainer:
         why = self._vmap_obstacle()
         if cfg.meta_batch_mode == "vmap" and why is not None:
             raise ValueError(f"meta_batch_mode='vmap': {why}; use meta_batch_mode='loop' or 'auto'")
-        self.loop = cfg.meta_batch_mode == "loop" or (cfg.meta_batch_mode == "auto" and (why is not None or per == 1))
+        # auto: vmap only where it can run and can pay; on CPU, instances of >= LOOP_MIN_COORDINATES
+        # loop (measured, SimpleOptimizer on the 397,510-coordinate MLP, B = 8: looped 0.98x the
+        # sequential time, vmapped 0.46x; benchmarks/metatrain_speed.py --meta-batch-mode)
+        large_cpu = torch.device(self.task.device).type == "cpu" and self.task.num_params >= LOOP_MIN_COORDINATES
+        self.loop = cfg.meta_batch_mode == "loop" or (cfg.meta_batch_mode == "auto" and (
+            why is not None or per == 1 or large_cpu))
         if self.loop and per > 1 and isinstance(self.family, SingleTask) and any(True for _ in
                                                                                self.task.model.named_buffers()):
             raise ValueError(f"meta_batch {cfg.meta_batch}, looped: the {per} instances of a process would share "
