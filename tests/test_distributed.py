@@ -115,13 +115,31 @@ def test_a_meta_batch_that_does_not_divide_among_the_processes_is_refused(monkey
         local["trainer"](1)
 
 
-def _mnist_mlp():
+def _script(name):
+    """benchmarks/<name>.py as a module (for its parse_config)."""
     import importlib.util
-    spec = importlib.util.spec_from_file_location("_dist_mnist_mlp", os.path.join(ROOT, "benchmarks", "mnist_mlp.py"))
+    spec = importlib.util.spec_from_file_location(f"_dist_{name}", os.path.join(ROOT, "benchmarks", f"{name}.py"))
     mod = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = mod  # dataclasses look their module up
     spec.loader.exec_module(mod)
     return mod
+
+
+def _two_and_one(tmp_path, target, flags, port, *, env=None):
+    """Run ``target`` (a script path, or ``["-m", module]``) under torchrun with 2 processes into
+    tmp_path/two and alone into tmp_path/one; returns both results.json (rank 0 alone wrote two/)."""
+    import json
+    env = env or {**os.environ, "OMP_NUM_THREADS": "1"}
+    target = [target] if isinstance(target, str) else list(target)
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                        str(port), *target, *flags, "--out", str(tmp_path / "two")],
+                       env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    r1 = subprocess.run([sys.executable, *target, *flags, "--out", str(tmp_path / "one")], env=env,
+                        capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert r1.returncode == 0, r1.stderr[-2000:]
+    assert not any(f.endswith(".tmp") for f in os.listdir(tmp_path / "two"))
+    return tuple(json.loads((tmp_path / d / "results.json").read_text()) for d in ("two", "one"))
 
 
 @pytest.mark.parametrize("args,message", [
@@ -132,7 +150,7 @@ def test_mnist_mlp_checks_torchrun_settings_before_any_work(args, message, monke
     from l2l_zoo.cli import UsageError
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(UsageError, match=message.replace("(", r"\(").replace(")", r"\)")):
-        _mnist_mlp().parse_config([*args, "--out", str(tmp_path / "o")])
+        _script("mnist_mlp").parse_config([*args, "--out", str(tmp_path / "o")])
 
 
 def test_torchrun_mnist_mlp_matches_one_process(data_dir, tmp_path):
@@ -140,22 +158,11 @@ def test_torchrun_mnist_mlp_matches_one_process(data_dir, tmp_path):
     meta-training history equals the single-process run with the same meta-batch."""
     flags = ["--opt", "simple", "--meta-batch", "2", "--meta-steps", "2", "--horizon", "4", "--unroll", "2",
              "--baselines", "none", "--eval-steps", "4", "--no-progress", "--data-dir", data_dir]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    script = os.path.join(ROOT, "benchmarks", "mnist_mlp.py")
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                        str(29400 + os.getpid() % 500), script, *flags, "--out", str(tmp_path / "two")],
-                       env=env, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
-    r1 = subprocess.run([sys.executable, script, *flags, "--out", str(tmp_path / "one")], env=env,
-                        capture_output=True, text=True, timeout=600)
-    assert r1.returncode == 0, r1.stderr[-2000:]
-    import json
-    two = json.loads((tmp_path / "two" / "results.json").read_text())["meta_training"]
-    one = json.loads((tmp_path / "one" / "results.json").read_text())["meta_training"]
+    two, one = (r["meta_training"] for r in _two_and_one(
+        tmp_path, os.path.join(ROOT, "benchmarks", "mnist_mlp.py"), flags, 29400 + os.getpid() % 500))
     assert two["world_size"] == 2 and one["world_size"] == 1
     assert [h["meta_loss"] for h in two["history"]] == pytest.approx([h["meta_loss"] for h in one["history"]],
                                                                       rel=1e-5)
-    assert not any(f.endswith(".tmp") for f in os.listdir(tmp_path / "two"))
 
 
 def test_fewshot_train_checks_torchrun_settings_before_any_work(monkeypatch, tmp_path):
@@ -172,26 +179,17 @@ def test_torchrun_fewshot_metalstm_matches_one_process(data_dir, tmp_path):
     """``torchrun -m fewshot.train --method metalstm --meta-batch 2`` on 2 gloo processes (one
     episode each per meta-step) meta-trains like one process with the same meta-batch: the same
     meta-losses, validation curve and test accuracy; rank 0 alone writes --out."""
-    import json
     flags = ["--method", "metalstm", "--dataset", "omniglot-small", "--meta-batch", "2", "--episodes", "4",
              "--val-every", "2", "--val-episodes", "5", "--test-episodes", "10", "--filters", "4",
              "--inner-steps", "2", "--smooth", "eps=0.1,lam=10,steps=1", "--no-progress", "--data-dir", data_dir]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                        str(29900 + os.getpid() % 90), "-m", "fewshot.train", *flags, "--out", str(tmp_path / "two")],
-                       env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
-    r1 = subprocess.run([sys.executable, "-m", "fewshot.train", *flags, "--out", str(tmp_path / "one")], env=env,
-                        capture_output=True, text=True, timeout=600, cwd=ROOT)
-    assert r1.returncode == 0, r1.stderr[-2000:]
-    two, one = (json.loads((tmp_path / d / "results.json").read_text()) for d in ("two", "one"))
+    two, one = _two_and_one(tmp_path, ["-m", "fewshot.train"], flags, 29900 + os.getpid() % 90, env=env)
     assert two["world_size"] == 2 and one["world_size"] == 1
     (a,), (b,) = two["runs"]["metalstm+smooth"], one["runs"]["metalstm+smooth"]
     assert a["step_log"]["meta_loss"] == pytest.approx(b["step_log"]["meta_loss"], rel=1e-5)
     assert a["step_log"]["penalty"] == pytest.approx(b["step_log"]["penalty"], rel=1e-5)
     assert len(a["step_log"]["meta_loss"]) == 4 and a["eval"]["val_acc"] == pytest.approx(b["eval"]["val_acc"])
     assert a["final"]["test_acc"] == pytest.approx(b["final"]["test_acc"])
-    assert not any(f.endswith(".tmp") for f in os.listdir(tmp_path / "two"))
 
 
 MLRS = '''
@@ -271,20 +269,11 @@ def test_torchrun_mlrsnet_cifar_meta_trains_like_one_process(data_dir, tmp_path)
     follows the single-process run to float32 rounding over the first 25 steps. (Later the two drift
     apart: at this high rate float32 rounding differences grow to ~1 % by step 45; the float64 test
     above shows the computation itself is the same.)"""
-    import json
     flags = ["--epochs", "1", "--channels", "4", "--transfers", "none", "--schedules", "none", "--no-official",
              "--seeds", "1", "--evals", "1", "--no-progress", "--data-dir", data_dir]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    script = os.path.join(ROOT, "benchmarks", "mlrsnet_cifar.py")
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                        str(29700 + os.getpid() % 190), script, *flags, "--out", str(tmp_path / "two")],
-                       env=env, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
-    r1 = subprocess.run([sys.executable, script, *flags, "--out", str(tmp_path / "one")], env=env,
-                        capture_output=True, text=True, timeout=600)
-    assert r1.returncode == 0, r1.stderr[-2000:]
+    two, one = _two_and_one(tmp_path, os.path.join(ROOT, "benchmarks", "mlrsnet_cifar.py"), flags,
+                            29700 + os.getpid() % 190)
     key = "cifar/MLR-SNet (meta-train run)"
-    two, one = (json.loads((tmp_path / d / "results.json").read_text()) for d in ("two", "one"))
     assert two["meta_training"]["world_size"] == 2 and one["meta_training"]["world_size"] == 1
     a, b = two["runs"][key][0]["step_log"], one["runs"][key][0]["step_log"]
     assert len(a["loss"]) == len(b["loss"]) > 25
@@ -292,17 +281,11 @@ def test_torchrun_mlrsnet_cifar_meta_trains_like_one_process(data_dir, tmp_path)
         assert a[k][:25] == pytest.approx(b[k][:25], rel=1e-5), k
     ma, mb = ([v for v in x["meta_loss"][:25] if v is not None] for x in (a, b))
     assert len(ma) == len(mb) >= 4 and ma == pytest.approx(mb, rel=1e-5)
-    assert not any(f.endswith(".tmp") for f in os.listdir(tmp_path / "two"))
 
 
 def test_mlrsnet_cifar_checks_torchrun_settings_before_any_work(monkeypatch, tmp_path):
-    import importlib.util
     from l2l_zoo.cli import UsageError
-    spec = importlib.util.spec_from_file_location("_dist_mlrsnet_cifar",
-                                                  os.path.join(ROOT, "benchmarks", "mlrsnet_cifar.py"))
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
+    mod = _script("mlrsnet_cifar")
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(UsageError, match="--batch-size 127 must be a multiple of WORLD_SIZE=2"):
         mod.parse_config(["--batch-size", "127", "--out", str(tmp_path / "o")])
@@ -316,20 +299,11 @@ def test_torchrun_mlrsnet_ptb_meta_trains_like_one_process(data_dir, tmp_path):
     losses, rates and meta-losses follow the single-process run to float32 rounding (1e-6 over the
     first 5 steps, 1e-4 over 20: at SGD rate ~20 rounding differences grow fast), and rank 0 alone
     writes --out."""
-    import json
     flags = ["--epochs", "1", "--hidden", "16", "--layers", "1", "--dropout", "0", "--no-official",
              "--sgd-grid", "10", "--adam-grid", "0.01", "--evals", "1", "--no-progress", "--data-dir", data_dir]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    script = os.path.join(ROOT, "benchmarks", "mlrsnet_ptb.py")
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                        str(29500 + os.getpid() % 190), script, *flags, "--out", str(tmp_path / "two")],
-                       env=env, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
-    r1 = subprocess.run([sys.executable, script, *flags, "--out", str(tmp_path / "one")], env=env,
-                        capture_output=True, text=True, timeout=600)
-    assert r1.returncode == 0, r1.stderr[-2000:]
+    two, one = _two_and_one(tmp_path, os.path.join(ROOT, "benchmarks", "mlrsnet_ptb.py"), flags,
+                            29500 + os.getpid() % 190)
     key = "ptb/MLR-SNet (meta-train)"
-    two, one = (json.loads((tmp_path / d / "results.json").read_text()) for d in ("two", "one"))
     ra, rb = two["runs"][key][0], one["runs"][key][0]
     assert ra["world_size"] == 2 and rb["world_size"] == 1
     a, b = ra["step_log"], rb["step_log"]
@@ -339,17 +313,11 @@ def test_torchrun_mlrsnet_ptb_meta_trains_like_one_process(data_dir, tmp_path):
         assert a[k][:20] == pytest.approx(b[k][:20], rel=1e-4), k
     ma, mb = ([v for v in x["meta_loss"][:20] if v is not None] for x in (a, b))
     assert len(ma) == len(mb) >= 3 and ma == pytest.approx(mb, rel=1e-4)
-    assert not any(f.endswith(".tmp") for f in os.listdir(tmp_path / "two"))
 
 
 def test_mlrsnet_ptb_checks_torchrun_settings_before_any_work(monkeypatch, tmp_path):
-    import importlib.util
     from l2l_zoo.cli import UsageError
-    spec = importlib.util.spec_from_file_location("_dist_mlrsnet_ptb",
-                                                  os.path.join(ROOT, "benchmarks", "mlrsnet_ptb.py"))
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
+    mod = _script("mlrsnet_ptb")
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(UsageError, match="--batch-size 33 must be a multiple of WORLD_SIZE=2"):
         mod.parse_config(["--batch-size", "33", "--out", str(tmp_path / "o")])
