@@ -53,7 +53,7 @@ import l2l_zoo
 from l2l_zoo import runs
 from l2l_zoo.cli import (ArgumentParser, UsageError, distributed_main, plot_curves, resolve_device,
                          run_main)
-from l2l_zoo.meta.trainer import dist_world
+from l2l_zoo.meta.distributed import dist_world
 from l2l_zoo.meta.unroll import AUTOCAST_DTYPES
 from l2l_zoo.regularizers import parse_smooth
 

@@ -690,8 +690,8 @@ def train(stepper, next_batch: Callable[[Any], Any], *, steps: int,
     """
     from tqdm.auto import tqdm
 
-    writer = not (torch.distributed.is_available() and torch.distributed.is_initialized()) or \
-        torch.distributed.get_rank() == 0
+    from .meta.distributed import dist_world
+    writer = dist_world()[1] == 0
 
     if not isinstance(steps, int) or steps < 0:
         raise ValueError(f"steps must be an integer >= 0, got {steps!r}")
