@@ -5,6 +5,7 @@ here for the scripts)."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
 import sys
@@ -120,13 +121,31 @@ def distributed_main(device: torch.device, out: str | os.PathLike, rank0: Callab
     """A script's main under ``torchrun`` or alone: join the process group (:func:`init_distributed`),
     then rank 0 locks the output folder ``out`` (:func:`output_folder`) and runs ``rank0()`` while
     every other rank runs ``worker()`` (its share of the parallel work, writing nothing); the group
-    is torn down on every way out (a normal end has done so already, before rank 0 works alone)."""
-    _, rank = init_distributed(device)
+    is torn down on every way out (a normal end has done so already, before rank 0 works alone).
+
+    Before any work the ranks agree to start: rank 0 broadcasts whether it got its output folder,
+    so when it cannot (a file, unwritable, busy with another run) it prints that one-line error and
+    every other rank stops with a one-line error of its own, instead of failing later in a
+    collective with a traceback (or waiting for the backend's timeout)."""
+    world, rank = init_distributed(device)
     try:
-        if rank == 0:
-            with output_folder(out):
-                return rank0()
-        return worker()
+        with contextlib.ExitStack() as stack:
+            failure: BaseException | None = None
+            if rank == 0:
+                try:
+                    stack.enter_context(output_folder(out))
+                except Exception as e:  # noqa: BLE001 - re-raised below, after telling the others
+                    failure = e
+            if world > 1:
+                ok = torch.tensor([0 if failure is not None else 1],
+                                  device=device if device.type == "cuda" else "cpu")
+                torch.distributed.broadcast(ok, src=0)
+                if rank != 0 and not int(ok.item()):
+                    raise UsageError(f"rank {rank}: not started, because rank 0 could not use its "
+                                     f"output folder {os.fspath(out)!r} (rank 0's error says why)")
+            if failure is not None:
+                raise failure
+            return rank0() if rank == 0 else worker()
     finally:
         if torch.distributed.is_available() and torch.distributed.is_initialized():  # an error path
             torch.distributed.destroy_process_group()

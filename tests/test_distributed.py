@@ -165,6 +165,22 @@ def test_torchrun_mnist_mlp_matches_one_process(data_dir, tmp_path):
                                                                       rel=1e-5)
 
 
+def test_torchrun_ranks_stop_with_one_line_errors_when_rank_0_cannot_use_its_output(data_dir, tmp_path):
+    """Rank 0 alone locks --out; when it cannot (here: --out is a file) every rank stops at the start
+    agreement with a one-line error, none later in a collective with a traceback."""
+    (tmp_path / "f").write_text("")
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                        str(29400 + (os.getpid() + 250) % 500), os.path.join(ROOT, "benchmarks", "mnist_mlp.py"),
+                        "--opt", "simple", "--meta-batch", "2", "--data-dir", data_dir, "--out", str(tmp_path / "f")],
+                       env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300,
+                       cwd=ROOT)
+    out = r.stdout + r.stderr
+    assert r.returncode != 0
+    assert "mnist_mlp.py: error: output folder" in out and "is an existing file" in out, out[-3000:]
+    assert "mnist_mlp.py: error: rank 1: not started, because rank 0 could not use its output folder" in out
+    assert "[rank1]" not in out and "[rank0]" not in out, out[-3000:]  # no rank printed a traceback
+
+
 def test_fewshot_train_checks_torchrun_settings_before_any_work(monkeypatch, tmp_path):
     from l2l_zoo.cli import UsageError
     import fewshot.train as ft
