@@ -242,9 +242,11 @@ def ce(model, batch):
 
 
 def evaluator(task: Task, model):
+    """Validation and test metrics; under torchrun (during the data-parallel meta-training) each
+    process evaluates its share of the splits and the sums are all-reduced."""
     def evaluate():
-        vl, va = task.evaluate(model, "val")
-        tl, ta = task.evaluate(model, "test")
+        vl, va = task.evaluate(model, "val", distributed=True)
+        tl, ta = task.evaluate(model, "test", distributed=True)
         return {"val_loss": vl, "val_acc": va, "test_loss": tl, "test_acc": ta}
     return evaluate
 
@@ -327,6 +329,8 @@ def meta_train(cfg: Config, task: Task, steps: int, runner: Runner, log):
     gval = torch.Generator().manual_seed(20_000 + cfg.meta_seed)
     tcfg = MLRSNetTrainConfig(t_val=cfg.t_val, meta_lr=cfg.meta_lr, meta_weight_decay=cfg.meta_weight_decay,
                               snapshot_every=spe, autocast=cfg.autocast)
+    # γ's training loss (once, at the start; it scales every rate): whole on every process, exactly
+    # as one process computes it, not sharded like the evaluations
     trainer = MLRSNetMetaTrainer(net, model, opt, loss_fn=ce,
                                  val_batch_fn=lambda: shard(task.sample_batch(gval, "val")),
                                  config=tcfg, train_loss_fn=lambda: task.evaluate(model, "train")[0], log=log)

@@ -57,7 +57,7 @@ from l2l_zoo import MLRSNet  # noqa: E402
 from l2l_zoo import runs  # noqa: E402
 from l2l_zoo.cli import (ArgumentParser, UsageError, distributed_main, parse_floats,  # noqa: E402
                          parse_seeds, resolve_device, run_main)
-from l2l_zoo.meta.distributed import dist_world  # noqa: E402
+from l2l_zoo.meta.distributed import all_sum, dist_world, my_share  # noqa: E402
 from l2l_zoo.meta.mlrsnet import MLRSNetMetaTrainer, MLRSNetTrainConfig  # noqa: E402
 from l2l_zoo.schedules.mlrsnet import MLRSNetController  # noqa: E402
 from l2l_zoo.tasks import DataNotFoundError  # noqa: E402
@@ -235,18 +235,27 @@ def lm_loss(model, batch):
 
 
 @torch.no_grad()
-def stream_loss(model, data: torch.Tensor, bptt: int) -> float:
-    """Mean per-token loss over a batchified stream, state carried (eval mode)."""
+def stream_loss(model, data: torch.Tensor, bptt: int, distributed: bool = False) -> float:
+    """Mean per-token loss over a batchified stream, state carried (eval mode). With
+    ``distributed`` under torch.distributed, each process evaluates its share of the streams
+    (columns) and the sums are all-reduced (every process must call it, with the same model)."""
+    distributed = distributed and dist_world()[0] > 1  # (one process: exactly as without)
+    if distributed:
+        data = data[:, my_share(data.shape[1])]
     was = model.training
     model.eval()
-    state = model.init_state(data.shape[1], data.device)
     total, count = 0.0, 0
-    for i in range(0, data.shape[0] - 1, bptt):
-        n = min(bptt, data.shape[0] - 1 - i)
-        logits, state = model(data[i:i + n], state)
-        total += float(F.cross_entropy(logits, data[i + 1:i + 1 + n].reshape(-1), reduction="sum"))
-        count += n * data.shape[1]
+    if data.shape[1]:  # (a process may have no column of a narrow stream)
+        state = model.init_state(data.shape[1], data.device)
+        for i in range(0, data.shape[0] - 1, bptt):
+            n = min(bptt, data.shape[0] - 1 - i)
+            logits, state = model(data[i:i + n], state)
+            losses = F.cross_entropy(logits, data[i + 1:i + 1 + n].reshape(-1), reduction="none")
+            total += float(losses.double().sum() if distributed else losses.sum())  # (float64: shares)
+            count += n * data.shape[1]
     model.train(was)
+    if distributed:
+        total, count = all_sum([total, count], device=data.device)
     return total / count
 
 
@@ -330,7 +339,9 @@ def _main(cfg: Config, worker: bool = False) -> int:
 
     def evaluate_fn(model):
         def evaluate():
-            vl, tl = stream_loss(model, val_eval, cfg.bptt), stream_loss(model, test_eval, cfg.bptt)
+            # under torchrun (the data-parallel meta-training) each process evaluates its share
+            vl = stream_loss(model, val_eval, cfg.bptt, distributed=True)
+            tl = stream_loss(model, test_eval, cfg.bptt, distributed=True)
             return {"val_loss": vl, "val_ppl": math.exp(vl), "test_loss": tl, "test_ppl": math.exp(tl)}
         return evaluate
 
@@ -376,6 +387,8 @@ def _main(cfg: Config, worker: bool = False) -> int:
             j = int(torch.randint(0, n_val_chunks, (1,), generator=gval))
             x = val_chunks[j * cfg.bptt:(j + 1) * cfg.bptt, cols]
             return x, val_chunks[j * cfg.bptt + 1:(j + 1) * cfg.bptt + 1, cols], model.init_state(x.shape[1], device)
+        # γ's training loss (once, at the start; it scales every rate): whole on every process, exactly
+        # as one process computes it, not sharded like the evaluations
         return MLRSNetMetaTrainer(net, model, opt, loss_fn=lm_loss, val_batch_fn=val_batch,
                                   config=MLRSNetTrainConfig(t_val=cfg.t_val, meta_lr=cfg.meta_lr, grad_clip=cfg.clip),
                                   train_loss_fn=lambda: stream_loss(model, train, cfg.bptt), log=log)

@@ -115,6 +115,55 @@ def test_a_meta_batch_that_does_not_divide_among_the_processes_is_refused(monkey
         local["trainer"](1)
 
 
+EVAL = '''
+import os, sys, importlib.util
+import torch
+from l2l_zoo.tasks import MLP, DataSplits, Task
+
+def setup():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(101, 6, generator=g, dtype=torch.float64)  # 101 rows: unequal shares
+    y = (x[:, 0] + x[:, 1] > 0).long()
+    task = Task("toy", lambda: MLP(6, (5,), 2).to(torch.float64), DataSplits("toy", x, y, x, y, x, y, 2, "synthetic"),
+                batch_size=16)
+    spec = importlib.util.spec_from_file_location("ptb", os.path.join(os.environ["L2L_ROOT"], "benchmarks", "mlrsnet_ptb.py"))
+    ptb = importlib.util.module_from_spec(spec); sys.modules["ptb"] = ptb; spec.loader.exec_module(ptb)
+    torch.manual_seed(0)
+    lm = ptb.RNNLM(30, 8, 1, 0.0)  # float32 (its state is): the sums differ in order only
+    stream = torch.randint(0, 30, (23, 3), generator=g)  # 3 streams over 2 processes
+    return task, task.build_model(seed=0), ptb, lm, stream
+
+def evaluate(distributed):
+    task, model, ptb, lm, stream = setup()
+    out = [*task.evaluate(model, "val", batch=7, distributed=distributed)]
+    out.append(ptb.stream_loss(lm, stream, 5, distributed=distributed))
+    return torch.tensor(out, dtype=torch.float64)
+
+if __name__ == "__main__":
+    rank, world, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo", init_method="file://" + os.path.join(out, "rendezvous"),
+                                         rank=rank, world_size=world)
+    torch.save(evaluate(True), os.path.join(out, f"eval{rank}.pt"))
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
+'''
+
+
+def test_sharded_evaluations_equal_the_single_process_ones(tmp_path, monkeypatch):
+    """Task.evaluate and PTB's stream_loss with ``distributed``: 2 processes, each its share of the
+    rows (101: unequal shares) or streams (3 columns), all-reduced, give one process's numbers."""
+    monkeypatch.setenv("L2L_ROOT", ROOT)
+    run_ranks(tmp_path, "eval", source=EVAL)
+    a, b = (torch.load(tmp_path / f"eval{r}.pt", weights_only=True) for r in (0, 1))
+    assert torch.equal(a, b)
+    ns = {"__name__": "_eval_ref"}
+    exec(EVAL, ns)
+    ref = ns["evaluate"](False)
+    torch.testing.assert_close(a[:2], ref[:2], rtol=1e-12, atol=0)  # float64 MLP: loss, accuracy
+    torch.testing.assert_close(a[2:], ref[2:], rtol=1e-6, atol=0)  # float32 LSTM: per-stream sums
+
+
 def _script(name):
     """benchmarks/<name>.py as a module (for its parse_config)."""
     import importlib.util

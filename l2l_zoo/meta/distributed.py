@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["dist_world", "all_mean", "check_in_sync"]
+__all__ = ["dist_world", "all_mean", "all_sum", "my_share", "check_in_sync"]
 
 
 def dist_world() -> tuple[int, int]:
@@ -28,6 +28,24 @@ def all_mean(tensors: list[torch.Tensor]) -> None:
     for t in tensors:
         t.copy_(flat[i:i + t.numel()].view_as(t))
         i += t.numel()
+
+
+def my_share(n: int) -> slice:
+    """This process's contiguous share of ``n`` items (shares differ by at most one item; all of
+    them without torch.distributed), for work that is split over the processes and summed
+    (:func:`all_sum`), e.g. an evaluation over a whole data split."""
+    world, rank = dist_world()
+    return slice(rank * n // world, (rank + 1) * n // world)
+
+
+def all_sum(values: list[float], device: torch.device | str = "cpu") -> list[float]:
+    """The sums over the processes of a few numbers (float64; ``values`` unchanged without
+    torch.distributed). ``device``: where the all-reduce runs (CUDA under NCCL)."""
+    if dist_world()[0] == 1:
+        return [float(v) for v in values]
+    t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=device)
+    torch.distributed.all_reduce(t)
+    return t.tolist()
 
 
 def check_in_sync(tensors: list[torch.Tensor], what: str, where: str) -> None:

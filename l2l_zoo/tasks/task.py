@@ -104,18 +104,33 @@ class Task:
         return F.cross_entropy(outputs, targets)
 
     @torch.no_grad()
-    def evaluate(self, model: nn.Module, split: str = "test", batch: int = 2000) -> tuple[float, float]:
-        """Mean loss and accuracy of ``model`` over a whole split."""
+    def evaluate(self, model: nn.Module, split: str = "test", batch: int = 2000, *,
+                 distributed: bool = False) -> tuple[float, float]:
+        """Mean loss and accuracy of ``model`` over a whole split. With ``distributed`` under
+        torch.distributed, every process evaluates its share of the split and the sums are
+        all-reduced (every process must call it, with the same model): the same numbers, up to the
+        order of summation (float64 sums), in 1/world of the time."""
+        from ..meta.distributed import all_sum, dist_world, my_share
         x, y = self._split(split)
+        n = len(y)
+        distributed = distributed and dist_world()[0] > 1  # (one process: exactly as without)
+        if distributed:
+            part = my_share(n)
+            x, y = x[part], y[part]
         was_training = model.training
         model.eval()
         total_loss, correct = 0.0, 0
-        for s in range(0, len(y), batch):
-            out = model(x[s:s + batch])
-            total_loss += float(F.cross_entropy(out, y[s:s + batch], reduction="sum"))
-            correct += int((out.argmax(1) == y[s:s + batch]).sum())
+        with torch.no_grad():
+            for s in range(0, len(y), batch):
+                out = model(x[s:s + batch])
+                losses = F.cross_entropy(out, y[s:s + batch], reduction="none")
+                # shares are summed in float64, so that how the rows are shared hardly matters
+                total_loss += float(losses.double().sum() if distributed else losses.sum())
+                correct += int((out.argmax(1) == y[s:s + batch]).sum())
         model.train(was_training)
-        return total_loss / len(y), correct / len(y)
+        if distributed:
+            total_loss, correct = all_sum([total_loss, correct], device=x.device)
+        return total_loss / n, correct / n
 
     def subsample(self, fraction: float, seed: int = 0) -> "Task":
         """The same problem on a class-stratified ``fraction`` of the training set (Chen et al. 2020,
