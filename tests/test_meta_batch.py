@@ -146,3 +146,9 @@ def test_auto_loops_large_instances_on_cpu(monkeypatch):
     assert not make("simple", 2).loop
     monkeypatch.setattr(T, "LOOP_MIN_COORDINATES", 10)  # the toy MLP has 47 parameters
     assert make("simple", 2).loop and not make("simple", 2, meta_batch_mode="vmap").loop
+    # a separable optimizer (DM) has its own, lower size (its step costs more per coordinate)
+    assert not make("dm", 2).loop
+    monkeypatch.setattr(T, "SEPARABLE_LOOP_MIN_COORDINATES", 10)
+    assert make("dm", 2).loop and not make("dm", 2, meta_batch_mode="vmap").loop
+    monkeypatch.setattr(T, "LOOP_MIN_COORDINATES", 10 ** 9)
+    assert make("dm", 2).loop and not make("simple", 2).loop

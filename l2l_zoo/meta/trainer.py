@@ -82,7 +82,8 @@ class MetaTrainConfig:
     meta-gradient, for any optimizee, backend and optimizer, e.g. few-shot episodes whose learner
     has BatchNorm; the B graphs are held until the one backward pass) or ``"auto"`` (default: vmap
     when the optimizee, backend and optimizer allow it, else loop; on CPU, optimizees of at least
-    ``LOOP_MIN_COORDINATES`` parameters loop too, which measured faster there). Under
+    ``LOOP_MIN_COORDINATES`` parameters loop too, ``SEPARABLE_LOOP_MIN_COORDINATES`` for a separable
+    optimizer such as DM, which measured faster there). Under
     torch.distributed with one instance per process, ``"auto"`` loops (there is nothing to vmap over).
     ``fast``: the fast implementation of the same computation: the smoothness PGD of a truncation
     runs once at its end for all its steps together (:meth:`SmoothnessRegularizer.penalties`; R_t
@@ -164,8 +165,14 @@ class MetaTrainConfig:
 
 
 #: with ``fast``, a meta-batch of instances at least this large runs the optimizer step once per
-#: instance instead of under vmap (unless the optimizer is separable: then once, stacked)
+#: instance instead of under vmap (unless the optimizer is separable: then once, stacked); and
+#: ``meta_batch_mode="auto"`` loops on CPU from this size on
 LOOP_MIN_COORDINATES = 32768
+#: ``meta_batch_mode="auto"`` loops on CPU from this optimizee size on for a separable optimizer
+#: (DM, RNNProp: a 2-layer LSTM per coordinate). Measured, B = 8, 2 threads, MNIST MLPs 784-h-10:
+#: vmapped over looped 1.67x at 1,600 coordinates, 1.10x at 2,395, 0.92x at 3,985, 0.78x at 15,910
+#: (DM; RNNProp alike); the SimpleOptimizer's vmap still wins at 15,910 (1.25x)
+SEPARABLE_LOOP_MIN_COORDINATES = 3072
 
 
 @dataclass
@@ -386,8 +393,10 @@ class MetaTrainer:
             raise ValueError(f"meta_batch_mode='vmap': {why}; use meta_batch_mode='loop' or 'auto'")
         # auto: vmap only where it can run and can pay; on CPU, instances of >= LOOP_MIN_COORDINATES
         # loop (measured, SimpleOptimizer on the 397,510-coordinate MLP, B = 8: looped 0.98x the
-        # sequential time, vmapped 0.46x; benchmarks/metatrain_speed.py --meta-batch-mode)
-        large_cpu = torch.device(self.task.device).type == "cpu" and self.task.num_params >= LOOP_MIN_COORDINATES
+        # sequential time, vmapped 0.46x; benchmarks/metatrain_speed.py --meta-batch-mode), those of a
+        # separable optimizer from SEPARABLE_LOOP_MIN_COORDINATES (DM on mlp20: 0.93x against 0.57x)
+        loop_min = SEPARABLE_LOOP_MIN_COORDINATES if getattr(self.lopt, "separable", False) else LOOP_MIN_COORDINATES
+        large_cpu = torch.device(self.task.device).type == "cpu" and self.task.num_params >= loop_min
         self.loop = cfg.meta_batch_mode == "loop" or (cfg.meta_batch_mode == "auto" and (
             why is not None or per == 1 or large_cpu))
         if self.loop and per > 1 and isinstance(self.family, SingleTask) and any(True for _ in
