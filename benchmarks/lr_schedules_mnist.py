@@ -58,6 +58,7 @@ from l2l_zoo.cli import (ArgumentParser, UsageError, output_folder, parse_floats
                          resolve_device, run_main)
 from l2l_zoo.schedules import (HD, MARTHE, BASELINES, BETA_RULES, LRSOpt, SGDDynamics,  # noqa: E402
                                flat_functional, make_baseline, schedule_hypergradient)
+from l2l_zoo.meta.unroll import AUTOCAST_DTYPES, autocast  # noqa: E402
 from l2l_zoo.tasks import MLP, Task, glorot_init_  # noqa: E402
 from l2l_zoo.tasks.data import load_mnist  # noqa: E402
 
@@ -87,6 +88,7 @@ class Config:
     lrs_opt_outer: str
     check_steps: int
     grad_clip: float | None
+    autocast: str | None
     data_seed: int
     data_dir: str | None
     device: str
@@ -136,6 +138,9 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--data-seed", type=int, default=0, help="seed of the train/validation/test carve")
     p.add_argument("--data-dir", default=None, help="dataset folder; must exist if given (default: $L2L_ZOO_DATA, then ./data)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--autocast", default="none",
+                   help="none or bfloat16: the MLP's training forward passes (every schedule's steps, LRS-OPT's "
+                        "unrolled steps) under torch.autocast; validation losses and evaluations stay float32")
     p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0 = torch's default)")
     p.add_argument("--out", default=os.path.join("results", "lr_schedules_mnist"), help="output folder")
     p.add_argument("--resume", action="store_true",
@@ -182,6 +187,8 @@ def parse_config(argv=None) -> Config:
         raise UsageError(f"--val-batch must be <= 700 (the validation split; 0 = all), got {a.val_batch}")
     if not (math.isfinite(a.grad_clip) and a.grad_clip >= 0):
         raise UsageError(f"--grad-clip must be a number >= 0 (0 = off), got {a.grad_clip}")
+    if a.autocast not in ("none", *AUTOCAST_DTYPES):
+        raise UsageError(f"--autocast must be one of {['none', *AUTOCAST_DTYPES]}, got {a.autocast!r}")
     if a.data_dir is not None and not os.path.isdir(a.data_dir):
         raise UsageError(f"--data-dir: no such folder {a.data_dir!r}")
     resolve_device(a.device)  # validates
@@ -191,7 +198,8 @@ def parse_config(argv=None) -> Config:
                   lr=a.lr, batch_size=a.batch_size, val_batch=a.val_batch, eval_every=a.eval_every,
                   lrs_opt_seeds=a.lrs_opt_seeds, lrs_opt_iters=a.lrs_opt_iters,
                   lrs_opt_outer_lr=a.lrs_opt_outer_lr, lrs_opt_outer=a.lrs_opt_outer,
-                  check_steps=a.check_steps, grad_clip=a.grad_clip or None, data_seed=a.data_seed, data_dir=a.data_dir, device=a.device,
+                  check_steps=a.check_steps, grad_clip=a.grad_clip or None,
+                  autocast=None if a.autocast == "none" else a.autocast, data_seed=a.data_seed, data_dir=a.data_dir, device=a.device,
                   threads=a.threads, out=a.out, resume=a.resume, progress=not a.no_progress)
 
 
@@ -310,11 +318,12 @@ def train_run(task: Task, cfg: Config, spec: Spec, seed: int, *, lrs: list[float
         ctrl = MARTHE(opt, val_fn, beta=spec.beta, mu=spec.mu, beta_lr=spec.beta_lr, beta_rule=cfg.beta_rule,
                       divergence_loss=DIVERGENCE_LOSS, grad_clip=cfg.grad_clip)
     if ctrl is not None:
-        stepper = runs.ControllerStepper(model, ctrl, loss_fn)
+        stepper = runs.ControllerStepper(model, ctrl, loss_fn, autocast=cfg.autocast)
     else:
         sched = (ListSchedule(opt, lrs) if lrs is not None else
                  make_baseline(spec.kind, opt, total_steps=cfg.steps) if spec.kind in BASELINES else None)
-        stepper = runs.OptimizerStepper(model, opt, loss_fn, scheduler=sched, grad_clip=cfg.grad_clip)
+        stepper = runs.OptimizerStepper(model, opt, loss_fn, scheduler=sched, grad_clip=cfg.grad_clip,
+                                        autocast=cfg.autocast)
 
     def evaluate():
         loss, acc = task.evaluate(model, "val")
@@ -345,7 +354,8 @@ def lrs_opt_run(task: Task, cfg: Config, seed: int, ckpt_path: str, log, progres
     dyn = SGDDynamics()
 
     def loss_fn(w, idx):
-        return task.loss(forward(w, xt[idx]), yt[idx])
+        with autocast(w.device, cfg.autocast):
+            return task.loss(forward(w, xt[idx]), yt[idx])
 
     def val_fn(w):
         return task.loss(forward(w, xv), yv)
@@ -356,7 +366,8 @@ def lrs_opt_run(task: Task, cfg: Config, seed: int, ckpt_path: str, log, progres
     history = {"val_loss": [], "hypergradient_norm": [], "wall_s": []}
     # Everything but the iteration budget must match for a checkpoint to be continued, so that
     # `--resume --lrs-opt-iters N` with a larger N extends a finished optimisation.
-    ck_sig = runs.canonical({**{k: getattr(cfg, k) for k in RUN_KEYS + LRS_KEYS if k != "lrs_opt_iters"},
+    ck_sig = runs.canonical({**{k: getattr(cfg, k) for k in RUN_KEYS + LRS_KEYS if k != "lrs_opt_iters"
+                                and not (k == "autocast" and cfg.autocast is None)},
                              "seed": seed, "data": task.data.summary()})
     if cfg.resume and os.path.exists(ckpt_path):
         ck = runs.load_torch(ckpt_path, what="LRS-OPT checkpoint")
@@ -459,8 +470,8 @@ def summarize(run_table: dict[str, list[dict]], all_specs: list[Spec]) -> tuple[
 
 # Which results each field decides (the run cache keys on these groups; a test checks that every
 # field is classified, so a new flag cannot be forgotten by the cache).
-RUN_KEYS = ("steps", "lr", "batch_size", "val_batch", "eval_every", "beta_rule", "grad_clip", "data_seed",
-            "data_dir", "device", "threads")
+RUN_KEYS = ("steps", "lr", "batch_size", "val_batch", "eval_every", "beta_rule", "grad_clip", "autocast",
+            "data_seed", "data_dir", "device", "threads")
 LRS_KEYS = ("lrs_opt_iters", "lrs_opt_outer_lr", "lrs_opt_outer")
 SELECTION_KEYS = ("seeds", "methods", "baselines", "betas", "mus", "beta_lrs", "lrs_opt_seeds", "check_steps")
 NO_RESULT_KEYS = ("out", "resume", "progress")
@@ -484,7 +495,8 @@ def _main(cfg: Config) -> int:
     log(f"[setup] MLP 784-500-500-500-10 ({task.num_params:,} parameters, Glorot init) on {device}, "
         f"T={cfg.steps}, η0={cfg.lr}, batch {cfg.batch_size}, E on {cfg.val_batch or 700} validation "
         f"images per step, gradient clip {cfg.grad_clip}; out: {cfg.out}")
-    setup = {**{k: getattr(cfg, k) for k in RUN_KEYS}, "data": task.data.summary()}
+    setup = {**{k: getattr(cfg, k) for k in RUN_KEYS if not (k == "autocast" and cfg.autocast is None)},
+             "data": task.data.summary()}  # autocast absent at its default: caches hold
     cache = runs.RunCache(os.path.join(cfg.out, "runs"), enabled=cfg.resume)
     result = runs.new_results("lr_schedules_mnist", asdict(cfg), data=task.data.summary())
     result.update(paper={"val_acc_percent": PAPER}, divergence_loss=DIVERGENCE_LOSS)

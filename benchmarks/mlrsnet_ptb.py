@@ -58,6 +58,7 @@ from l2l_zoo import runs  # noqa: E402
 from l2l_zoo.cli import (ArgumentParser, UsageError, distributed_main, parse_floats,  # noqa: E402
                          parse_seeds, resolve_device, run_main)
 from l2l_zoo.meta.distributed import all_sum, dist_world, my_share  # noqa: E402
+from l2l_zoo.meta.unroll import AUTOCAST_DTYPES  # noqa: E402
 from l2l_zoo.meta.mlrsnet import MLRSNetMetaTrainer, MLRSNetTrainConfig  # noqa: E402
 from l2l_zoo.schedules.mlrsnet import MLRSNetController  # noqa: E402
 from l2l_zoo.tasks import DataNotFoundError  # noqa: E402
@@ -83,6 +84,7 @@ class Config:
     transfer: list
     seeds: list
     evals: int
+    autocast: str | None
     threads: int
     device: str
     data_dir: str | None
@@ -113,6 +115,9 @@ def build_parser() -> ArgumentParser:
                    help="comma list of our saved MLR-SNet nets (e.g. from mlrsnet_cifar.py) to transfer too")
     p.add_argument("--seeds", default="1", help="evaluation seeds: a count N (0..N-1) or a comma list")
     p.add_argument("--evals", type=int, default=2, help="test evaluations per run (plus step 0)")
+    p.add_argument("--autocast", default="none",
+                   help="none or bfloat16: every training run's forward passes (meta-training's real and virtual "
+                        "steps, meta-test, baselines) under torch.autocast; evaluations stay float32")
     p.add_argument("--threads", type=int, default=1,
                    help="CPU threads for torch (1 is fastest on a shared, busy CPU; 0 = torch's default)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
@@ -149,6 +154,8 @@ def parse_config(argv=None) -> Config:
             raise UsageError(f"--transfer: {e}") from None
         if not isinstance(n, MLRSNet):
             raise UsageError(f"--transfer: {t!r} holds a {n.name!r} optimizer, not an MLR-SNet")
+    if a.autocast not in ("none", *AUTOCAST_DTYPES):
+        raise UsageError(f"--autocast must be one of {['none', *AUTOCAST_DTYPES]}, got {a.autocast!r}")
     if a.data_dir is not None and not os.path.isdir(a.data_dir):
         raise UsageError(f"--data-dir: no such folder {a.data_dir!r}")
     resolve_device(a.device)
@@ -160,7 +167,8 @@ def parse_config(argv=None) -> Config:
                   bptt=a.bptt, clip=a.clip, weight_decay=a.weight_decay, val_fraction=a.val_fraction, t_val=a.t_val,
                   meta_lr=a.meta_lr, sgd_grid=parse_floats(a.sgd_grid, "--sgd-grid"),
                   adam_grid=parse_floats(a.adam_grid, "--adam-grid"), official=not a.no_official,
-                  transfer=transfer, seeds=parse_seeds(a.seeds), evals=a.evals, threads=a.threads, device=a.device,
+                  transfer=transfer, seeds=parse_seeds(a.seeds), evals=a.evals,
+                  autocast=None if a.autocast == "none" else a.autocast, threads=a.threads, device=a.device,
                   data_dir=a.data_dir, out=a.out, resume=a.resume, progress=not a.no_progress)
 
 
@@ -318,7 +326,8 @@ def _main(cfg: Config, worker: bool = False) -> int:
     log(f"[setup] vocabulary {V}, {spe} steps per epoch, {steps} steps per run, device {device}")
     data = {"note": corpus.note, "vocab": V, "train_tokens": len(corpus.train), "val_tokens": len(corpus.val),
             "test_tokens": len(corpus.test), "steps_per_epoch": spe}
-    setup = {**{k: v for k, v in asdict(cfg).items() if k not in SELECTION_KEYS + NO_RESULT_KEYS}, "data": data}
+    setup = {**{k: v for k, v in asdict(cfg).items() if k not in SELECTION_KEYS + NO_RESULT_KEYS
+                and not (k == "autocast" and v is None)}, "data": data}  # absent at its default: caches hold
     cache = runs.RunCache(os.path.join(cfg.out, "runs"), enabled=cfg.resume)
     result = runs.new_results("mlrsnet_ptb", asdict(cfg), data=data)
     result["tasks"] = {"ptb": []}
@@ -390,7 +399,8 @@ def _main(cfg: Config, worker: bool = False) -> int:
         # γ's training loss (once, at the start; it scales every rate): whole on every process, exactly
         # as one process computes it, not sharded like the evaluations
         return MLRSNetMetaTrainer(net, model, opt, loss_fn=lm_loss, val_batch_fn=val_batch,
-                                  config=MLRSNetTrainConfig(t_val=cfg.t_val, meta_lr=cfg.meta_lr, grad_clip=cfg.clip),
+                                  config=MLRSNetTrainConfig(t_val=cfg.t_val, meta_lr=cfg.meta_lr, grad_clip=cfg.clip,
+                                                            autocast=cfg.autocast),
                                   train_loss_fn=lambda: stream_loss(model, train, cfg.bptt), log=log)
     label = "MLR-SNet (meta-train)"
     out = []
@@ -430,7 +440,7 @@ def _main(cfg: Config, worker: bool = False) -> int:
             opt = torch.optim.SGD(model.parameters(), lr=0.0, weight_decay=cfg.weight_decay)
             ctl = MLRSNetController(opt, nets, total_steps=steps, grad_clip=cfg.clip,
                                     train_loss_fn=lambda: stream_loss(model, train, cfg.bptt))
-            return runs.ControllerStepper(model, ctl, lm_loss)
+            return runs.ControllerStepper(model, ctl, lm_loss, autocast=cfg.autocast)
         tag = "official" if "official" in label else "ours"
         add(label, [run(f"mlrsnet_{tag}_seed{s}", {"method": label, "nets": digests}, s, make_ctl)
                     for s in cfg.seeds])
@@ -442,7 +452,8 @@ def _main(cfg: Config, worker: bool = False) -> int:
                 opt = (torch.optim.SGD(model.parameters(), lr=lr, weight_decay=cfg.weight_decay) if name == "SGD" else
                        torch.optim.Adam(model.parameters(), lr=lr, betas=(0.0, 0.999), weight_decay=cfg.weight_decay))
                 pol = ValStrategy(opt, spe, lambda: stream_loss(model, val_eval, cfg.bptt))
-                return runs.OptimizerStepper(model, opt, lm_loss, scheduler=pol, grad_clip=cfg.clip)
+                return runs.OptimizerStepper(model, opt, lm_loss, scheduler=pol, grad_clip=cfg.clip,
+                                             autocast=cfg.autocast)
             return make
         tuned = runs.tune(grid, lambda lr: run(f"{name}_lr{lr:g}_seed{cfg.seeds[0]}", {"method": name, "lr": lr},
                                                cfg.seeds[0], make_b(lr)),

@@ -139,3 +139,18 @@ def test_mlrsnet_online_meta_training_under_autocast():
     assert got[0]["meta_loss"] is not None and got[0]["meta_loss"] != ref[0]["meta_loss"]
     with pytest.raises(ValueError, match="autocast must be None or one of"):
         MLRSNetTrainConfig(autocast="fp8")
+
+
+def test_mlrsnet_ptb_takes_autocast(tmp_path):
+    """``mlrsnet_ptb.py --autocast bfloat16`` reaches its config (MLR-SNet's trainer, the controller
+    and the baselines' steppers take it, as in mlrsnet_cifar.py); absent by default."""
+    import importlib.util
+    import os
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    spec = importlib.util.spec_from_file_location("_ac_ptb", os.path.join(root, "benchmarks", "mlrsnet_ptb.py"))
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod
+    spec.loader.exec_module(mod)
+    assert mod.parse_config(["--out", str(tmp_path / "a")]).autocast is None
+    assert mod.parse_config(["--autocast", "bfloat16", "--out", str(tmp_path / "b")]).autocast == "bfloat16"

@@ -145,7 +145,9 @@ CASES = [
     ("mlrsnet_cifar", "--autocast fp8", "--autocast must be one of"),
     ("mlrsnet_cifar", "--out {file}", "is an existing file"),
     # ------------------------------------------------------------------ mlrsnet_ptb
+    ("lr_schedules_mnist", "--autocast half", "--autocast must be one of ['none', 'bfloat16'], got 'half'"),
     ("mlrsnet_ptb", "--dropout 1", "--dropout must be in [0, 1)"),
+    ("mlrsnet_ptb", "--autocast float16", "--autocast must be one of ['none', 'bfloat16'], got 'float16'"),
     ("mlrsnet_ptb", "--transfer {missing}", "--transfer: no such file"),
     ("mlrsnet_ptb", "--transfer {text}", "text file"),
     ("mlrsnet_ptb", "--transfer {dm_opt}", "holds a 'dm' optimizer, not an MLR-SNet"),
