@@ -37,6 +37,7 @@ def parse(argv=None):
     p.add_argument("--data-dir", default=None, help="dataset folder (default: $L2L_ZOO_DATA)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--out", default=None, help="results JSON path")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar over the test episodes")
     a = p.parse_args(argv)
     if not os.path.isfile(a.checkpoint):
         raise UsageError(f"no such checkpoint {a.checkpoint!r}")
@@ -90,14 +91,15 @@ def main(argv=None) -> int:
             mcfg = mlstm.MetaLSTMConfig(**{**protocol, "shots": shots, "queries": queries,
                                            "inner_batch_size": None})
             accs = mlstm.evaluate(model.to(device), mcfg, sampler, a.episodes, TEST_SEED, device=device,
-                                  autocast=info.get("autocast"))  # as it was meta-trained
+                                  autocast=info.get("autocast"),  # as it was meta-trained
+                                  progress=not a.no_progress)
         elif method == "finetune":
             from .finetune import evaluate_finetune
             mcfg = mlstm.MetaLSTMConfig(**{**model["protocol"], "ways": ways, "shots": shots, "queries": queries,
                                            "inner_batch_size": None})
             accs = evaluate_finetune(sampler, mlstm.learner_fn(mcfg, splits["train"].image_shape), mcfg.init_seed,
                                      lr=model["lr"], steps=model["steps"], n_episodes=a.episodes, seed=TEST_SEED,
-                                     device=device)
+                                     device=device, progress=not a.no_progress)
         else:
             from .backbones import cache_features, conv4_64, wrn28_10
             from .sib import SIB, evaluate, evaluate_ncm

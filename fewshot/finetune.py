@@ -121,13 +121,15 @@ def _episodes(source: EpisodeSampler | Iterable[Episode], n_episodes: int | None
 def evaluate_finetune(episodes: EpisodeSampler | Iterable[Episode], model_fn: Callable[[], nn.Module],
                       init: int | torch.Tensor, *, lr: float, steps: int, momentum: float = 0.0,
                       n_episodes: int | None = None, seed: int | None = None, inner_batch_size: int | None = None,
-                      bn_mode: str = "running", device="cpu") -> list[float]:
+                      bn_mode: str = "running", device="cpu", progress: bool = False) -> list[float]:
     """Query accuracy of :func:`finetune_episode` on each episode (a list, or ``n_episodes`` episodes
     of ``seed`` from a sampler). A run that diverged counts with the accuracy of the learner where it
-    stopped (its last finite parameters)."""
+    stopped (its last finite parameters). ``progress``: a progress bar over the episodes."""
+    from tqdm.auto import tqdm
     _check(lr, steps, momentum, bn_mode)
     accs = []
-    for k, ep in enumerate(_episodes(episodes, n_episodes, seed)):
+    for k, ep in enumerate(tqdm(_episodes(episodes, n_episodes, seed), desc="finetune test", disable=not progress,
+                                leave=False)):
         rec = finetune_episode(ep, model_fn, init, lr=lr, steps=steps, momentum=momentum,
                                inner_batch_size=inner_batch_size, bn_mode=bn_mode, seed=k, device=device)
         accs.append((rec["final"] or rec["at_stop"])["query_acc"])
@@ -137,13 +139,16 @@ def evaluate_finetune(episodes: EpisodeSampler | Iterable[Episode], model_fn: Ca
 def tune_finetune(val_episodes: EpisodeSampler | Iterable[Episode], model_fn: Callable[[], nn.Module],
                   init: int | torch.Tensor, *, lrs: Sequence[float] = LR_GRID, steps: Sequence[int] = STEPS_GRID,
                   momentum: float = 0.0, n_episodes: int | None = None, seed: int | None = None,
-                  inner_batch_size: int | None = None, bn_mode: str = "running", device="cpu") -> runs.TuneResult:
+                  inner_batch_size: int | None = None, bn_mode: str = "running", device="cpu",
+                  progress: bool = False) -> runs.TuneResult:
     """Choose (lr, steps) for the fine-tuning baseline on validation episodes: the grid is every pair
     of ``lrs`` × ``steps``, the criterion ``val_acc`` the mean query accuracy over ``val_episodes``
     (:func:`l2l_zoo.runs.tune`; ``best`` is an ``(lr, steps)`` pair, ``records`` hold ``val_acc`` and
     ``val_ci`` per pair). One run of max(steps) updates per episode and learning rate serves every
     number of steps (the trajectory of fewer steps is its prefix). A pair for which any episode's run
-    diverged within its number of steps gets no score and is never chosen."""
+    diverged within its number of steps gets no score and is never chosen. ``progress``: a progress
+    bar over the validation episodes of each learning rate."""
+    from tqdm.auto import tqdm
     lrs, steps = list(lrs), list(steps)
     if not lrs or not steps:
         raise ValueError(f"lrs and steps must be non-empty, got lrs={lrs!r}, steps={steps!r}")
@@ -162,7 +167,9 @@ def tune_finetune(val_episodes: EpisodeSampler | Iterable[Episode], model_fn: Ca
         if lr not in cache:
             cache[lr] = [finetune_episode(ep, model_fn, init, lr=lr, steps=max(steps), momentum=momentum,
                                           inner_batch_size=inner_batch_size, bn_mode=bn_mode, eval_every=every,
-                                          seed=k, device=device) for k, ep in enumerate(eps)]
+                                          seed=k, device=device)
+                        for k, ep in enumerate(tqdm(eps, desc=f"finetune tune lr={lr:g}", disable=not progress,
+                                                    leave=False))]
         return cache[lr]
 
     def run(value):

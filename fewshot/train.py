@@ -401,13 +401,15 @@ def run_finetune(cfg: Config, splits, smp, device, log) -> tuple[dict, dict]:
     mcfg = mlstm.MetaLSTMConfig(ways=cfg.ways, shots=cfg.shots, queries=cfg.queries, filters=cfg.filters)
     model_fn = mlstm.learner_fn(mcfg, splits["train"].image_shape)
     val = smp["val"].episodes(cfg.val_episodes, VAL_SEED)
-    tuned = tune_finetune(val, model_fn, mcfg.init_seed, inner_batch_size=mcfg.inner_batch_size, device=device)
+    tuned = tune_finetune(val, model_fn, mcfg.init_seed, inner_batch_size=mcfg.inner_batch_size, device=device,
+                          progress=cfg.progress)
     if tuned.best is None:
         raise FloatingPointError("fine-tuning diverged for every (lr, steps) of the grid on the validation episodes")
     lr, steps = tuned.best
     t1 = time.perf_counter()
     accs = evaluate_finetune(smp["test"], model_fn, mcfg.init_seed, lr=lr, steps=steps, n_episodes=cfg.test_episodes,
-                             seed=TEST_SEED, inner_batch_size=mcfg.inner_batch_size, device=device)
+                             seed=TEST_SEED, inner_batch_size=mcfg.inner_batch_size, device=device,
+                             progress=cfg.progress)
     rec = runs.new_record(steps, seed=cfg.seed, test_accs=accs, lr=lr)
     rec["final"] = {**summary_of(accs, time.perf_counter() - t1), "best_val_acc": max(
         v for v in tuned.scores.values() if v is not None)}
