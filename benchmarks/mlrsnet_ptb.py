@@ -258,8 +258,11 @@ def stream_loss(model, data: torch.Tensor, bptt: int, distributed: bool = False)
         for i in range(0, data.shape[0] - 1, bptt):
             n = min(bptt, data.shape[0] - 1 - i)
             logits, state = model(data[i:i + n], state)
-            losses = F.cross_entropy(logits, data[i + 1:i + 1 + n].reshape(-1), reduction="none")
-            total += float(losses.double().sum() if distributed else losses.sum())  # (float64: shares)
+            target = data[i + 1:i + 1 + n].reshape(-1)
+            if distributed:  # shares summed in float64, so that how the streams are shared hardly matters
+                total += float(F.cross_entropy(logits, target, reduction="none").double().sum())
+            else:
+                total += float(F.cross_entropy(logits, target, reduction="sum"))
             count += n * data.shape[1]
     model.train(was)
     if distributed:

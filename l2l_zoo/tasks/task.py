@@ -120,13 +120,13 @@ class Task:
         was_training = model.training
         model.eval()
         total_loss, correct = 0.0, 0
-        with torch.no_grad():
-            for s in range(0, len(y), batch):
-                out = model(x[s:s + batch])
-                losses = F.cross_entropy(out, y[s:s + batch], reduction="none")
-                # shares are summed in float64, so that how the rows are shared hardly matters
-                total_loss += float(losses.double().sum() if distributed else losses.sum())
-                correct += int((out.argmax(1) == y[s:s + batch]).sum())
+        for s in range(0, len(y), batch):
+            out = model(x[s:s + batch])
+            if distributed:  # shares summed in float64, so that how the rows are shared hardly matters
+                total_loss += float(F.cross_entropy(out, y[s:s + batch], reduction="none").double().sum())
+            else:
+                total_loss += float(F.cross_entropy(out, y[s:s + batch], reduction="sum"))
+            correct += int((out.argmax(1) == y[s:s + batch]).sum())
         model.train(was_training)
         if distributed:
             total_loss, correct = all_sum([total_loss, correct], device=x.device)
