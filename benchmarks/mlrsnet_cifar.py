@@ -62,8 +62,8 @@ import l2l_zoo  # noqa: E402
 from l2l_zoo import MLRSNet  # noqa: E402
 from l2l_zoo import runs  # noqa: E402
 from l2l_zoo.cli import (ArgumentParser, UsageError, distributed_main, parse_floats,  # noqa: E402
-                         parse_seeds, resolve_device, run_main)
-from l2l_zoo.meta.distributed import dist_world  # noqa: E402
+                         parse_seeds, resolve_device, run_main, torchrun_world_size)
+from l2l_zoo.meta.distributed import dist_world, my_share  # noqa: E402
 from l2l_zoo.meta.unroll import AUTOCAST_DTYPES  # noqa: E402
 from l2l_zoo.meta.mlrsnet import MLRSNetMetaTrainer, MLRSNetTrainConfig, select_snapshots  # noqa: E402
 from l2l_zoo.schedules.baselines import BASELINES as HAND_DESIGNED, make_baseline  # noqa: E402
@@ -193,7 +193,7 @@ def parse_config(argv=None) -> Config:
     resolve_device(a.device)
     if a.autocast not in ("none", *AUTOCAST_DTYPES):
         raise UsageError(f"--autocast must be one of {['none', *AUTOCAST_DTYPES]}, got {a.autocast!r}")
-    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    world = torchrun_world_size()
     if world > 1:  # under torchrun: each process takes an equal share of every minibatch
         for flag, n in (("--batch-size", a.batch_size), ("--n-meta (the meta-data minibatch)",
                                                          min(a.batch_size, a.n_meta))):
@@ -307,13 +307,13 @@ class Runner:
 
 def shard(batch):
     """This process's equal share of a minibatch under torch.distributed (the whole batch otherwise)."""
-    world, rank = dist_world()
+    world, _ = dist_world()
     if world == 1:
         return batch
     n = len(batch[1])
     if n % world:
         raise ValueError(f"a minibatch of {n} does not split into {world} equal shares")
-    part = slice(rank * n // world, (rank + 1) * n // world)
+    part = my_share(n)
     return tuple(t[part] for t in batch)
 
 

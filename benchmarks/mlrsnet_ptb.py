@@ -56,8 +56,8 @@ import l2l_zoo  # noqa: E402
 from l2l_zoo import MLRSNet  # noqa: E402
 from l2l_zoo import runs  # noqa: E402
 from l2l_zoo.cli import (ArgumentParser, UsageError, distributed_main, parse_floats,  # noqa: E402
-                         parse_seeds, resolve_device, run_main)
-from l2l_zoo.meta.distributed import all_sum, dist_world, my_share  # noqa: E402
+                         parse_seeds, resolve_device, run_main, torchrun_world_size)
+from l2l_zoo.meta.distributed import all_sum, dist_world, my_share, rank0_decides  # noqa: E402
 from l2l_zoo.meta.unroll import AUTOCAST_DTYPES  # noqa: E402
 from l2l_zoo.meta.mlrsnet import MLRSNetMetaTrainer, MLRSNetTrainConfig  # noqa: E402
 from l2l_zoo.schedules.mlrsnet import MLRSNetController  # noqa: E402
@@ -159,7 +159,7 @@ def parse_config(argv=None) -> Config:
     if a.data_dir is not None and not os.path.isdir(a.data_dir):
         raise UsageError(f"--data-dir: no such folder {a.data_dir!r}")
     resolve_device(a.device)
-    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    world = torchrun_world_size()
     if world > 1 and a.batch_size % world:
         raise UsageError(f"--batch-size {a.batch_size} must be a multiple of WORLD_SIZE={world} (each process "
                          "meta-trains on an equal share of the token streams)")
@@ -312,10 +312,10 @@ def _main(cfg: Config, worker: bool = False) -> int:
         torch.set_num_threads(cfg.threads)
     from tqdm.auto import tqdm
     log = (lambda s: None) if worker else tqdm.write
-    world, rank = dist_world()
+    world, _ = dist_world()
     # under torchrun, MLR-SNet's meta-training runs data-parallel: each process its share of the
     # token streams (columns) of every training and meta-data chunk
-    cols = slice(rank * cfg.batch_size // world, (rank + 1) * cfg.batch_size // world)
+    cols = my_share(cfg.batch_size)
     t_start = time.perf_counter()
     corpus = Corpus(*find_ptb(cfg.data_dir), cfg.val_fraction)
     V = len(corpus.vocab)
@@ -379,10 +379,9 @@ def _main(cfg: Config, worker: bool = False) -> int:
                 rec.update(gamma=stepper.gamma, meta_failures=stepper.total_failures, world_size=world)
             return rec
         if shard and world > 1:  # rank 0's run cache decides for everyone
-            hit = [None if worker else cache.get(unit, name=key) is not None]
-            torch.distributed.broadcast_object_list(hit, src=0)
+            hit = rank0_decides(not worker and cache.get(unit, name=key) is not None, device)
             if worker:
-                return None if hit[0] else compute()
+                return None if hit else compute()
         return cache.run(unit, compute, name=key)
 
     def add(label, recs):

@@ -40,7 +40,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import l2l_zoo  # noqa: E402
 from l2l_zoo import runs  # noqa: E402
 from l2l_zoo.cli import (ArgumentParser, UsageError, distributed_main, parse_floats,  # noqa: E402
-                         parse_kv, parse_seeds, plot_curves, resolve_device, run_main)
+                         parse_kv, parse_seeds, plot_curves, resolve_device, run_main,
+                         torchrun_world_size)
 from l2l_zoo.evaluation import train_optimizee  # noqa: E402
 from l2l_zoo.meta import META_LOSSES, MetaTrainConfig, MetaTrainer  # noqa: E402
 from l2l_zoo.meta.trainer import dist_world  # noqa: E402
@@ -183,7 +184,7 @@ def parse_config(argv=None) -> Config:
         raise UsageError(f"--meta-batch must be an integer >= 1, got {a.meta_batch}")
     if a.autocast not in ("none", *AUTOCAST_DTYPES):
         raise UsageError(f"--autocast must be one of {['none', *AUTOCAST_DTYPES]}, got {a.autocast!r}")
-    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    world = torchrun_world_size()
     if world > 1:  # under torchrun: data-parallel meta-training, meta_batch instances shared out
         if a.opt in HAND or a.load is not None:
             raise UsageError(f"under torchrun (WORLD_SIZE={world}) only meta-training runs in parallel: use a "

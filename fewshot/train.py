@@ -52,8 +52,8 @@ import torch
 import l2l_zoo
 from l2l_zoo import runs
 from l2l_zoo.cli import (ArgumentParser, UsageError, distributed_main, plot_curves, resolve_device,
-                         run_main)
-from l2l_zoo.meta.distributed import dist_world
+                         run_main, torchrun_world_size)
+from l2l_zoo.meta.distributed import dist_world, rank0_decides
 from l2l_zoo.meta.unroll import AUTOCAST_DTYPES
 from l2l_zoo.regularizers import parse_smooth
 
@@ -191,7 +191,7 @@ def parse_config(argv=None) -> Config:
     for flag, on in (("--meta-batch", a.meta_batch != 1), ("--autocast", a.autocast != "none")):
         if on and a.method != "metalstm":
             raise UsageError(f"{flag} applies to --method metalstm, not {a.method!r}")
-    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    world = torchrun_world_size()
     if world > 1:  # under torchrun: Meta-LSTM's episodes of a meta-step shared out over the processes
         if a.method != "metalstm":
             raise UsageError(f"under torchrun (WORLD_SIZE={world}) only --method metalstm meta-trains in parallel, "
@@ -455,9 +455,7 @@ def _main(cfg: Config, worker: bool = False) -> int:
     cache = runs.RunCache(os.path.join(cfg.out, "runs"), enabled=cfg.resume)
     unit = {**identity(cfg), "data": {k: s.summary() for k, s in splits.items()}}
     if world > 1:  # rank 0's run cache decides for everyone (a cached run needs no meta-training)
-        hit = [None if worker else cache.get(unit, name=label) is not None]
-        torch.distributed.broadcast_object_list(hit, src=0)
-        if hit[0]:
+        if rank0_decides(not worker and cache.get(unit, name=label) is not None, device):
             torch.distributed.destroy_process_group()
             if worker:
                 return 0

@@ -99,20 +99,25 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def torchrun_world_size() -> int:
+    """The number of processes ``torchrun`` started (``WORLD_SIZE``; 1 without torchrun), known
+    before the process group exists, so that arguments can be checked before any work."""
+    return int(os.environ.get("WORLD_SIZE", "1") or 1)
+
+
 def init_distributed(device: torch.device) -> tuple[int, int]:
     """Join the process group that ``torchrun`` describes in the environment (``WORLD_SIZE`` > 1;
     gloo on CPU, NCCL on CUDA, each process on GPU ``LOCAL_RANK``) and return (world size, rank);
     (1, 0) without torchrun. Meta-training then all-reduces meta-gradients over the processes
     (:class:`l2l_zoo.meta.MetaTrainer`)."""
-    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
-    if world <= 1:
+    if torchrun_world_size() <= 1:
         return 1, 0
     d = torch.distributed
     if not d.is_initialized():
         if device.type == "cuda":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         d.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    from .meta.trainer import dist_world
+    from .meta.distributed import dist_world
     return dist_world()
 
 
@@ -127,7 +132,8 @@ def distributed_main(device: torch.device, out: str | os.PathLike, rank0: Callab
     so when it cannot (a file, unwritable, busy with another run) it prints that one-line error and
     every other rank stops with a one-line error of its own, instead of failing later in a
     collective with a traceback (or waiting for the backend's timeout)."""
-    world, rank = init_distributed(device)
+    from .meta.distributed import rank0_decides
+    _, rank = init_distributed(device)
     try:
         with contextlib.ExitStack() as stack:
             failure: BaseException | None = None
@@ -136,13 +142,9 @@ def distributed_main(device: torch.device, out: str | os.PathLike, rank0: Callab
                     stack.enter_context(output_folder(out))
                 except Exception as e:  # noqa: BLE001 - re-raised below, after telling the others
                     failure = e
-            if world > 1:
-                ok = torch.tensor([0 if failure is not None else 1],
-                                  device=device if device.type == "cuda" else "cpu")
-                torch.distributed.broadcast(ok, src=0)
-                if rank != 0 and not int(ok.item()):
-                    raise UsageError(f"rank {rank}: not started, because rank 0 could not use its "
-                                     f"output folder {os.fspath(out)!r} (rank 0's error says why)")
+            if not rank0_decides(failure is None, device) and rank != 0:
+                raise UsageError(f"rank {rank}: not started, because rank 0 could not use its "
+                                 f"output folder {os.fspath(out)!r} (rank 0's error says why)")
             if failure is not None:
                 raise failure
             return rank0() if rank == 0 else worker()

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["dist_world", "all_mean", "all_sum", "my_share", "check_in_sync"]
+__all__ = ["dist_world", "all_mean", "all_sum", "my_share", "rank0_decides", "check_in_sync"]
 
 
 def dist_world() -> tuple[int, int]:
@@ -46,6 +46,17 @@ def all_sum(values: list[float], device: torch.device | str = "cpu") -> list[flo
     t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=device)
     torch.distributed.all_reduce(t)
     return t.tolist()
+
+
+def rank0_decides(flag: bool, device: torch.device | str = "cpu") -> bool:
+    """Rank 0's ``flag`` on every process (what the other ranks pass is ignored; ``flag`` itself
+    without torch.distributed), e.g. whether rank 0's run cache holds a run or it could lock its
+    output folder. ``device``: where the broadcast runs (CUDA under NCCL)."""
+    if dist_world()[0] == 1:
+        return bool(flag)
+    t = torch.tensor([1 if flag else 0], device=device)
+    torch.distributed.broadcast(t, src=0)
+    return bool(t.item())
 
 
 def check_in_sync(tensors: list[torch.Tensor], what: str, where: str) -> None:
