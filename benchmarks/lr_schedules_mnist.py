@@ -366,8 +366,7 @@ def lrs_opt_run(task: Task, cfg: Config, seed: int, ckpt_path: str, log, progres
     history = {"val_loss": [], "hypergradient_norm": [], "wall_s": []}
     # Everything but the iteration budget must match for a checkpoint to be continued, so that
     # `--resume --lrs-opt-iters N` with a larger N extends a finished optimisation.
-    ck_sig = runs.canonical({**{k: getattr(cfg, k) for k in RUN_KEYS + LRS_KEYS if k != "lrs_opt_iters"
-                                and not (k == "autocast" and cfg.autocast is None)},
+    ck_sig = runs.canonical({**run_fields(cfg, [k for k in RUN_KEYS + LRS_KEYS if k != "lrs_opt_iters"]),
                              "seed": seed, "data": task.data.summary()})
     if cfg.resume and os.path.exists(ckpt_path):
         ck = runs.load_torch(ckpt_path, what="LRS-OPT checkpoint")
@@ -477,6 +476,12 @@ SELECTION_KEYS = ("seeds", "methods", "baselines", "betas", "mus", "beta_lrs", "
 NO_RESULT_KEYS = ("out", "resume", "progress")
 
 
+def run_fields(cfg: Config, keys) -> dict:
+    """The config's values of ``keys`` for a run's identity; ``autocast`` is absent at its default,
+    so that runs cached before the flag existed still hold."""
+    return {k: getattr(cfg, k) for k in keys if not (k == "autocast" and cfg.autocast is None)}
+
+
 def main(argv=None) -> int:
     cfg = parse_config(argv)
     with output_folder(cfg.out):
@@ -495,8 +500,7 @@ def _main(cfg: Config) -> int:
     log(f"[setup] MLP 784-500-500-500-10 ({task.num_params:,} parameters, Glorot init) on {device}, "
         f"T={cfg.steps}, η0={cfg.lr}, batch {cfg.batch_size}, E on {cfg.val_batch or 700} validation "
         f"images per step, gradient clip {cfg.grad_clip}; out: {cfg.out}")
-    setup = {**{k: getattr(cfg, k) for k in RUN_KEYS if not (k == "autocast" and cfg.autocast is None)},
-             "data": task.data.summary()}  # autocast absent at its default: caches hold
+    setup = {**run_fields(cfg, RUN_KEYS), "data": task.data.summary()}
     cache = runs.RunCache(os.path.join(cfg.out, "runs"), enabled=cfg.resume)
     result = runs.new_results("lr_schedules_mnist", asdict(cfg), data=task.data.summary())
     result.update(paper={"val_acc_percent": PAPER}, divergence_loss=DIVERGENCE_LOSS)
