@@ -191,15 +191,20 @@ def _two_and_one(tmp_path, target, flags, port, *, env=None):
     return tuple(json.loads((tmp_path / d / "results.json").read_text()) for d in ("two", "one"))
 
 
-@pytest.mark.parametrize("args,message", [
-    (["--opt", "simple", "--meta-batch", "3"], "--meta-batch 3 must be a multiple of WORLD_SIZE=2"),
-    (["--opt", "sgd"], "under torchrun (WORLD_SIZE=2) only meta-training runs in parallel"),
+@pytest.mark.parametrize("script,args,pattern", [
+    ("mnist_mlp", ["--opt", "simple", "--meta-batch", "3"], "--meta-batch 3 must be a multiple of WORLD_SIZE=2"),
+    ("mnist_mlp", ["--opt", "sgd"], r"under torchrun \(WORLD_SIZE=2\) only meta-training runs in parallel"),
+    ("mlrsnet_cifar", ["--batch-size", "127"], "--batch-size 127 must be a multiple of WORLD_SIZE=2"),
+    ("mlrsnet_cifar", ["--n-meta", "99"], "meta-data minibatch.* 99 must be a multiple of WORLD_SIZE=2"),
+    ("mlrsnet_ptb", ["--batch-size", "33"], "--batch-size 33 must be a multiple of WORLD_SIZE=2"),
 ])
-def test_mnist_mlp_checks_torchrun_settings_before_any_work(args, message, monkeypatch, tmp_path):
+def test_scripts_check_torchrun_settings_before_any_work(script, args, pattern, monkeypatch, tmp_path):
+    """Under torchrun (WORLD_SIZE=2) each script refuses settings that do not share out over the
+    processes in one line, at argument parsing, before any work."""
     from l2l_zoo.cli import UsageError
     monkeypatch.setenv("WORLD_SIZE", "2")
-    with pytest.raises(UsageError, match=message.replace("(", r"\(").replace(")", r"\)")):
-        _script("mnist_mlp").parse_config([*args, "--out", str(tmp_path / "o")])
+    with pytest.raises(UsageError, match=pattern):
+        _script(script).parse_config([*args, "--out", str(tmp_path / "o")])
 
 
 def test_torchrun_mnist_mlp_matches_one_process(data_dir, tmp_path):
@@ -348,16 +353,6 @@ def test_torchrun_mlrsnet_cifar_meta_trains_like_one_process(data_dir, tmp_path)
     assert len(ma) == len(mb) >= 4 and ma == pytest.approx(mb, rel=1e-5)
 
 
-def test_mlrsnet_cifar_checks_torchrun_settings_before_any_work(monkeypatch, tmp_path):
-    from l2l_zoo.cli import UsageError
-    mod = _script("mlrsnet_cifar")
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    with pytest.raises(UsageError, match="--batch-size 127 must be a multiple of WORLD_SIZE=2"):
-        mod.parse_config(["--batch-size", "127", "--out", str(tmp_path / "o")])
-    with pytest.raises(UsageError, match="meta-data minibatch.* 99 must be a multiple of WORLD_SIZE=2"):
-        mod.parse_config(["--n-meta", "99", "--out", str(tmp_path / "o")])
-
-
 def test_torchrun_mlrsnet_ptb_meta_trains_like_one_process(data_dir, tmp_path):
     """``torchrun benchmarks/mlrsnet_ptb.py`` on 2 gloo processes (each half of the token streams of
     every chunk; no dropout, so that the two computations are the same): the meta-training run's
@@ -378,11 +373,3 @@ def test_torchrun_mlrsnet_ptb_meta_trains_like_one_process(data_dir, tmp_path):
         assert a[k][:20] == pytest.approx(b[k][:20], rel=1e-4), k
     ma, mb = ([v for v in x["meta_loss"][:20] if v is not None] for x in (a, b))
     assert len(ma) == len(mb) >= 3 and ma == pytest.approx(mb, rel=1e-4)
-
-
-def test_mlrsnet_ptb_checks_torchrun_settings_before_any_work(monkeypatch, tmp_path):
-    from l2l_zoo.cli import UsageError
-    mod = _script("mlrsnet_ptb")
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    with pytest.raises(UsageError, match="--batch-size 33 must be a multiple of WORLD_SIZE=2"):
-        mod.parse_config(["--batch-size", "33", "--out", str(tmp_path / "o")])
