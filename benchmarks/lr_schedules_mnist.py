@@ -54,11 +54,11 @@ sys.path.insert(0, os.path.join(HERE, ".."))
 sys.path.insert(0, os.path.join(HERE, "..", "paper_figs"))
 
 from l2l_zoo import runs  # noqa: E402
-from l2l_zoo.cli import (ArgumentParser, UsageError, output_folder, parse_floats, parse_seeds,  # noqa: E402
+from l2l_zoo.cli import (ArgumentParser, UsageError, parse_autocast, output_folder, parse_floats, parse_seeds,  # noqa: E402
                          resolve_device, run_main)
 from l2l_zoo.schedules import (HD, MARTHE, BASELINES, BETA_RULES, LRSOpt, SGDDynamics,  # noqa: E402
                                flat_functional, make_baseline, schedule_hypergradient)
-from l2l_zoo.meta.unroll import AUTOCAST_DTYPES, autocast  # noqa: E402
+from l2l_zoo.meta.unroll import autocast  # noqa: E402
 from l2l_zoo.tasks import MLP, Task, glorot_init_  # noqa: E402
 from l2l_zoo.tasks.data import load_mnist  # noqa: E402
 
@@ -187,8 +187,7 @@ def parse_config(argv=None) -> Config:
         raise UsageError(f"--val-batch must be <= 700 (the validation split; 0 = all), got {a.val_batch}")
     if not (math.isfinite(a.grad_clip) and a.grad_clip >= 0):
         raise UsageError(f"--grad-clip must be a number >= 0 (0 = off), got {a.grad_clip}")
-    if a.autocast not in ("none", *AUTOCAST_DTYPES):
-        raise UsageError(f"--autocast must be one of {['none', *AUTOCAST_DTYPES]}, got {a.autocast!r}")
+    autocast_dtype = parse_autocast(a.autocast)
     if a.data_dir is not None and not os.path.isdir(a.data_dir):
         raise UsageError(f"--data-dir: no such folder {a.data_dir!r}")
     resolve_device(a.device)  # validates
@@ -199,7 +198,7 @@ def parse_config(argv=None) -> Config:
                   lrs_opt_seeds=a.lrs_opt_seeds, lrs_opt_iters=a.lrs_opt_iters,
                   lrs_opt_outer_lr=a.lrs_opt_outer_lr, lrs_opt_outer=a.lrs_opt_outer,
                   check_steps=a.check_steps, grad_clip=a.grad_clip or None,
-                  autocast=None if a.autocast == "none" else a.autocast, data_seed=a.data_seed, data_dir=a.data_dir, device=a.device,
+                  autocast=autocast_dtype, data_seed=a.data_seed, data_dir=a.data_dir, device=a.device,
                   threads=a.threads, out=a.out, resume=a.resume, progress=not a.no_progress)
 
 
@@ -477,9 +476,9 @@ NO_RESULT_KEYS = ("out", "resume", "progress")
 
 
 def run_fields(cfg: Config, keys) -> dict:
-    """The config's values of ``keys`` for a run's identity; ``autocast`` is absent at its default,
-    so that runs cached before the flag existed still hold."""
-    return {k: getattr(cfg, k) for k in keys if not (k == "autocast" and cfg.autocast is None)}
+    """The config's values of ``keys`` for a run's identity, without the later fields at their
+    defaults (``autocast``: runs cached before the flag existed still hold)."""
+    return runs.without_later_defaults({k: getattr(cfg, k) for k in keys})
 
 
 def main(argv=None) -> int:

@@ -61,10 +61,9 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import l2l_zoo  # noqa: E402
 from l2l_zoo import MLRSNet  # noqa: E402
 from l2l_zoo import runs  # noqa: E402
-from l2l_zoo.cli import (ArgumentParser, UsageError, distributed_main, parse_floats,  # noqa: E402
+from l2l_zoo.cli import (ArgumentParser, UsageError, parse_autocast, distributed_main, parse_floats,  # noqa: E402
                          parse_seeds, resolve_device, run_main, torchrun_world_size)
 from l2l_zoo.meta.distributed import dist_world, my_share  # noqa: E402
-from l2l_zoo.meta.unroll import AUTOCAST_DTYPES  # noqa: E402
 from l2l_zoo.meta.mlrsnet import MLRSNetMetaTrainer, MLRSNetTrainConfig, select_snapshots  # noqa: E402
 from l2l_zoo.schedules.baselines import BASELINES as HAND_DESIGNED, make_baseline  # noqa: E402
 from l2l_zoo.schedules.mlrsnet import MLRSNetController  # noqa: E402
@@ -191,8 +190,7 @@ def parse_config(argv=None) -> Config:
     if a.layout not in ("meta-train", "meta-test"):
         raise UsageError(f"--layout must be meta-train or meta-test, got {a.layout!r}")
     resolve_device(a.device)
-    if a.autocast not in ("none", *AUTOCAST_DTYPES):
-        raise UsageError(f"--autocast must be one of {['none', *AUTOCAST_DTYPES]}, got {a.autocast!r}")
+    autocast_dtype = parse_autocast(a.autocast)
     world = torchrun_world_size()
     if world > 1:  # under torchrun: each process takes an equal share of every minibatch
         for flag, n in (("--batch-size", a.batch_size), ("--n-meta (the meta-data minibatch)",
@@ -209,7 +207,7 @@ def parse_config(argv=None) -> Config:
                   baseline_momentum=a.momentum if a.baseline_momentum is None else a.baseline_momentum,
                   official=not a.no_official, seeds=parse_seeds(a.seeds), meta_seed=a.meta_seed,
                   data_seed=a.data_seed, evals=a.evals, threads=a.threads,
-                  autocast=None if a.autocast == "none" else a.autocast, device=a.device, data_dir=a.data_dir,
+                  autocast=autocast_dtype, device=a.device, data_dir=a.data_dir,
                   out=a.out, resume=a.resume, progress=not a.no_progress)
 
 
@@ -271,8 +269,8 @@ class Runner:
         self.cfg, self.log = cfg, log
         self.ckpt_dir = os.path.join(cfg.out, "ckpt")
         self.cache = runs.RunCache(os.path.join(cfg.out, "runs"), enabled=cfg.resume)
-        self.setup = {k: v for k, v in asdict(cfg).items() if k not in SELECTION_KEYS + NO_RESULT_KEYS
-                      and not (k == "autocast" and v is None)}  # absent at its default: caches hold
+        self.setup = runs.without_later_defaults({k: v for k, v in asdict(cfg).items()
+                                                  if k not in SELECTION_KEYS + NO_RESULT_KEYS})
 
     def unit(self, method: dict, task: Task, steps: int, seed: int) -> dict:
         return {**self.setup, "method": method, "steps": steps, "seed": seed, "task": task.name,

@@ -55,10 +55,9 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import l2l_zoo  # noqa: E402
 from l2l_zoo import MLRSNet  # noqa: E402
 from l2l_zoo import runs  # noqa: E402
-from l2l_zoo.cli import (ArgumentParser, UsageError, distributed_main, parse_floats,  # noqa: E402
+from l2l_zoo.cli import (ArgumentParser, UsageError, parse_autocast, distributed_main, parse_floats,  # noqa: E402
                          parse_seeds, resolve_device, run_main, torchrun_world_size)
 from l2l_zoo.meta.distributed import all_sum, dist_world, my_share, rank0_decides  # noqa: E402
-from l2l_zoo.meta.unroll import AUTOCAST_DTYPES  # noqa: E402
 from l2l_zoo.meta.mlrsnet import MLRSNetMetaTrainer, MLRSNetTrainConfig  # noqa: E402
 from l2l_zoo.schedules.mlrsnet import MLRSNetController  # noqa: E402
 from l2l_zoo.tasks import DataNotFoundError  # noqa: E402
@@ -154,8 +153,7 @@ def parse_config(argv=None) -> Config:
             raise UsageError(f"--transfer: {e}") from None
         if not isinstance(n, MLRSNet):
             raise UsageError(f"--transfer: {t!r} holds a {n.name!r} optimizer, not an MLR-SNet")
-    if a.autocast not in ("none", *AUTOCAST_DTYPES):
-        raise UsageError(f"--autocast must be one of {['none', *AUTOCAST_DTYPES]}, got {a.autocast!r}")
+    autocast_dtype = parse_autocast(a.autocast)
     if a.data_dir is not None and not os.path.isdir(a.data_dir):
         raise UsageError(f"--data-dir: no such folder {a.data_dir!r}")
     resolve_device(a.device)
@@ -168,7 +166,7 @@ def parse_config(argv=None) -> Config:
                   meta_lr=a.meta_lr, sgd_grid=parse_floats(a.sgd_grid, "--sgd-grid"),
                   adam_grid=parse_floats(a.adam_grid, "--adam-grid"), official=not a.no_official,
                   transfer=transfer, seeds=parse_seeds(a.seeds), evals=a.evals,
-                  autocast=None if a.autocast == "none" else a.autocast, threads=a.threads, device=a.device,
+                  autocast=autocast_dtype, threads=a.threads, device=a.device,
                   data_dir=a.data_dir, out=a.out, resume=a.resume, progress=not a.no_progress)
 
 
@@ -329,8 +327,8 @@ def _main(cfg: Config, worker: bool = False) -> int:
     log(f"[setup] vocabulary {V}, {spe} steps per epoch, {steps} steps per run, device {device}")
     data = {"note": corpus.note, "vocab": V, "train_tokens": len(corpus.train), "val_tokens": len(corpus.val),
             "test_tokens": len(corpus.test), "steps_per_epoch": spe}
-    setup = {**{k: v for k, v in asdict(cfg).items() if k not in SELECTION_KEYS + NO_RESULT_KEYS
-                and not (k == "autocast" and v is None)}, "data": data}  # absent at its default: caches hold
+    setup = {**runs.without_later_defaults({k: v for k, v in asdict(cfg).items()
+                                            if k not in SELECTION_KEYS + NO_RESULT_KEYS}), "data": data}
     cache = runs.RunCache(os.path.join(cfg.out, "runs"), enabled=cfg.resume)
     result = runs.new_results("mlrsnet_ptb", asdict(cfg), data=data)
     result["tasks"] = {"ptb": []}

@@ -39,13 +39,12 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import l2l_zoo  # noqa: E402
 from l2l_zoo import runs  # noqa: E402
-from l2l_zoo.cli import (ArgumentParser, UsageError, distributed_main, parse_floats,  # noqa: E402
+from l2l_zoo.cli import (ArgumentParser, UsageError, parse_autocast, distributed_main, parse_floats,  # noqa: E402
                          parse_kv, parse_seeds, plot_curves, resolve_device, run_main,
                          torchrun_world_size)
 from l2l_zoo.evaluation import train_optimizee  # noqa: E402
 from l2l_zoo.meta import META_LOSSES, MetaTrainConfig, MetaTrainer  # noqa: E402
 from l2l_zoo.meta.trainer import dist_world  # noqa: E402
-from l2l_zoo.meta.unroll import AUTOCAST_DTYPES  # noqa: E402
 from l2l_zoo.regularizers import parse_smooth  # noqa: E402
 from l2l_zoo.tasks import TASKS, make_task  # noqa: E402
 
@@ -182,8 +181,7 @@ def parse_config(argv=None) -> Config:
         raise UsageError(f"--backend must be func or higher, got {a.backend!r}")
     if a.meta_batch < 1:
         raise UsageError(f"--meta-batch must be an integer >= 1, got {a.meta_batch}")
-    if a.autocast not in ("none", *AUTOCAST_DTYPES):
-        raise UsageError(f"--autocast must be one of {['none', *AUTOCAST_DTYPES]}, got {a.autocast!r}")
+    autocast_dtype = parse_autocast(a.autocast)
     world = torchrun_world_size()
     if world > 1:  # under torchrun: data-parallel meta-training, meta_batch instances shared out
         if a.opt in HAND or a.load is not None:
@@ -250,7 +248,7 @@ def parse_config(argv=None) -> Config:
         opt=a.opt, smooth=a.smooth, task=a.task, meta_task=a.meta_task,
         meta_steps=a.meta_steps or DEFAULT_META_STEPS.get(a.opt, 0), horizon=a.horizon, unroll=a.unroll,
         meta_lr=a.meta_lr, meta_loss=a.meta_loss, meta_grad_clip=a.meta_grad_clip, backend=a.backend,
-        meta_batch=a.meta_batch, autocast=None if a.autocast == "none" else a.autocast, opt_config=opt_config, load=a.load, finetune=a.finetune, eval_steps=a.eval_steps,
+        meta_batch=a.meta_batch, autocast=autocast_dtype, opt_config=opt_config, load=a.load, finetune=a.finetune, eval_steps=a.eval_steps,
         eval_every=a.eval_every or max(1, a.eval_steps // 20), seeds=parse_seeds(a.seeds),
         meta_seed=a.meta_seed, lr_grid=parse_floats(a.lr_grid, "--lr-grid"), tune_criterion=a.tune_criterion,
         baselines=baselines, batch_size=a.batch_size, device=a.device, data_dir=a.data_dir,
@@ -274,11 +272,8 @@ def learned_label(cfg: Config) -> str:
 
 def meta_identity(cfg: Config) -> dict:
     """Everything the learned optimizer depends on (a loaded one: the file's content)."""
-    ident = {k: getattr(cfg, k) for k in META_KEYS}
-    if cfg.meta_batch == 1:  # the default: identities (and caches) from before the flag stay valid
-        del ident["meta_batch"]
-    if cfg.autocast is None:
-        del ident["autocast"]
+    ident = runs.without_later_defaults({k: getattr(cfg, k) for k in META_KEYS},
+                                        {**runs.LATER_DEFAULTS, "meta_batch": 1})
     if cfg.load:
         ident["load"] = runs.file_digest(cfg.load)
     return ident
@@ -348,9 +343,8 @@ def _main(cfg: Config) -> int:
     log(f"[setup] task {cfg.task} ({task.num_params:,} parameters) on {device}; out: {cfg.out}")
     results = runs.new_results("mnist_mlp", asdict(cfg), data=task.data.summary())
     cache = runs.RunCache(os.path.join(cfg.out, "runs"), enabled=cfg.resume)
-    eval_setup = {**{k: getattr(cfg, k) for k in EVAL_KEYS}, "data": task.data.summary()}
-    if cfg.autocast is None:  # the default: cached runs from before the flag stay valid
-        del eval_setup["autocast"]
+    eval_setup = {**runs.without_later_defaults({k: getattr(cfg, k) for k in EVAL_KEYS}),
+                  "data": task.data.summary()}
     tune_task = task.subsample(0.05, seed=0) if cfg.finetune else task
 
     def run(name: str, method: dict, make_opt, seed: int, on_task=None) -> dict:

@@ -51,10 +51,9 @@ import torch
 
 import l2l_zoo
 from l2l_zoo import runs
-from l2l_zoo.cli import (ArgumentParser, UsageError, distributed_main, plot_curves, resolve_device,
+from l2l_zoo.cli import (ArgumentParser, UsageError, parse_autocast, distributed_main, plot_curves, resolve_device,
                          run_main, torchrun_world_size)
 from l2l_zoo.meta.distributed import dist_world, rank0_decides
-from l2l_zoo.meta.unroll import AUTOCAST_DTYPES
 from l2l_zoo.regularizers import parse_smooth
 
 from . import metalstm as mlstm
@@ -98,14 +97,14 @@ class Config:
 
 NO_RESULT_KEYS = ("out", "resume", "progress", "backbone_cache")
 #: fields that postdate cached runs: absent from a run's identity at these defaults, so caches hold
-LATER_DEFAULTS = {"meta_batch": 1, "autocast": None}
+LATER_DEFAULTS = {**runs.LATER_DEFAULTS, "meta_batch": 1}
 
 
 def identity(cfg: "Config") -> dict:
     """What a run's results depend on: the config without output/progress settings (and without
     the later fields at their defaults); the number of processes is not part of it."""
-    return {k: v for k, v in asdict(cfg).items()
-            if k not in NO_RESULT_KEYS and not (k in LATER_DEFAULTS and v == LATER_DEFAULTS[k])}
+    return runs.without_later_defaults({k: v for k, v in asdict(cfg).items() if k not in NO_RESULT_KEYS},
+                                       LATER_DEFAULTS)
 
 
 def build_parser() -> ArgumentParser:
@@ -186,8 +185,7 @@ def parse_config(argv=None) -> Config:
             mlstm.preset_config(a.preset, a.shots)
         except ValueError as e:
             raise UsageError(f"--preset {a.preset!r} with --shots {a.shots}: {e}") from None
-    if a.autocast not in ("none", *AUTOCAST_DTYPES):
-        raise UsageError(f"--autocast must be one of {['none', *AUTOCAST_DTYPES]}, got {a.autocast!r}")
+    autocast_dtype = parse_autocast(a.autocast)
     for flag, on in (("--meta-batch", a.meta_batch != 1), ("--autocast", a.autocast != "none")):
         if on and a.method != "metalstm":
             raise UsageError(f"{flag} applies to --method metalstm, not {a.method!r}")
@@ -218,7 +216,7 @@ def parse_config(argv=None) -> Config:
                   backbone_checkpoint=a.backbone_checkpoint, pretrain_steps=a.pretrain_steps,
                   backbone_cache=a.backbone_cache, threads=a.threads,
                   device=a.device, data_dir=a.data_dir, meta_batch=a.meta_batch,
-                  autocast=None if a.autocast == "none" else a.autocast, out=out, resume=a.resume,
+                  autocast=autocast_dtype, out=out, resume=a.resume,
                   progress=not a.no_progress)
 
 

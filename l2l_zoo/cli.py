@@ -14,9 +14,10 @@ from typing import Any, Callable
 import torch
 
 from . import runs
+from .meta.unroll import AUTOCAST_DTYPES
 from .runs import environment, read_json, write_json
 
-__all__ = ["ArgumentParser", "UsageError", "parse_seeds", "parse_floats", "parse_kv", "resolve_device",
+__all__ = ["ArgumentParser", "UsageError", "parse_seeds", "parse_floats", "parse_kv", "parse_autocast", "resolve_device",
            "output_folder", "output_file", "write_json", "read_json", "environment", "run_main", "plot_curves"]
 
 
@@ -87,6 +88,13 @@ def parse_kv(spec: str | None, flag: str) -> dict[str, Any]:
             raise UsageError(f"{flag}: key {k!r} given twice ({spec!r})")
         out[k] = _auto(v)
     return out
+
+
+def parse_autocast(value: str) -> str | None:
+    """``--autocast``: ``"none"`` (float32, returned as ``None``) or one of the autocast dtypes."""
+    if value not in ("none", *AUTOCAST_DTYPES):
+        raise UsageError(f"--autocast must be one of {['none', *AUTOCAST_DTYPES]}, got {value!r}")
+    return None if value == "none" else value
 
 
 def resolve_device(name: str) -> torch.device:

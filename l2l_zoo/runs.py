@@ -320,6 +320,18 @@ def canonical(obj):
                     f"{type(obj).__name__}: {obj!r}")
 
 
+#: Config fields added after runs were cached, with their defaults. A field at its default is left
+#: out of a run's identity (:func:`without_later_defaults`), so runs cached before the field existed
+#: still hold, while any other value gives a new identity. Scripts with later fields of their own
+#: pass this mapping extended by them.
+LATER_DEFAULTS = {"autocast": None}
+
+
+def without_later_defaults(fields: Mapping, later_defaults: Mapping = LATER_DEFAULTS) -> dict:
+    """``fields`` without the entries that sit at their later default (see :data:`LATER_DEFAULTS`)."""
+    return {k: v for k, v in fields.items() if not (k in later_defaults and v == later_defaults[k])}
+
+
 def config_hash(config) -> str:
     """16 hex digits of the SHA-256 of the canonical JSON of ``config`` (keys sorted)."""
     text = json.dumps(canonical(config), sort_keys=True, separators=(",", ":"))

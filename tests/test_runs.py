@@ -134,6 +134,16 @@ def test_config_hash_distinguishes_every_value():
         runs.config_hash({"f": lambda: 0})
 
 
+def test_later_fields_are_absent_from_identities_only_at_their_defaults():
+    old = {"opt": "simple", "lr": 0.1}
+    assert runs.without_later_defaults({**old, "autocast": None}) == old  # old caches still hold
+    assert runs.without_later_defaults({**old, "autocast": "bfloat16"}) == {**old, "autocast": "bfloat16"}
+    later = {**runs.LATER_DEFAULTS, "meta_batch": 1}
+    assert runs.without_later_defaults({**old, "meta_batch": 1, "autocast": None}, later) == old
+    assert runs.without_later_defaults({**old, "meta_batch": 2}, later) == {**old, "meta_batch": 2}
+    assert runs.config_hash(runs.without_later_defaults({**old, "autocast": None})) == runs.config_hash(old)
+
+
 def test_run_cache_returns_only_results_of_the_same_settings(tmp_path):
     """The probe's worst finding: caches keyed on a label reused old numbers under a new config."""
     calls = []

@@ -51,6 +51,11 @@ class MetaTrainingDiverged(RuntimeError):
     """Raised after ``max_failures`` consecutive non-finite meta-losses or meta-gradients."""
 
 
+#: MetaTrainConfig fields that postdate the checkpoints and run caches keyed on its ``to_dict()``,
+#: at their defaults
+CONFIG_LATER_DEFAULTS = {**runs.LATER_DEFAULTS, "meta_batch": 1, "meta_batch_mode": "auto", "fast": True}
+
+
 @dataclass
 class MetaTrainConfig:
     """Meta-training settings. ``None`` means "the optimizer's paper default"
@@ -149,19 +154,11 @@ class MetaTrainConfig:
         return MetaTrainConfig(**d)
 
     def to_dict(self) -> dict:
-        """Every field; ``meta_batch`` only when it is not 1 (it postdates checkpoints and run caches
-        keyed on this dict, which stay valid for the default)."""
+        """Every field, except the fields that postdate checkpoints and run caches keyed on this dict
+        while they sit at their defaults (:data:`CONFIG_LATER_DEFAULTS`), so that those stay valid."""
         d = asdict(self)
         d["smooth"] = None if self.smooth is None else self.smooth.to_dict()
-        if self.meta_batch == 1:
-            del d["meta_batch"]
-        if self.fast:
-            del d["fast"]
-        if self.meta_batch_mode == "auto":  # absent at its default, so older identities hold
-            del d["meta_batch_mode"]
-        if self.autocast is None:  # like meta_batch: absent at the default, so older identities hold
-            del d["autocast"]
-        return d
+        return runs.without_later_defaults(d, CONFIG_LATER_DEFAULTS)
 
 
 #: with ``fast``, a meta-batch of instances at least this large runs the optimizer step once per
