@@ -54,8 +54,8 @@ sys.path.insert(0, os.path.join(HERE, ".."))
 sys.path.insert(0, os.path.join(HERE, "..", "paper_figs"))
 
 from l2l_zoo import runs  # noqa: E402
-from l2l_zoo.cli import (ArgumentParser, UsageError, parse_autocast, output_folder, parse_floats, parse_seeds,  # noqa: E402
-                         resolve_device, run_main)
+from l2l_zoo.cli import (ArgumentParser, UsageError, output_folder, parse_autocast, parse_floats,  # noqa: E402
+                         parse_seeds, resolve_device, run_main)
 from l2l_zoo.schedules import (HD, MARTHE, BASELINES, BETA_RULES, LRSOpt, SGDDynamics,  # noqa: E402
                                flat_functional, make_baseline, schedule_hypergradient)
 from l2l_zoo.meta.unroll import autocast  # noqa: E402

@@ -55,8 +55,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import l2l_zoo  # noqa: E402
 from l2l_zoo import MLRSNet  # noqa: E402
 from l2l_zoo import runs  # noqa: E402
-from l2l_zoo.cli import (ArgumentParser, UsageError, parse_autocast, distributed_main, parse_floats,  # noqa: E402
-                         parse_seeds, resolve_device, run_main, torchrun_world_size)
+from l2l_zoo.cli import (ArgumentParser, UsageError, distributed_main, parse_autocast,  # noqa: E402
+                         parse_floats, parse_seeds, resolve_device, run_main, torchrun_world_size)
 from l2l_zoo.meta.distributed import all_sum, dist_world, my_share, rank0_decides  # noqa: E402
 from l2l_zoo.meta.mlrsnet import MLRSNetMetaTrainer, MLRSNetTrainConfig  # noqa: E402
 from l2l_zoo.schedules.mlrsnet import MLRSNetController  # noqa: E402

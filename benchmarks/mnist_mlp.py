@@ -39,8 +39,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import l2l_zoo  # noqa: E402
 from l2l_zoo import runs  # noqa: E402
-from l2l_zoo.cli import (ArgumentParser, UsageError, parse_autocast, distributed_main, parse_floats,  # noqa: E402
-                         parse_kv, parse_seeds, plot_curves, resolve_device, run_main,
+from l2l_zoo.cli import (ArgumentParser, UsageError, distributed_main, parse_autocast,  # noqa: E402
+                         parse_floats, parse_kv, parse_seeds, plot_curves, resolve_device, run_main,
                          torchrun_world_size)
 from l2l_zoo.evaluation import train_optimizee  # noqa: E402
 from l2l_zoo.meta import META_LOSSES, MetaTrainConfig, MetaTrainer  # noqa: E402

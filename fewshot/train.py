@@ -51,8 +51,8 @@ import torch
 
 import l2l_zoo
 from l2l_zoo import runs
-from l2l_zoo.cli import (ArgumentParser, UsageError, parse_autocast, distributed_main, plot_curves, resolve_device,
-                         run_main, torchrun_world_size)
+from l2l_zoo.cli import (ArgumentParser, UsageError, distributed_main, parse_autocast, plot_curves,
+                         resolve_device, run_main, torchrun_world_size)
 from l2l_zoo.meta.distributed import dist_world, rank0_decides
 from l2l_zoo.regularizers import parse_smooth
 
