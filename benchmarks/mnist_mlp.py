@@ -272,8 +272,7 @@ def learned_label(cfg: Config) -> str:
 
 def meta_identity(cfg: Config) -> dict:
     """Everything the learned optimizer depends on (a loaded one: the file's content)."""
-    ident = runs.without_later_defaults({k: getattr(cfg, k) for k in META_KEYS},
-                                        {**runs.LATER_DEFAULTS, "meta_batch": 1})
+    ident = runs.without_later_defaults({k: getattr(cfg, k) for k in META_KEYS})
     if cfg.load:
         ident["load"] = runs.file_digest(cfg.load)
     return ident

@@ -96,15 +96,13 @@ class Config:
 
 
 NO_RESULT_KEYS = ("out", "resume", "progress", "backbone_cache")
-#: fields that postdate cached runs: absent from a run's identity at these defaults, so caches hold
-LATER_DEFAULTS = {**runs.LATER_DEFAULTS, "meta_batch": 1}
 
 
 def identity(cfg: "Config") -> dict:
     """What a run's results depend on: the config without output/progress settings (and without
-    the later fields at their defaults); the number of processes is not part of it."""
-    return runs.without_later_defaults({k: v for k, v in asdict(cfg).items() if k not in NO_RESULT_KEYS},
-                                       LATER_DEFAULTS)
+    the later fields at their defaults, ``runs.LATER_DEFAULTS``); the number of processes is not part
+    of it."""
+    return runs.without_later_defaults({k: v for k, v in asdict(cfg).items() if k not in NO_RESULT_KEYS})
 
 
 def build_parser() -> ArgumentParser:

@@ -14,11 +14,11 @@ from typing import Any, Callable
 import torch
 
 from . import runs
-from .meta.unroll import AUTOCAST_DTYPES
 from .runs import environment, read_json, write_json
 
-__all__ = ["ArgumentParser", "UsageError", "parse_seeds", "parse_floats", "parse_kv", "parse_autocast", "resolve_device",
-           "output_folder", "output_file", "write_json", "read_json", "environment", "run_main", "plot_curves"]
+__all__ = ["ArgumentParser", "UsageError", "parse_seeds", "parse_floats", "parse_kv", "parse_autocast",
+           "resolve_device", "torchrun_world_size", "output_folder", "output_file", "write_json", "read_json",
+           "environment", "run_main", "plot_curves"]
 
 
 class UsageError(ValueError):
@@ -92,6 +92,7 @@ def parse_kv(spec: str | None, flag: str) -> dict[str, Any]:
 
 def parse_autocast(value: str) -> str | None:
     """``--autocast``: ``"none"`` (float32, returned as ``None``) or one of the autocast dtypes."""
+    from .meta.unroll import AUTOCAST_DTYPES  # here, so that importing cli does not load l2l_zoo.meta
     if value not in ("none", *AUTOCAST_DTYPES):
         raise UsageError(f"--autocast must be one of {['none', *AUTOCAST_DTYPES]}, got {value!r}")
     return None if value == "none" else value

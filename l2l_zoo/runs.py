@@ -322,9 +322,9 @@ def canonical(obj):
 
 #: Config fields added after runs were cached, with their defaults. A field at its default is left
 #: out of a run's identity (:func:`without_later_defaults`), so runs cached before the field existed
-#: still hold, while any other value gives a new identity. Scripts with later fields of their own
-#: pass this mapping extended by them.
-LATER_DEFAULTS = {"autocast": None}
+#: still hold, while any other value gives a new identity (a field a script does not have is simply
+#: not there). Scripts with later fields of their own pass this mapping extended by them.
+LATER_DEFAULTS = {"autocast": None, "meta_batch": 1}
 
 
 def without_later_defaults(fields: Mapping, later_defaults: Mapping = LATER_DEFAULTS) -> dict:

@@ -138,9 +138,11 @@ def test_later_fields_are_absent_from_identities_only_at_their_defaults():
     old = {"opt": "simple", "lr": 0.1}
     assert runs.without_later_defaults({**old, "autocast": None}) == old  # old caches still hold
     assert runs.without_later_defaults({**old, "autocast": "bfloat16"}) == {**old, "autocast": "bfloat16"}
-    later = {**runs.LATER_DEFAULTS, "meta_batch": 1}
-    assert runs.without_later_defaults({**old, "meta_batch": 1, "autocast": None}, later) == old
-    assert runs.without_later_defaults({**old, "meta_batch": 2}, later) == {**old, "meta_batch": 2}
+    assert runs.without_later_defaults({**old, "meta_batch": 1, "autocast": None}) == old
+    assert runs.without_later_defaults({**old, "meta_batch": 2}) == {**old, "meta_batch": 2}
+    later = {**runs.LATER_DEFAULTS, "fast": True}  # a script's own later field
+    assert runs.without_later_defaults({**old, "fast": True}, later) == old
+    assert runs.without_later_defaults({**old, "fast": False}, later) == {**old, "fast": False}
     assert runs.config_hash(runs.without_later_defaults({**old, "autocast": None})) == runs.config_hash(old)
 
 

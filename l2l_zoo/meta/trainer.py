@@ -53,7 +53,7 @@ class MetaTrainingDiverged(RuntimeError):
 
 #: MetaTrainConfig fields that postdate the checkpoints and run caches keyed on its ``to_dict()``,
 #: at their defaults
-CONFIG_LATER_DEFAULTS = {**runs.LATER_DEFAULTS, "meta_batch": 1, "meta_batch_mode": "auto", "fast": True}
+CONFIG_LATER_DEFAULTS = {**runs.LATER_DEFAULTS, "meta_batch_mode": "auto", "fast": True}
 
 
 @dataclass
