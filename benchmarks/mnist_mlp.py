@@ -16,6 +16,9 @@ models of ``--task`` for ``--eval-steps`` steps (default 1000, 5× the training 
 learning rate of ``--lr-grid`` (Chen et al.: {1, 0.1, 0.01, 0.001}), chosen by ``--tune-criterion``
 (default: the final full validation-set loss; never a test metric) on the first seed, and are then
 run on every seed with the same initialisations and minibatch order as the learned optimizer.
+Learning-rate-free optimizers (``--baselines prodigy,sf-adamw``: Prodigy, schedule-free AdamW; the
+authors' packages, ``pip install -e '.[lrfree]'``) run untuned at their authors' settings on the same
+seeds; schedule-free AdamW is evaluated at its averaged point.
 
 Outputs in ``--out`` (locked while the script runs: a second run on the same folder is refused):
 ``results.json`` (the ``l2l_zoo.runs`` results schema: full config, environment, data provenance,
@@ -38,6 +41,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 import l2l_zoo  # noqa: E402
+from l2l_zoo import baselines as base_opts  # noqa: E402
 from l2l_zoo import runs  # noqa: E402
 from l2l_zoo.cli import (ArgumentParser, UsageError, distributed_main, parse_autocast,  # noqa: E402
                          parse_floats, parse_kv, parse_seeds, plot_curves, resolve_device, run_main,
@@ -49,7 +53,9 @@ from l2l_zoo.regularizers import parse_smooth  # noqa: E402
 from l2l_zoo.tasks import TASKS, make_task  # noqa: E402
 
 LEARNED = ("simple", "dm", "rnnprop")
-HAND = ("sgd", "sgdm", "adam")
+HAND = base_opts.HAND            # tuned over --lr-grid
+LR_FREE = base_opts.LR_FREE      # run untuned at their authors' settings
+BASELINES = HAND + LR_FREE
 CRITERIA = ("val_loss", "val_acc")
 # Meta-steps that fit the default run into ~10 minutes on 2 CPU cores (the per-meta-step cost on
 # the 397,510-coordinate MLP is ~1.5 s for SimpleOptimizer and ~15-20x more for the LSTMs).
@@ -103,8 +109,9 @@ NO_RESULT_KEYS = ("out", "resume", "progress")
 
 def build_parser() -> ArgumentParser:
     p = ArgumentParser(description=__doc__.split("\n\n")[0], epilog="See the module docstring for the protocol.")
-    p.add_argument("--opt", required=True, help=f"optimizer to evaluate: learned {list(LEARNED)} or "
-                   f"hand-designed {list(HAND)}")
+    p.add_argument("--opt", required=True, help=f"optimizer to evaluate: learned {list(LEARNED)}, "
+                   f"hand-designed {list(HAND)} or learning-rate-free {list(LR_FREE)} (these two need "
+                   "pip install -e '.[lrfree]')")
     p.add_argument("--smooth", default=None, metavar="SPEC",
                    help="smoothness regularizer for meta-training: eps=E[,lam=L,steps=K,step_size=S,"
                         "noise=N,subsample=M]; omitted keys take the defaults lam=1, steps=10, "
@@ -142,13 +149,15 @@ def build_parser() -> ArgumentParser:
                    help="steps between full train/validation/test evaluations (default eval-steps/20)")
     p.add_argument("--seeds", default="1", help="evaluation seeds: a count N (seeds 0..N-1) or a comma list")
     p.add_argument("--meta-seed", type=int, default=0, help="seed of meta-training (meta-parameter init, data order)")
-    p.add_argument("--lr-grid", default="1,0.1,0.01,0.001", help="learning rates tried for each hand-designed optimizer")
+    p.add_argument("--lr-grid", default="1,0.1,0.01,0.001",
+                   help="learning rates tried for each hand-designed optimizer (learning-rate-free ones are not tuned)")
     p.add_argument("--tune-criterion", default="val_loss",
                    help=f"how a baseline's learning rate is chosen on the first seed, one of {list(CRITERIA)}: "
                         "final full validation-set loss (minimised) or accuracy (maximised); never a test metric")
     p.add_argument("--baselines", default=None,
-                   help="comma list of hand-designed optimizers to compare with, or 'none' (default: all "
-                        "three for a learned --opt, none otherwise)")
+                   help=f"comma list of optimizers to compare with, from {list(BASELINES)}, or 'none' (default: "
+                        "the three hand-designed ones for a learned --opt, none otherwise); prodigy (Prodigy) "
+                        "and sf-adamw (schedule-free AdamW) run at their authors' settings without tuning")
     p.add_argument("--batch-size", type=int, default=128, help="optimizee minibatch size (at most the training-set size)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--data-dir", default=None,
@@ -162,14 +171,14 @@ def build_parser() -> ArgumentParser:
 
 def parse_config(argv=None) -> Config:
     a = build_parser().parse_args(argv)
-    if a.opt not in LEARNED + HAND:
-        raise UsageError(f"--opt must be one of {list(LEARNED + HAND)}, got {a.opt!r}")
+    if a.opt not in LEARNED + BASELINES:
+        raise UsageError(f"--opt must be one of {list(LEARNED + BASELINES)}, got {a.opt!r}")
     for flag, val in (("--task", a.task), ("--meta-task", a.meta_task)):
         if val not in TASKS:
             raise UsageError(f"{flag} must be one of {sorted(TASKS)}, got {val!r}")
     smooth = None
     if a.smooth is not None:
-        if a.opt in HAND:
+        if a.opt in BASELINES:
             raise UsageError(f"--smooth applies to learned optimizers {list(LEARNED)}, not {a.opt!r}")
         try:
             smooth = parse_smooth(a.smooth)
@@ -184,14 +193,14 @@ def parse_config(argv=None) -> Config:
     autocast_dtype = parse_autocast(a.autocast)
     world = torchrun_world_size()
     if world > 1:  # under torchrun: data-parallel meta-training, meta_batch instances shared out
-        if a.opt in HAND or a.load is not None:
+        if a.opt in BASELINES or a.load is not None:
             raise UsageError(f"under torchrun (WORLD_SIZE={world}) only meta-training runs in parallel: use a "
                              "learned --opt without --load, or run without torchrun")
         if a.meta_batch % world:
             raise UsageError(f"--meta-batch {a.meta_batch} must be a multiple of WORLD_SIZE={world} (each "
                              "process unrolls meta-batch / world-size optimizee instances)")
     if a.meta_batch > 1:
-        if a.opt in HAND or a.load is not None:
+        if a.opt in BASELINES or a.load is not None:
             raise UsageError("--meta-batch applies to meta-training a learned optimizer (not to --opt "
                              f"{a.opt!r}{' with --load' if a.load else ''})")
         per = a.meta_batch // max(world, 1)
@@ -216,13 +225,18 @@ def parse_config(argv=None) -> Config:
         baselines = []
     else:
         baselines = [b.strip() for b in a.baselines.split(",") if b.strip()]
-        bad = [b for b in baselines if b not in HAND]
+        bad = [b for b in baselines if b not in BASELINES]
         if bad:
-            raise UsageError(f"--baselines must be 'none' or a comma list from {list(HAND)}, got {bad}")
-    if a.opt in HAND:
+            raise UsageError(f"--baselines must be 'none' or a comma list from {list(BASELINES)}, got {bad}")
+    if a.opt in BASELINES:
         baselines = [a.opt] + [b for b in baselines if b != a.opt]
+    for b in baselines:
+        try:
+            base_opts.check(b)  # a missing optional package is reported now, before any work
+        except ImportError as e:
+            raise UsageError(str(e)) from None
     opt_config = parse_kv(a.opt_config, "--opt-config")
-    if opt_config and a.opt in HAND:
+    if opt_config and a.opt in BASELINES:
         raise UsageError("--opt-config applies to learned optimizers only")
     if opt_config:
         try:  # validate the options now, before any data is loaded
@@ -230,7 +244,7 @@ def parse_config(argv=None) -> Config:
         except (TypeError, ValueError) as e:
             raise UsageError(f"--opt-config: {e}") from None
     if a.load is not None:
-        if a.opt in HAND:
+        if a.opt in BASELINES:
             raise UsageError("--load applies to learned optimizers only")
         if not os.path.isfile(a.load):
             raise UsageError(f"--load: no such file {a.load!r}")
@@ -257,14 +271,6 @@ def parse_config(argv=None) -> Config:
 
 
 # ---------------------------------------------------------------------------------- pieces
-
-def hand_optimizer(name: str, lr: float):
-    if name == "sgd":
-        return lambda params: torch.optim.SGD(params, lr=lr)
-    if name == "sgdm":
-        return lambda params: torch.optim.SGD(params, lr=lr, momentum=0.9)
-    return lambda params: torch.optim.Adam(params, lr=lr)
-
 
 def learned_label(cfg: Config) -> str:
     return cfg.opt + ("+smooth" if cfg.smooth else "") + ("+ft" if cfg.finetune else "")
@@ -382,8 +388,15 @@ def _main(cfg: Config) -> int:
     # Hand-designed baselines: tune the learning rate on the first seed (validation split), then run
     # every seed with the chosen one.
     for name in cfg.baselines:
-        tuned = runs.tune(cfg.lr_grid, lambda lr: run(f"{name}_lr{lr:g}", {"hand": name, "lr": lr},
-                                                      hand_optimizer(name, lr), cfg.seeds[0],
+        if name in LR_FREE:  # nothing to tune: every seed at the authors' settings
+            lr = base_opts.LR_FREE_SETTINGS[name]["lr"]
+            results["runs"][f"{name}(lr={lr:g})"] = [
+                run(name, base_opts.identity(name), base_opts.make(name), s) for s in cfg.seeds]
+            results["notes"].append(f"{name}: learning-rate-free, run at its authors' settings "
+                                    f"{base_opts.identity(name)['settings']}, not tuned")
+            continue
+        tuned = runs.tune(cfg.lr_grid, lambda lr: run(f"{name}_lr{lr:g}", base_opts.identity(name, lr),
+                                                      base_opts.make(name, lr), cfg.seeds[0],
                                                       on_task=tune_task if cfg.finetune else None),
                           criterion=cfg.tune_criterion,
                           note=f"seed {cfg.seeds[0]}" + (", 5% fine-tuning subsample" if cfg.finetune else ""))
@@ -394,7 +407,8 @@ def _main(cfg: Config) -> int:
             continue
         best = tuned.best
         results["runs"][f"{name}(lr={best:g})"] = [
-            run(f"{name}_lr{best:g}", {"hand": name, "lr": best}, hand_optimizer(name, best), s) for s in cfg.seeds]
+            run(f"{name}_lr{best:g}", base_opts.identity(name, best), base_opts.make(name, best), s)
+            for s in cfg.seeds]
 
     results["summary"] = {label: runs.summarize(recs) for label, recs in results["runs"].items()}
     results["wall_s"] = time.perf_counter() - t_start

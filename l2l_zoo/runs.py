@@ -530,10 +530,34 @@ class OptimizerStepper:
         self.scheduler, self.grad_clip = scheduler, grad_clip
         self._pass_loss = bool(getattr(getattr(optimizer, "lopt", None), "needs_loss", False))
         self._params = [p for g in optimizer.param_groups for p in g["params"]]
+        from .baselines import has_eval_point
+        self._eval_point = has_eval_point(optimizer)
         self.t = 0  # steps taken
+
+    @contextlib.contextmanager
+    def evaluating(self):
+        """Evaluation context of :func:`train`. A schedule-free optimizer (``train()``/``eval()``
+        methods) is switched to its evaluation point for the evaluation, and the training point is
+        then restored bit for bit (not by the optimizer's inverse interpolation, whose rounding would
+        make the training trajectory depend on how often it is evaluated)."""
+        if not self._eval_point:
+            yield
+            return
+        with torch.no_grad():
+            saved = [p.detach().clone() for p in self._params]
+        self.optimizer.eval()
+        try:
+            yield
+        finally:
+            self.optimizer.train()
+            with torch.no_grad():
+                for p, v in zip(self._params, saved):
+                    p.copy_(v)
 
     def step(self, batch) -> dict:
         self.model.train()
+        if self._eval_point:
+            self.optimizer.train()
         self.optimizer.zero_grad(set_to_none=True)
         with _autocast(self.model, self.autocast):
             loss, aux = _split(self.loss_fn(self.model, batch))
@@ -693,7 +717,9 @@ def train(stepper, next_batch: Callable[[Any], Any], *, steps: int,
     ``stepper`` is any object with ``step(batch) -> dict`` (``loss``, optional ``aux``, ``error``
     and scalars to log), ``state_dict()``, ``load_state_dict()`` and a ``model`` attribute, e.g.
     :class:`OptimizerStepper`, :class:`ControllerStepper` or
-    :class:`~l2l_zoo.meta.MLRSNetMetaTrainer`.
+    :class:`~l2l_zoo.meta.MLRSNetMetaTrainer`; if it has an ``evaluating()`` context manager,
+    ``evaluate`` and ``final`` run inside it (:meth:`OptimizerStepper.evaluating`: a schedule-free
+    optimizer is evaluated at its evaluation point).
 
     Under ``torch.distributed`` every process runs this loop in step (a data-parallel stepper such
     as :class:`~l2l_zoo.meta.MLRSNetMetaTrainer` returns the same loss on every process, and
@@ -744,8 +770,11 @@ def train(stepper, next_batch: Callable[[Any], Any], *, steps: int,
                                 "generators": {k: g.get_state() for k, g in generators.items()},
                                 "rng": _rng_state(device), "aux": aux})
 
+    evaluating = getattr(stepper, "evaluating", None) or contextlib.nullcontext
+
     def run_eval(t) -> bool:
-        m = dict(evaluate())
+        with evaluating():
+            m = dict(evaluate())
         log_eval(rec, t, m)
         why = _eval_diverged(m)
         if why:
@@ -794,7 +823,10 @@ def train(stepper, next_batch: Callable[[Any], Any], *, steps: int,
         ok = run_eval(t)
     if ok:
         last = {k: v[-1] for k, v in rec["eval"].items() if k != "step"} if rec["eval"]["step"] else {}
-        rec["final"] = {**last, **(dict(final()) if final is not None else {})}
+        if final is not None:
+            with evaluating():
+                last.update(final())
+        rec["final"] = last
     if checkpoint is not None:
         if keep_final:
             save(t)

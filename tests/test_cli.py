@@ -20,12 +20,15 @@ def run(*args, env_extra=None):
     (["--opt", "simple", "--smooth", "eps=abc"], "eps must be a number, got 'abc'"),
     (["--opt", "simple", "--smooth", "eps=-1"], "eps must be > 0, got -1.0"),
     (["--opt", "simple", "--smooth", "eps=0.1,gamma=2"], "unknown key 'gamma'"),
-    (["--opt", "lion"], "--opt must be one of ['simple', 'dm', 'rnnprop', 'sgd', 'sgdm', 'adam'], got 'lion'"),
+    (["--opt", "lion"], "--opt must be one of ['simple', 'dm', 'rnnprop', 'sgd', 'sgdm', 'adam', 'prodigy', 'sf-adamw'], got 'lion'"),
     (["--opt", "simple", "--task", "resnet"], "--task must be one of"),
     (["--opt", "simple", "--seeds", "0,x"], "--seeds must be"),
     (["--opt", "simple", "--eval-steps", "0"], "--eval-steps must be >= 1, got 0"),
     (["--opt", "simple", "--meta-loss", "mean"], "--meta-loss must be one of"),
     (["--opt", "sgd", "--smooth", "eps=0.1"], "--smooth applies to learned optimizers"),
+    (["--opt", "prodigy", "--smooth", "eps=0.1"], "--smooth applies to learned optimizers"),
+    (["--opt", "simple", "--baselines", "sgd,lion"], "--baselines must be 'none' or a comma list from "
+     "['sgd', 'sgdm', 'adam', 'prodigy', 'sf-adamw'], got ['lion']"),
     (["--opt", "simple", "--opt-config", "hiden=3", "--meta-steps", "1"], "unknown option(s) ['hiden']"),
     (["--opt", "simple", "--eval-steps", "abc"], "invalid int value: 'abc'"),
 ])
