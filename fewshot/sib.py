@@ -127,14 +127,16 @@ class SIBResult(NamedTuple):
 
 class SIB(nn.Module):
     """SIB for ``ways``-way episodes on ``feature_dim``-d features (module docstring). ``steps``: K;
-    ``inner_lr``: η; ``scale``: the initial logit scale. Parameters: ``scale`` (1,), ``bias`` (1,),
+    ``inner_lr``: η; ``scale``: the initial logit scale; ``dni_init``: ``"random"`` (PyTorch's default
+    initialisation of ξ, as the released code) or ``"zero"`` (ξ's output layer zeroed: an ablation in
+    which SIB starts as the nearest class mean). Parameters: ``scale`` (1,), ``bias`` (1,),
     ``init_diag`` (LinearDiag, D), ``dni`` (:class:`SyntheticGradient`)."""
 
     coordinatewise = False  # the smoothness regularizer's contract: rows are coupled (BatchNorm)
     vmappable = True  # ξ runs under torch.func.vmap (batch statistics only, no running buffers)
 
     def __init__(self, ways: int, feature_dim: int, *, steps: int = 3, inner_lr: float = 1e-3, scale: float = 10.0,
-                 hidden_factor: int = 8):
+                 hidden_factor: int = 8, dni_init: str = "random"):
         super().__init__()
         _check_int("ways", ways, 2)
         _check_int("feature_dim", feature_dim, 1)
@@ -147,6 +149,11 @@ class SIB(nn.Module):
         self.bias = nn.Parameter(torch.zeros(1))
         self.init_diag = LinearDiag(feature_dim)
         self.dni = SyntheticGradient(ways, hidden_factor)
+        if dni_init not in ("random", "zero"):
+            raise ValueError(f"dni_init must be 'random' or 'zero', got {dni_init!r}")
+        if dni_init == "zero":  # ablation: ξ ≡ 0 at first, so the K steps leave θ⁰ and SIB starts as NCM
+            nn.init.zeros_(self.dni.layer3.weight)
+            nn.init.zeros_(self.dni.layer3.bias)
 
     @property
     def config(self) -> dict:

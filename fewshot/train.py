@@ -62,6 +62,7 @@ from .data import DATASETS, EpisodeSampler, load_fewshot, mean_ci
 METHODS = ("metalstm", "sib", "finetune", "ncm", "pixelnn")
 DEFAULT_EPISODES = {"metalstm": 500, "sib": 3000}
 DEFAULT_PRETRAIN_STEPS = 800
+SIB_DNI_INITS = ("random", "zero")
 
 
 @dataclass
@@ -85,6 +86,7 @@ class Config:
     backbone_checkpoint: str | None
     pretrain_steps: int
     backbone_cache: str | None
+    sib_dni_init: str
     threads: int
     device: str
     data_dir: str | None
@@ -139,6 +141,10 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--backbone-cache", default=None, metavar="DIR",
                    help="folder for pretrained backbones, shared between runs (default: --out); each is kept "
                         "under a hash of its settings")
+    p.add_argument("--sib-dni-init", default="random",
+                   help="sib: initialisation of the synthetic-gradient network's output layer: random (PyTorch's "
+                        "default, as the authors' code) or zero (an ablation: ξ = 0 at first, so SIB starts as "
+                        "the nearest class mean and meta-training moves it from there)")
     p.add_argument("--meta-batch", type=int, default=1,
                    help="metalstm: episodes per meta-step, their meta-gradients averaged (default 1, as both "
                         "codes). Under torchrun the episodes of a meta-step are shared out over the processes "
@@ -184,6 +190,10 @@ def parse_config(argv=None) -> Config:
         except ValueError as e:
             raise UsageError(f"--preset {a.preset!r} with --shots {a.shots}: {e}") from None
     autocast_dtype = parse_autocast(a.autocast)
+    if a.sib_dni_init not in SIB_DNI_INITS:
+        raise UsageError(f"--sib-dni-init must be one of {list(SIB_DNI_INITS)}, got {a.sib_dni_init!r}")
+    if a.sib_dni_init != "random" and a.method != "sib":
+        raise UsageError(f"--sib-dni-init applies to --method sib, not {a.method!r}")
     for flag, on in (("--meta-batch", a.meta_batch != 1), ("--autocast", a.autocast != "none")):
         if on and a.method != "metalstm":
             raise UsageError(f"{flag} applies to --method metalstm, not {a.method!r}")
@@ -212,7 +222,7 @@ def parse_config(argv=None) -> Config:
                   val_every=a.val_every or max(1, episodes // 5), test_episodes=a.test_episodes, seed=a.seed,
                   filters=a.filters, inner_steps=a.inner_steps, meta_lr=a.meta_lr, backbone=a.backbone,
                   backbone_checkpoint=a.backbone_checkpoint, pretrain_steps=a.pretrain_steps,
-                  backbone_cache=a.backbone_cache, threads=a.threads,
+                  backbone_cache=a.backbone_cache, sib_dni_init=a.sib_dni_init, threads=a.threads,
                   device=a.device, data_dir=a.data_dir, meta_batch=a.meta_batch,
                   autocast=autocast_dtype, out=out, resume=a.resume,
                   progress=not a.no_progress)
@@ -337,7 +347,7 @@ def run_sib(cfg: Config, splits, smp, device, log) -> tuple[dict, dict]:
     info["cache_s"] = time.perf_counter() - t0
     smooth = parse_smooth(cfg.smooth) if cfg.smooth else None
     torch.manual_seed(cfg.seed)
-    sib = SIB(cfg.ways, fs["train"].split.features.shape[1]).to(device)
+    sib = SIB(cfg.ways, fs["train"].split.features.shape[1], dni_init=cfg.sib_dni_init).to(device)
     stepper = SIBStepper(sib, smooth=smooth, seed=cfg.seed)
     val_eps = [e.to(device) for e in fs["val"].episodes(cfg.val_episodes, VAL_SEED)]
     best = {"val_acc": -1.0, "state": None, "step": 0}

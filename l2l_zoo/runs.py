@@ -324,7 +324,7 @@ def canonical(obj):
 #: out of a run's identity (:func:`without_later_defaults`), so runs cached before the field existed
 #: still hold, while any other value gives a new identity (a field a script does not have is simply
 #: not there). Scripts with later fields of their own pass this mapping extended by them.
-LATER_DEFAULTS = {"autocast": None, "meta_batch": 1}
+LATER_DEFAULTS = {"autocast": None, "meta_batch": 1, "sib_dni_init": "random"}
 
 
 def without_later_defaults(fields: Mapping, later_defaults: Mapping = LATER_DEFAULTS) -> dict:

@@ -140,6 +140,22 @@ def test_nearest_class_mean_is_sib_with_zero_steps():
     assert 0.3 < sum(accs) / 6 < 0.95, "episodes neither trivial nor hopeless, so the equality means something"
 
 
+def test_zero_initialised_synthetic_gradient_starts_as_ncm_and_still_learns():
+    """The ablation ``dni_init="zero"``: ξ ≡ 0 at first, so the K = 3 steps leave θ⁰ (SIB = NCM), while
+    the meta-gradient reaches ξ's output layer, so meta-training can move it; the default differs."""
+    episodes = [feature_episode(seed=s, spread=1.5) for s in range(4)]
+    sib, sib0 = make_sib(dni_init="zero", inner_lr=0.3), make_sib(steps=0)
+    for ep in episodes:
+        assert torch.equal(sib(ep.support_x, ep.support_y, ep.query_x), sib0(ep.support_x, ep.support_y, ep.query_x))
+    ep = episodes[0]
+    F.cross_entropy(sib(ep.support_x, ep.support_y, ep.query_x), ep.query_y).backward()
+    assert sib.dni.layer3.weight.grad.abs().max() > 1e-8
+    rnd = make_sib(inner_lr=0.3)
+    assert not torch.allclose(rnd(ep.support_x, ep.support_y, ep.query_x), sib0(ep.support_x, ep.support_y, ep.query_x))
+    with pytest.raises(ValueError, match="dni_init must be 'random' or 'zero', got 'ones'"):
+        SIB(5, 8, dni_init="ones")
+
+
 def test_synthetic_gradient_is_transductive_and_mode_independent():
     ep = feature_episode()
     sib = make_sib(inner_lr=0.3)
