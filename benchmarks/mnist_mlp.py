@@ -347,6 +347,7 @@ def _main(cfg: Config) -> int:
     log(f"[data] evaluation data: {task.data.note}")
     log(f"[setup] task {cfg.task} ({task.num_params:,} parameters) on {device}; out: {cfg.out}")
     results = runs.new_results("mnist_mlp", asdict(cfg), data=task.data.summary())
+    results["methods"] = {}  # per run label: what it is and how it was tuned (read by benchmarks/leaderboard.py)
     cache = runs.RunCache(os.path.join(cfg.out, "runs"), enabled=cfg.resume)
     eval_setup = {**runs.without_later_defaults({k: getattr(cfg, k) for k in EVAL_KEYS}),
                   "data": task.data.summary()}
@@ -384,6 +385,9 @@ def _main(cfg: Config) -> int:
         method = {"learned": meta_identity(cfg)}
         results["runs"][label] = [run(label, method, lambda params: l2l_zoo.LearnedOptimizerAdapter(params, lopt), s)
                                   for s in cfg.seeds]
+        mt = results.get("meta_training", {})
+        results["methods"][label] = {"kind": "learned", "method": method, "tuned": None,
+                                     "meta_training_s": mt.get("wall_s"), "finetuned": cfg.finetune}
 
     # Hand-designed baselines: tune the learning rate on the first seed (validation split), then run
     # every seed with the chosen one.
@@ -392,6 +396,8 @@ def _main(cfg: Config) -> int:
             lr = base_opts.LR_FREE_SETTINGS[name]["lr"]
             results["runs"][f"{name}(lr={lr:g})"] = [
                 run(name, base_opts.identity(name), base_opts.make(name), s) for s in cfg.seeds]
+            results["methods"][f"{name}(lr={lr:g})"] = {"kind": "learning-rate-free", "method": base_opts.identity(name),
+                                                        "tuned": None}
             results["notes"].append(f"{name}: learning-rate-free, run at its authors' settings "
                                     f"{base_opts.identity(name)['settings']}, not tuned")
             continue
@@ -409,6 +415,8 @@ def _main(cfg: Config) -> int:
         results["runs"][f"{name}(lr={best:g})"] = [
             run(f"{name}_lr{best:g}", base_opts.identity(name, best), base_opts.make(name, best), s)
             for s in cfg.seeds]
+        results["methods"][f"{name}(lr={best:g})"] = {"kind": "hand-designed", "method": base_opts.identity(name, best),
+                                                      "tuned": name}
 
     results["summary"] = {label: runs.summarize(recs) for label, recs in results["runs"].items()}
     results["wall_s"] = time.perf_counter() - t_start

@@ -21,7 +21,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPTS = {**{n: os.path.join(ROOT, "benchmarks", f"{n}.py") for n in (
     "mnist_mlp", "simple_ablation", "smooth_subsample", "step_overhead", "unroll_backends", "lr_schedules_mnist",
     "hypergradient_demos", "schedule_overhead", "mlrsnet_cifar", "mlrsnet_ptb", "mlrsnet_overhead",
-    "fewshot_omniglot", "metatrain_speed")},
+    "fewshot_omniglot", "metatrain_speed", "leaderboard")},
     **{n: os.path.join(ROOT, "paper_figs", f"{n}.py") for n in ("fig_learning_curves", "fig_marthe", "fig_mlrsnet")}}
 _MODULES = {}
 
@@ -175,6 +175,14 @@ CASES = [
     ("metatrain_speed", "--threads -1", "--threads must be an integer >= 0, got -1"),
     ("metatrain_speed", "--meta-batch 0", "--meta-batch must be an integer >= 1, got 0"),
     ("metatrain_speed", "--meta-batch 2 --var-samples 1", "--var-samples must be an integer >= 2, got 1"),
+    # ------------------------------------------------------------------ leaderboard
+    ("leaderboard", "{bad_json}", "is not valid JSON"),
+    ("leaderboard", "{demos_json}", "written by benchmark 'hypergradient_demos'"),
+    ("leaderboard", "{missing}", "does not exist"),
+    ("leaderboard", "{demos_json} --metric loss", "--metric must be one of"),
+    ("leaderboard", "{demos_json} --steps -5", "--steps must be a comma list of integers >= 0"),
+    ("leaderboard", "{demos_json} {demos_json}", "results file given twice"),
+    ("leaderboard", "{demos_json} --out {file}", "is an existing file"),
     # ------------------------------------------------------------------ figures
     ("fig_learning_curves", "{bad_json} --out {tmp}/f.png", "is not valid JSON"),
     ("fig_learning_curves", "{not_results} --out {tmp}/f.png", "not an l2l_zoo results file"),
@@ -228,6 +236,9 @@ def test_bad_input_is_one_line_and_a_non_zero_exit(name, args, message, files, c
 
 def test_every_script_is_probed():
     assert {c[0] for c in CASES} == set(SCRIPTS)
+    on_disk = {os.path.splitext(f)[0] for d in ("benchmarks", "paper_figs") for f in os.listdir(os.path.join(ROOT, d))
+               if f.endswith(".py")}
+    assert on_disk == set(SCRIPTS), "a script without bad-input probes (add it to SCRIPTS and CASES)"
 
 
 def test_a_busy_output_folder_is_refused(files, capsys):
