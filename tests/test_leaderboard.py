@@ -62,18 +62,21 @@ def test_refuses_to_mix_setups_or_to_rank_at_a_step_that_was_not_evaluated():
         build([("a", a)], metric="loss")
 
 
-def _run(script, *args, cwd):
+def _run(script, *args, cwd, data_dir=None):
+    env = dict(os.environ)
+    if data_dir is not None:  # absolute: the scripts run in a temporary folder (CI sets ../shared/data)
+        env["L2L_ZOO_DATA"] = str(data_dir)
     return subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", script), *args], capture_output=True,
-                          text=True, cwd=cwd, timeout=600)
+                          text=True, cwd=cwd, timeout=600, env=env)
 
 
 def test_the_script_on_real_tiny_runs(data_dir, tmp_path):
     common = ["--eval-steps", "20", "--eval-every", "10", "--no-progress", "--data-dir", str(data_dir)]
     r = _run("mnist_mlp.py", "--opt", "sgd", "--lr-grid", "0.1,0.01", "--baselines", "sgd,prodigy",
-             "--out", str(tmp_path / "a"), *common, cwd=tmp_path)
+             "--out", str(tmp_path / "a"), *common, cwd=tmp_path, data_dir=data_dir)
     assert r.returncode == 0, r.stderr[-2000:]
     r = _run("mnist_mlp.py", "--opt", "adam", "--lr-grid", "0.001", "--task", "mlp20", "--out", str(tmp_path / "b"),
-             *common, cwd=tmp_path)
+             *common, cwd=tmp_path, data_dir=data_dir)
     assert r.returncode == 0, r.stderr[-2000:]
     a, b = str(tmp_path / "a" / "results.json"), str(tmp_path / "b" / "results.json")
     r = _run("leaderboard.py", a, "--steps", "10,20", "--out", str(tmp_path / "lb"), cwd=tmp_path)

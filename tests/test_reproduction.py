@@ -15,8 +15,11 @@ pytestmark = pytest.mark.slow
 
 
 def script(name, *args, cwd):
+    env = dict(os.environ)
+    if env.get("L2L_ZOO_DATA"):  # absolute: the scripts run in a temporary folder (CI sets ../shared/data)
+        env["L2L_ZOO_DATA"] = os.path.abspath(env["L2L_ZOO_DATA"])
     r = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", f"{name}.py"), *args, "--no-progress"],
-                       capture_output=True, text=True, cwd=cwd, timeout=3600)
+                       capture_output=True, text=True, cwd=cwd, timeout=3600, env=env)
     assert r.returncode == 0, r.stderr[-2000:]
     return r
 
