@@ -578,7 +578,11 @@ class OptimizerStepper:
         if self.scheduler is not None:
             self.scheduler.step()
         self.t += 1
-        return {"loss": value, "lr": lr, "aux": aux}
+        out = {"loss": value, "lr": lr, "aux": aux}
+        d = self.optimizer.param_groups[0].get("d")
+        if isinstance(d, (int, float)) and not isinstance(d, bool):  # Prodigy's step-size estimate (lr × d)
+            out["d"] = float(d)
+        return out
 
     def state_dict(self) -> dict:
         return {"t": self.t, "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),

@@ -79,6 +79,14 @@ def test_schedule_free_is_evaluated_at_x_and_trains_on_from_the_exact_y():
     assert a["step_log"]["loss"] == b["step_log"]["loss"]
 
 
+def test_prodigys_distance_estimate_is_logged_every_step():
+    s, b, g, e, _ = toy("prodigy")
+    rec = runs.train(s, b, steps=15, progress=False)
+    d = rec["step_log"]["d"]
+    assert len(d) == 15 and d[-1] == s.optimizer.param_groups[0]["d"] and d[-1] > d[0] >= 1e-6
+    assert "d" not in runs.train(*toy("sf-adamw")[:2], steps=3, progress=False)["step_log"]
+
+
 @pytest.mark.parametrize("name", ["prodigy", "sf-adamw"])
 def test_lr_free_run_resumes_bit_for_bit(name, tmp_path):
     ident = {"run": name}
