@@ -388,21 +388,17 @@ def _main(cfg: Config) -> int:
         method = {"learned": meta_identity(cfg)}
         results["runs"][label] = [run(label, method, lambda params: l2l_zoo.LearnedOptimizerAdapter(params, lopt), s)
                                   for s in cfg.seeds]
-        mt = results.get("meta_training", {})
-        results["methods"][label] = {"kind": "learned", "method": method, "tuned": None,
-                                     "meta_training_s": mt.get("wall_s"), "finetuned": cfg.finetune}
+        results["methods"][label] = {"kind": "learned", "method": method, "tuned": None, "finetuned": cfg.finetune}
 
     # Hand-designed baselines: tune the learning rate on the first seed (validation split), then run
     # every seed with the chosen one.
     for name in cfg.baselines:
         if name in LR_FREE:  # nothing to tune: every seed at the authors' settings
-            lr = base_opts.LR_FREE_SETTINGS[name]["lr"]
-            results["runs"][f"{name}(lr={lr:g})"] = [
-                run(name, base_opts.identity(name), base_opts.make(name), s) for s in cfg.seeds]
-            results["methods"][f"{name}(lr={lr:g})"] = {"kind": "learning-rate-free", "method": base_opts.identity(name),
-                                                        "tuned": None}
+            ident, label = base_opts.identity(name), f"{name}(lr={base_opts.LR_FREE_SETTINGS[name]['lr']:g})"
+            results["runs"][label] = [run(name, ident, base_opts.make(name), s) for s in cfg.seeds]
+            results["methods"][label] = {"kind": "learning-rate-free", "method": ident, "tuned": None}
             results["notes"].append(f"{name}: learning-rate-free, run at its authors' settings "
-                                    f"{base_opts.identity(name)['settings']}, not tuned")
+                                    f"{ident['settings']}, not tuned")
             continue
         tuned = runs.tune(cfg.lr_grid, lambda lr: run(f"{name}_lr{lr:g}", base_opts.identity(name, lr),
                                                       base_opts.make(name, lr), cfg.seeds[0],
@@ -415,11 +411,9 @@ def _main(cfg: Config) -> int:
             log(f"[tune] {name}: every learning rate of {cfg.lr_grid} diverged")
             continue
         best = tuned.best
-        results["runs"][f"{name}(lr={best:g})"] = [
-            run(f"{name}_lr{best:g}", base_opts.identity(name, best), base_opts.make(name, best), s)
-            for s in cfg.seeds]
-        results["methods"][f"{name}(lr={best:g})"] = {"kind": "hand-designed", "method": base_opts.identity(name, best),
-                                                      "tuned": name}
+        ident, label = base_opts.identity(name, best), f"{name}(lr={best:g})"
+        results["runs"][label] = [run(f"{name}_lr{best:g}", ident, base_opts.make(name, best), s) for s in cfg.seeds]
+        results["methods"][label] = {"kind": "hand-designed", "method": ident, "tuned": name}
 
     results["summary"] = {label: runs.summarize(recs) for label, recs in results["runs"].items()}
     results["wall_s"] = time.perf_counter() - t_start

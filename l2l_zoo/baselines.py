@@ -59,13 +59,20 @@ def check(name: str) -> None:
         _module(name)
 
 
+def _check_lr(name: str, lr: float | None) -> None:
+    """A hand-designed baseline needs a learning rate; a learning-rate-free one takes none."""
+    check(name)
+    if name in HAND and lr is None:
+        raise ValueError(f"the hand-designed baseline {name!r} needs a learning rate")
+    if name in LR_FREE and lr is not None:
+        raise ValueError(f"{name!r} is learning-rate-free: it runs at its authors' settings, without a lr")
+
+
 def identity(name: str, lr: float | None = None) -> dict:
     """What a baseline's results depend on: for a hand-designed one its learning rate, for a
     learning-rate-free one its settings and the version of the package that implements it."""
-    check(name)
+    _check_lr(name, lr)
     if name in HAND:
-        if lr is None:
-            raise ValueError(f"the hand-designed baseline {name!r} needs a learning rate")
         return {"hand": name, "lr": lr}
     from importlib.metadata import version
 
@@ -76,17 +83,13 @@ def identity(name: str, lr: float | None = None) -> dict:
 def make(name: str, lr: float | None = None) -> Callable[..., torch.optim.Optimizer]:
     """``params -> torch.optim.Optimizer`` for baseline ``name`` (``lr`` only for the hand-designed
     ones; a learning-rate-free one takes :data:`LR_FREE_SETTINGS`)."""
-    check(name)
+    _check_lr(name, lr)
     if name in HAND:
-        if lr is None:
-            raise ValueError(f"the hand-designed baseline {name!r} needs a learning rate")
         if name == "sgd":
             return lambda params: torch.optim.SGD(params, lr=lr)
         if name == "sgdm":
             return lambda params: torch.optim.SGD(params, lr=lr, momentum=0.9)
         return lambda params: torch.optim.Adam(params, lr=lr)
-    if lr is not None:
-        raise ValueError(f"{name!r} is learning-rate-free: it runs at its authors' settings, without a lr")
     mod, settings = _module(name), dict(LR_FREE_SETTINGS[name])
     if name == "prodigy":
         return lambda params: mod.Prodigy(params, **settings)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections import Counter
 from typing import Iterable, Sequence
 
 from . import runs
@@ -94,7 +95,7 @@ def build(results: Sequence[tuple[str, dict]], *, metric: str = "train_loss",
                                            f"every {res['config'].get('eval_every')} steps)")
             info = methods.get(label, {})
             row = {"label": label, "run": label, "source": src, "kind": info.get("kind"), "method": info.get("method"),
-                   "seeds": [r.get("seed") for r in recs], "setup_cost": _cost(res, label, info), "at": {}}
+                   "seeds": [r.get("seed") for r in recs], "setup_cost": _cost(res, info), "at": {}}
             for s in steps:
                 vals = [_at(r, metric, s) for r in recs]
                 ok = [v for v in vals if v is not None]
@@ -102,9 +103,7 @@ def build(results: Sequence[tuple[str, dict]], *, metric: str = "train_loss",
                                      "std": float(np.std(ok)) if ok else None,
                                      "n": len(ok), "diverged": len(vals) - len(ok)}
             rows.append(row)
-    counts = {}
-    for r in rows:
-        counts[r["label"]] = counts.get(r["label"], 0) + 1
+    counts = Counter(r["label"] for r in rows)
     for r in rows:  # one label in several files: name the file's folder too
         if counts[r["label"]] > 1:
             r["label"] = f"{r['label']} [{os.path.basename(os.path.dirname(os.path.abspath(r['source'])))}]"
@@ -118,7 +117,7 @@ def build(results: Sequence[tuple[str, dict]], *, metric: str = "train_loss",
             "rows": rows}
 
 
-def _cost(res: dict, label: str, info: dict) -> str:
+def _cost(res: dict, info: dict) -> str:
     kind = info.get("kind")
     if kind == "learned":
         cfg, mt = res["config"], res.get("meta_training", {})
@@ -126,7 +125,7 @@ def _cost(res: dict, label: str, info: dict) -> str:
             saved = mt.get("meta_training") or {}
             return (f"loaded: meta-trained {saved.get('meta_steps', '?')} meta-steps on {mt.get('meta_task', '?')}"
                     f" ({os.path.basename(cfg['load'])}, sha256 {str(mt.get('sha256', '?'))[:12]})")
-        wall = info.get("meta_training_s") or mt.get("wall_s")
+        wall = mt.get("wall_s")
         return (f"meta-trained {cfg.get('meta_steps')} meta-steps on {cfg.get('meta_task')}"
                 + (f", {wall:.0f} s" if wall else ""))
     if kind == "hand-designed":
