@@ -44,9 +44,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from l2l_zoo import runs
+from l2l_zoo.meta.distributed import all_mean, check_in_sync, dist_world
 from l2l_zoo.regularizers import SmoothnessConfig, SmoothnessRegularizer
 
 from .data.episodes import Episode
+
+#: iterations between the checks that every torch.distributed process holds the same parameters
+SYNC_CHECK_EVERY = 10
 
 __all__ = ["LinearDiag", "SyntheticGradient", "SIB", "SIBResult", "SIBStepper", "nearest_class_mean",
            "class_means", "evaluate", "evaluate_ncm"]
@@ -267,12 +271,25 @@ class SIBStepper:
 
     ``step(episode)`` returns ``loss`` (the query loss), ``acc`` (query accuracy), ``lr`` and, smoothed,
     ``penalty`` (λ·Σ_k R_k) and ``meta_loss`` (what is minimised). Feed it feature episodes, e.g.
-    ``lambda aux: sampler.episode(seed, stepper.t)`` (episode index = steps taken, so a resumed run sees
-    the same episodes) or ``sampler.sample(gen)`` with ``generators={"episodes": gen}``.
+    ``lambda aux: [sampler.episode(seed, i) for i in stepper.episode_indices()]`` (episode index =
+    steps taken, so a resumed run sees the same episodes) or ``sampler.sample(gen)`` with
+    ``generators={"episodes": gen}``.
+
+    ``meta_batch`` B: episodes per iteration, the objective their mean (both authors' codes: 1).
+    ``distributed=True`` under ``torch.distributed`` (``torchrun``): every process takes its share
+    of the B episodes (B a multiple of the number of processes), the gradients and the reported
+    numbers are means over the processes, so every process holds the same parameters (checked every
+    ``SYNC_CHECK_EVERY`` iterations). Episode b of iteration t is training episode t·B + b
+    (:meth:`episode_indices`), and with B > 1 or several processes its PGD noise comes from a
+    generator seeded by (``seed``, t·B + b) instead of one running stream, so that the run is the
+    same on any number of processes and the checkpoint holds no per-process state (a run resumes on
+    another number of processes). B = 1 in one process is the authors' one-episode iteration,
+    unchanged.
     """
 
     def __init__(self, sib: SIB, *, lr: float = 1e-3, momentum: float = 0.9, weight_decay: float = 5e-4,
-                 smooth: SmoothnessConfig | None = None, seed: int = 0):
+                 smooth: SmoothnessConfig | None = None, seed: int = 0, meta_batch: int = 1,
+                 distributed: bool = False):
         _check_pos("lr", lr)
         if isinstance(momentum, bool) or not (0 <= momentum < 1):
             raise ValueError(f"momentum must be in [0, 1), got {momentum!r}")
@@ -280,12 +297,20 @@ class SIBStepper:
             raise ValueError(f"weight_decay must be a finite number >= 0, got {weight_decay!r}")
         if smooth is not None and not isinstance(smooth, SmoothnessConfig):
             raise TypeError(f"smooth must be a SmoothnessConfig or None, got {type(smooth).__name__}")
-        self.model, self.smooth = sib, smooth
+        _check_int("meta_batch", meta_batch, 1)
+        world, rank = dist_world() if distributed else (1, 0)
+        if meta_batch % world:
+            raise ValueError(f"meta_batch {meta_batch} must be a multiple of the number of processes, {world}")
+        self.model, self.smooth, self.seed = sib, smooth, int(seed)
+        self.meta_batch, self.world = meta_batch, world
+        per = meta_batch // world
+        self.slots = range(rank * per, (rank + 1) * per)  # this process's episodes of each iteration
+        self.batched = meta_batch > 1 or world > 1
         self.optimizer = torch.optim.SGD(sib.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay,
                                          nesterov=momentum > 0)
         self.regularizer = SmoothnessRegularizer(smooth) if smooth is not None else None
         self.generator = torch.Generator().manual_seed(int(seed))
-        self._inner = runs.OptimizerStepper(sib, self.optimizer, self._objective)
+        self._inner = runs.OptimizerStepper(sib, self.optimizer, self._objective, distributed=world > 1)
         self._parts: dict = {}
 
     @property
@@ -293,22 +318,53 @@ class SIBStepper:
         """Meta-training iterations taken."""
         return self._inner.t
 
-    def _objective(self, sib: SIB, episode: Episode) -> torch.Tensor:
-        out = sib.adapt(episode.support_x, episode.support_y, episode.query_x, regularizer=self.regularizer,
-                        generator=self.generator)
-        loss = F.cross_entropy(out.logits, episode.query_y)
-        acc = float((out.logits.detach().argmax(1) == episode.query_y).float().mean())
-        self._parts = {"loss": float(loss.detach()), "acc": acc}
-        if self.regularizer is None:
-            return loss
-        penalty = self.smooth.lam * (torch.stack(out.penalties).sum() if out.penalties else loss.new_zeros(()))
-        self._parts["penalty"] = float(penalty.detach())
-        return loss + penalty
+    def episode_indices(self) -> list[int]:
+        """Indices of the training episodes this process feeds to the next :meth:`step`: t·B + b
+        for the slots b of its share (t = iterations taken; [t] for B = 1 in one process)."""
+        return [self.t * self.meta_batch + b for b in self.slots]
 
-    def step(self, episode: Episode) -> dict:
-        self.model.check_episode(episode)
-        episode = episode.to(_device(self.model))
-        r = self._inner.step(episode)
+    def _noise(self, index: int) -> torch.Generator:
+        if not self.batched:
+            return self.generator
+        return torch.Generator().manual_seed((self.seed * 1_000_003 + 7_000_003 * (index + 1)) % 2**63)
+
+    def _objective(self, sib: SIB, batch) -> torch.Tensor:
+        terms, parts = [], []
+        for index, episode in batch:
+            out = sib.adapt(episode.support_x, episode.support_y, episode.query_x, regularizer=self.regularizer,
+                            generator=self._noise(index))
+            loss = F.cross_entropy(out.logits, episode.query_y)
+            acc = (out.logits.detach().argmax(1) == episode.query_y).float().mean()
+            term, penalty = loss, loss.new_zeros(())
+            if self.regularizer is not None:
+                penalty = self.smooth.lam * (torch.stack(out.penalties).sum() if out.penalties else loss.new_zeros(()))
+                term = loss + penalty
+            terms.append(term)
+            parts.append(torch.stack([loss.detach(), acc.to(loss.dtype), penalty.detach()]))
+        mean_parts = parts[0] if len(parts) == 1 else torch.stack(parts).mean(0)
+        if self.world > 1:  # what is reported: the means over every process's episodes
+            mean_parts = mean_parts.double()
+            all_mean([mean_parts])
+        loss_v, acc_v, pen_v = (float(v) for v in mean_parts)
+        self._parts = {"loss": loss_v, "acc": acc_v}
+        if self.regularizer is not None:
+            self._parts["penalty"] = pen_v
+        return terms[0] if len(terms) == 1 else torch.stack(terms).mean()
+
+    def step(self, episodes) -> dict:
+        """One iteration on this process's episodes: an :class:`Episode` (B = 1 in one process) or
+        a list of them, those of :meth:`episode_indices` in order."""
+        indices = self.episode_indices()
+        episodes = [episodes] if isinstance(episodes, Episode) else list(episodes)
+        if len(episodes) != len(indices):
+            raise ValueError(f"this process takes {len(indices)} episode(s) per iteration (meta_batch "
+                             f"{self.meta_batch} over {self.world} process(es)), got {len(episodes)}")
+        device = _device(self.model)
+        batch = []
+        for i, ep in zip(indices, episodes):
+            self.model.check_episode(ep)
+            batch.append((i, ep.to(device)))
+        r = self._inner.step(batch)
         out = {**self._parts, "lr": r.get("lr")}
         if self.regularizer is not None:
             out["meta_loss"] = r["loss"]
@@ -316,6 +372,8 @@ class SIBStepper:
             out["error"] = r["error"]
         elif not math.isfinite(r["loss"]):
             out["error"] = f"non-finite meta-loss {r['loss']}"
+        if self.world > 1 and "error" not in out and self.t % SYNC_CHECK_EVERY == 0:
+            check_in_sync(list(self.model.parameters()), "SIB parameters", f"iteration {self.t}")
         return out
 
     def evaluate(self, episodes: Sequence[Episode]) -> list[float]:

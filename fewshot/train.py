@@ -27,11 +27,12 @@ classes, model selection on a fixed list of ``--val-episodes`` validation episod
 the mean and 95 % CI (1.96·std/√n). Default budgets fit CPU runs of ≤ 30 minutes on omniglot-small
 (``--episodes``: Meta-LSTM 500, SIB 3000; the papers use 50,000-75,000 on miniImageNet: pass them).
 
-Scale (Meta-LSTM): ``--meta-batch B`` averages the meta-gradients of B episodes per meta-step
+Scale (Meta-LSTM, SIB): ``--meta-batch B`` averages the meta-gradients of B episodes per meta-step
 (``--episodes`` counts meta-steps); under ``torchrun`` (``torchrun --nproc_per_node P -m fewshot.train
 --method metalstm --meta-batch B ...``, B a multiple of P) each process runs its share of every
-meta-step's episodes, meta-gradients are all-reduced, and rank 0 alone validates, tests and writes
-``--out``. ``--autocast bfloat16``: the learner's forward passes in bfloat16.
+meta-step's episodes and meta-gradients are all-reduced; Meta-LSTM validates on rank 0, SIB shares the
+validation episodes out too; rank 0 alone tests and writes ``--out``. SIB's backbone is pretrained by
+rank 0 and broadcast. ``--autocast bfloat16`` (Meta-LSTM): the learner's forward passes in bfloat16.
 
 Outputs in ``--out`` (locked while running): ``results.json`` (the ``l2l_zoo.runs`` schema: config,
 environment, the splits used, the validation curve, test accuracy ± CI with the per-episode
@@ -63,6 +64,7 @@ METHODS = ("metalstm", "sib", "finetune", "ncm", "pixelnn")
 DEFAULT_EPISODES = {"metalstm": 500, "sib": 3000}
 DEFAULT_PRETRAIN_STEPS = 800
 SIB_DNI_INITS = ("random", "zero")
+PARALLEL_METHODS = ("metalstm", "sib")  # --meta-batch and torchrun
 
 
 @dataclass
@@ -146,9 +148,9 @@ def build_parser() -> ArgumentParser:
                         "default, as the authors' code) or zero (an ablation: ξ = 0 at first, so SIB starts as "
                         "the nearest class mean and meta-training moves it from there)")
     p.add_argument("--meta-batch", type=int, default=1,
-                   help="metalstm: episodes per meta-step, their meta-gradients averaged (default 1, as both "
-                        "codes). Under torchrun the episodes of a meta-step are shared out over the processes "
-                        "(a multiple of WORLD_SIZE; see the README's distributed section)")
+                   help="metalstm, sib: episodes per meta-step, their meta-gradients averaged (default 1, as the "
+                        "authors' codes). Under torchrun the episodes of a meta-step are shared out over the "
+                        "processes (a multiple of WORLD_SIZE; see the README's distributed section)")
     p.add_argument("--autocast", default="none", help="metalstm: none or bfloat16 (the learner's forward "
                    "passes under torch.autocast, in meta-training and evaluation)")
     p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0 = torch's default)")
@@ -194,14 +196,15 @@ def parse_config(argv=None) -> Config:
         raise UsageError(f"--sib-dni-init must be one of {list(SIB_DNI_INITS)}, got {a.sib_dni_init!r}")
     if a.sib_dni_init != "random" and a.method != "sib":
         raise UsageError(f"--sib-dni-init applies to --method sib, not {a.method!r}")
-    for flag, on in (("--meta-batch", a.meta_batch != 1), ("--autocast", a.autocast != "none")):
-        if on and a.method != "metalstm":
-            raise UsageError(f"{flag} applies to --method metalstm, not {a.method!r}")
+    if a.meta_batch != 1 and a.method not in PARALLEL_METHODS:
+        raise UsageError(f"--meta-batch applies to --method {' and '.join(PARALLEL_METHODS)}, not {a.method!r}")
+    if a.autocast != "none" and a.method != "metalstm":
+        raise UsageError(f"--autocast applies to --method metalstm, not {a.method!r}")
     world = torchrun_world_size()
-    if world > 1:  # under torchrun: Meta-LSTM's episodes of a meta-step shared out over the processes
-        if a.method != "metalstm":
-            raise UsageError(f"under torchrun (WORLD_SIZE={world}) only --method metalstm meta-trains in parallel, "
-                             f"not {a.method!r}; run it without torchrun")
+    if world > 1:  # under torchrun: the episodes of a meta-step shared out over the processes
+        if a.method not in PARALLEL_METHODS:
+            raise UsageError(f"under torchrun (WORLD_SIZE={world}) only --method {' and '.join(PARALLEL_METHODS)} "
+                             f"meta-train in parallel, not {a.method!r}; run it without torchrun")
         if a.meta_batch % world:
             raise UsageError(f"--meta-batch {a.meta_batch} must be a multiple of WORLD_SIZE={world} (each "
                              "process meta-trains on meta-batch / world-size episodes per meta-step)")
@@ -313,7 +316,13 @@ def run_metalstm(cfg: Config, splits, smp, device, log) -> tuple[dict, dict] | N
 
 def backbone_for(cfg: Config, splits, device, log):
     """The frozen backbone of sib/ncm: the authors' WRN-28-10 or a Conv-4-64 pretrained here (its
-    final state is kept in a checkpoint so that --resume does not pretrain again)."""
+    final state is kept in a checkpoint so that --resume does not pretrain again).
+
+    Under torchrun the WRN checkpoint is read by every process; the Conv-4-64 is pretrained (or read
+    from the backbone cache) by rank 0 alone while the others wait, and its state is then broadcast,
+    so every process embeds with the same weights (the wait must fit in the backend's timeout, 30
+    minutes for gloo and 10 for NCCL by default: pretrain a long one first without torchrun, into
+    the same ``--backbone-cache``)."""
     from . import backbones as bb
     if cfg.backbone == "wrn":
         return bb.load_official_wrn(cfg.backbone_checkpoint).to(device).eval(), {"backbone": "wrn28_10",
@@ -321,39 +330,51 @@ def backbone_for(cfg: Config, splits, device, log):
     c, h, _ = splits["train"].image_shape
     torch.manual_seed(cfg.seed)
     net = bb.conv4_64(in_channels=c, image_size=h).to(device)
-    ident = {"dataset": cfg.dataset, "pretrain_steps": cfg.pretrain_steps, "seed": cfg.seed, "device": cfg.device,
-             "data_dir": cfg.data_dir, "train": splits["train"].summary()}
-    ckpt = os.path.join(cfg.backbone_cache or cfg.out, f"backbone-{runs.config_hash(ident)}.pt")
     steps = cfg.pretrain_steps
-    rec = bb.pretrain(net, splits["train"], steps=steps, warmup_steps=max(1, steps // 10),
-                      milestones=[int(0.8 * steps)], seed=cfg.seed, device=device, checkpoint=ckpt,
-                      checkpoint_every=max(1, steps // 4), resume=cfg.resume, keep_final=True, identity=ident,
-                      progress=cfg.progress, log=log)
-    return net.eval(), {"backbone": "conv4_64", "pretrain_steps": steps, "pretrain_wall_s": rec["wall_s"],
-                        "pretrain_final": rec["final"]}
+    world, rank = dist_world()
+    info = {"backbone": "conv4_64", "pretrain_steps": steps}
+    if rank == 0:
+        ident = {"dataset": cfg.dataset, "pretrain_steps": cfg.pretrain_steps, "seed": cfg.seed, "device": cfg.device,
+                 "data_dir": cfg.data_dir, "train": splits["train"].summary()}
+        ckpt = os.path.join(cfg.backbone_cache or cfg.out, f"backbone-{runs.config_hash(ident)}.pt")
+        rec = bb.pretrain(net, splits["train"], steps=steps, warmup_steps=max(1, steps // 10),
+                          milestones=[int(0.8 * steps)], seed=cfg.seed, device=device, checkpoint=ckpt,
+                          checkpoint_every=max(1, steps // 4), resume=cfg.resume, keep_final=True, identity=ident,
+                          progress=cfg.progress, log=log)
+        info.update(pretrain_wall_s=rec["wall_s"], pretrain_final=rec["final"])
+    if world > 1:  # rank 0's weights to everyone
+        for v in net.state_dict().values():
+            torch.distributed.broadcast(v, src=0)
+    return net.eval(), info
 
 
-def feature_samplers(cfg: Config, net, splits):
+def feature_samplers(cfg: Config, net, splits, names=("train", "val", "test")):
     from .backbones import cache_features
-    return {k: EpisodeSampler(cache_features(net, splits[k]), cfg.ways, cfg.shots, cfg.queries)
-            for k in ("train", "val", "test")}
+    return {k: EpisodeSampler(cache_features(net, splits[k]), cfg.ways, cfg.shots, cfg.queries) for k in names}
 
 
-def run_sib(cfg: Config, splits, smp, device, log) -> tuple[dict, dict]:
+def run_sib(cfg: Config, splits, smp, device, log) -> tuple[dict, dict] | None:
+    """Meta-train SIB on cached backbone features (under torchrun: every process, each on its share
+    of every iteration's ``--meta-batch`` episodes and of the validation episodes), then, on rank 0
+    only, test the best-on-validation state; other ranks return None."""
+    from l2l_zoo.meta.distributed import gather_shares, my_share
+
     from .sib import SIB, SIBStepper
+    world, rank = dist_world()
     net, info = backbone_for(cfg, splits, device, log)
     t0 = time.perf_counter()
-    fs = feature_samplers(cfg, net, splits)
+    fs = feature_samplers(cfg, net, splits, ("train", "val", "test") if rank == 0 else ("train", "val"))
     info["cache_s"] = time.perf_counter() - t0
     smooth = parse_smooth(cfg.smooth) if cfg.smooth else None
     torch.manual_seed(cfg.seed)
     sib = SIB(cfg.ways, fs["train"].split.features.shape[1], dni_init=cfg.sib_dni_init).to(device)
-    stepper = SIBStepper(sib, smooth=smooth, seed=cfg.seed)
+    stepper = SIBStepper(sib, smooth=smooth, seed=cfg.seed, meta_batch=cfg.meta_batch, distributed=world > 1)
     val_eps = [e.to(device) for e in fs["val"].episodes(cfg.val_episodes, VAL_SEED)]
+    mine = val_eps[my_share(len(val_eps))]  # every validation episode in one process
     best = {"val_acc": -1.0, "state": None, "step": 0}
 
     def evaluate():
-        m, ci = mean_ci(stepper.evaluate(val_eps))
+        m, ci = mean_ci(gather_shares(stepper.evaluate(mine), len(val_eps), device))
         if m > best["val_acc"]:
             best.update(val_acc=m, state={k: v.detach().clone() for k, v in sib.state_dict().items()},
                         step=stepper.t)
@@ -362,20 +383,26 @@ def run_sib(cfg: Config, splits, smp, device, log) -> tuple[dict, dict]:
     ident = {**identity(cfg), **{
         k: v for k, v in info.items() if k in ("backbone", "checkpoint", "pretrain_steps")}}
     ckpt = os.path.join(cfg.out, f"sib-{runs.config_hash(ident)}.pt")
-    rec = runs.train(stepper, lambda aux: fs["train"].episode(cfg.seed, stepper.t), steps=cfg.episodes,
-                     evaluate=evaluate, eval_every=cfg.val_every, checkpoint=ckpt, checkpoint_every=cfg.val_every,
-                     identity=ident, resume=cfg.resume, keep_final=True, progress=cfg.progress, desc="SIB", log=log)
+    rec = runs.train(stepper, lambda aux: [fs["train"].episode(cfg.seed, i) for i in stepper.episode_indices()],
+                     steps=cfg.episodes, evaluate=evaluate, eval_every=cfg.val_every, checkpoint=ckpt,
+                     checkpoint_every=cfg.val_every, identity=ident, resume=cfg.resume, keep_final=True,
+                     progress=cfg.progress and rank == 0, desc="SIB", log=log)
+    if rec["diverged_at"] is None and best["state"] is None:  # resumed after the last validation
+        evaluate()
+    if world > 1:  # done with each other: tear the group down together; rank 0 tests alone
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+    if rank != 0:
+        return None
     if rec["diverged_at"] is not None:
         raise FloatingPointError(f"SIB meta-training diverged at episode {rec['diverged_at']}: {rec['error']}")
-    if best["state"] is None:  # resumed after the last validation: select from the recorded curve again
-        evaluate()
     sib.load_state_dict(best["state"])
     t1 = time.perf_counter()
     accs = stepper.evaluate([e.to(device) for e in fs["test"].episodes(cfg.test_episodes, TEST_SEED)])
     test_s = time.perf_counter() - t1
     rec["final"] = {**summary_of(accs, test_s), "best_val_acc": best["val_acc"], "best_meta_step": best["step"],
-                    "train_episodes_per_s": cfg.episodes / max(rec["wall_s"], 1e-9)}
-    rec.update(seed=cfg.seed, test_accs=accs, backbone=info)
+                    "train_episodes_per_s": cfg.episodes * cfg.meta_batch / max(rec["wall_s"], 1e-9)}
+    rec.update(seed=cfg.seed, test_accs=accs, backbone=info, world_size=world)
     runs.save_torch(os.path.join(cfg.out, "model.pt"),
                     {"format": "fewshot.sib", "version": 1, "sib": sib.state_dict(), "sib_config": sib.config,
                      "backbone": net.state_dict(), "backbone_info": {k: v for k, v in info.items()
@@ -441,7 +468,7 @@ RUNNERS = {"metalstm": run_metalstm, "sib": run_sib, "ncm": run_ncm, "finetune":
 # ---------------------------------------------------------------------------------- main
 
 def main(argv=None) -> int:
-    cfg = parse_config(argv)  # under torchrun (--method metalstm only): rank 0 owns --out, the others meta-train
+    cfg = parse_config(argv)  # under torchrun (metalstm, sib): rank 0 owns --out, the others meta-train
     return distributed_main(resolve_device(cfg.device), cfg.out, lambda: _main(cfg), lambda: _main(cfg, worker=True))
 
 
@@ -466,7 +493,7 @@ def _main(cfg: Config, worker: bool = False) -> int:
             if worker:
                 return 0
     if worker:
-        run_metalstm(cfg, splits, smp, device, log)
+        RUNNERS[cfg.method](cfg, splits, smp, device, log)
         return 0
     results = runs.new_results("fewshot.train", asdict(cfg), data={k: s.summary() for k, s in splits.items()})
     results["protocol"] = {"val_seed": VAL_SEED, "test_seed": TEST_SEED,

@@ -507,6 +507,16 @@ def _autocast(model: torch.nn.Module, dtype: str | None):
     return autocast("cpu" if p is None else p.device, dtype)
 
 
+def _all_mean_by_dtype(tensors: list[torch.Tensor]) -> None:
+    """In place: each tensor becomes its mean over the processes (one all-reduce per dtype)."""
+    from .meta.distributed import all_mean
+    groups: dict = {}
+    for t in tensors:
+        groups.setdefault((t.dtype, t.device), []).append(t)
+    for group in groups.values():
+        all_mean(group)
+
+
 class OptimizerStepper:
     """One training step with any ``torch.optim.Optimizer`` (a learned optimizer through
     :class:`~l2l_zoo.LearnedOptimizerAdapter` included): forward, backward, optional gradient-norm
@@ -518,10 +528,17 @@ class OptimizerStepper:
     model's carried state) is handed to the next ``next_batch`` call of :func:`train`.
     ``autocast``: ``"bfloat16"`` runs ``loss_fn`` under ``torch.autocast`` (mixed precision for the
     model; parameters, gradients and the optimizer stay in their own dtype); None: off.
+
+    ``distributed=True``, under ``torch.distributed``: data-parallel, as ``DistributedDataParallel``
+    with equal shares would be: every process passes its own share of the batch, the loss that is
+    reported (and checked for divergence) and the gradients (before clipping) are means over the
+    processes, so every process takes the same step and they agree on when to stop. Without
+    torch.distributed (or with one process) exactly as ``distributed=False``.
     """
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, loss_fn: Callable, *,
-                 scheduler=None, grad_clip: float | None = None, autocast: str | None = None):
+                 scheduler=None, grad_clip: float | None = None, autocast: str | None = None,
+                 distributed: bool = False):
         if grad_clip is not None and not (math.isfinite(grad_clip) and grad_clip > 0):
             raise ValueError(f"grad_clip must be a finite number > 0 or None, got {grad_clip!r}")
         _autocast(model, autocast)  # validates the name
@@ -532,6 +549,8 @@ class OptimizerStepper:
         self._params = [p for g in optimizer.param_groups for p in g["params"]]
         from .baselines import has_eval_point
         self._eval_point = has_eval_point(optimizer)
+        from .meta.distributed import dist_world
+        self.distributed = bool(distributed) and dist_world()[0] > 1
         self.t = 0  # steps taken
 
     @contextlib.contextmanager
@@ -562,11 +581,20 @@ class OptimizerStepper:
         with _autocast(self.model, self.autocast):
             loss, aux = _split(self.loss_fn(self.model, batch))
         value = float(loss.detach())
+        if self.distributed:  # the whole batch's loss: every process agrees (a non-finite share included)
+            t = torch.tensor([value], dtype=torch.float64, device=loss.device)
+            _all_mean_by_dtype([t])
+            value = float(t)
         lr = self.optimizer.param_groups[0].get("lr")
         lr = float(lr) if lr is not None else None
         if not math.isfinite(value):
             return {"loss": value, "lr": lr, "aux": aux}
         loss.backward()
+        if self.distributed:  # DDP's gradient averaging, one flat all-reduce per dtype
+            for p in self._params:
+                if p.grad is None:  # unused here: a zero share (every process must reduce the same tensors)
+                    p.grad = torch.zeros_like(p)
+            _all_mean_by_dtype([p.grad for p in self._params])
         if self.grad_clip is not None:
             torch.nn.utils.clip_grad_norm_(self._params, self.grad_clip)
         if not _grads_finite(self._params):

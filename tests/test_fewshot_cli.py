@@ -46,7 +46,7 @@ BAD = [
     ("fewshot.train", ["--method", "sib", "--data-dir", "/nonexistent/folder"], "--data-dir: no such folder"),
     ("fewshot.train", ["--method", "pixelnn", "--ways", "30"], "ways=30 exceeds the 22 classes of the 'val' split"),
     ("fewshot.train", ["--method", "metalstm", "--meta-batch", "0"], "--meta-batch must be an integer >= 1, got 0"),
-    ("fewshot.train", ["--method", "sib", "--meta-batch", "2"], "--meta-batch applies to --method metalstm"),
+    ("fewshot.train", ["--method", "ncm", "--meta-batch", "2"], "--meta-batch applies to --method metalstm and sib, not 'ncm'"),
     ("fewshot.train", ["--method", "sib", "--sib-dni-init", "ones"],
      "--sib-dni-init must be one of ['random', 'zero'], got 'ones'"),
     ("fewshot.train", ["--method", "metalstm", "--sib-dni-init", "zero"], "--sib-dni-init applies to --method sib"),

@@ -268,6 +268,43 @@ def test_smoothed_objective_adds_lambda_times_the_penalty_of_every_inner_step():
     assert "penalty" not in r0
 
 
+def test_a_meta_batch_step_follows_the_mean_of_its_episodes_objectives():
+    """meta_batch = 3: one SGD step on the mean of the three episodes' smoothed objectives (each with
+    the PGD noise of its own episode index), the reported numbers their means; episode indices run
+    t·B + b."""
+    eps = [feature_episode(seed=s) for s in (4, 5, 6)]
+    cfg = SmoothnessConfig(eps=0.2, lam=2.5, steps=2)
+    st = SIBStepper(make_sib(inner_lr=0.3), smooth=cfg, seed=3, lr=0.05, meta_batch=3)
+    assert st.episode_indices() == [0, 1, 2]
+    ref = make_sib(inner_lr=0.3)
+    ref.load_state_dict(st.model.state_dict())
+    losses, pens = [], []
+    for i, ep in enumerate(eps):
+        out = ref.adapt(ep.support_x, ep.support_y, ep.query_x, regularizer=SmoothnessRegularizer(cfg),
+                        generator=st._noise(i))
+        losses.append(F.cross_entropy(out.logits, ep.query_y))
+        pens.append(2.5 * torch.stack(out.penalties).sum())
+    objective = (torch.stack(losses) + torch.stack(pens)).mean()
+    opt = torch.optim.SGD(ref.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4, nesterov=True)
+    objective.backward()
+    opt.step()
+    r = st.step(eps)
+    for (k, a), b in zip(st.model.state_dict().items(), ref.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-15, msg=k)
+    assert r["loss"] == pytest.approx(float(torch.stack(losses).mean()), rel=1e-12)
+    assert r["penalty"] == pytest.approx(float(torch.stack(pens).mean()), rel=1e-12)
+    assert r["meta_loss"] == pytest.approx(float(objective), rel=1e-12)
+    assert st.episode_indices() == [3, 4, 5]
+    # each episode's noise is its own: another index, or another seed, draws other starts
+    draw = lambda g: torch.randn(4, generator=g)  # noqa: E731
+    assert not torch.equal(draw(st._noise(0)), draw(st._noise(1)))
+    assert not torch.equal(draw(st._noise(0)), draw(SIBStepper(make_sib(), seed=4, meta_batch=2)._noise(0)))
+    with pytest.raises(ValueError, match=r"takes 3 episode\(s\) per iteration \(meta_batch 3 over 1 process"):
+        st.step(eps[:2])
+    with pytest.raises(ValueError, match="meta_batch must be an integer >= 1, got 0"):
+        SIBStepper(make_sib(), meta_batch=0)
+
+
 # ============================================================================ backbones and caching
 
 def tiny_split(classes=7, per_class=6, seed=0):

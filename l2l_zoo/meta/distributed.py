@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["dist_world", "all_mean", "all_sum", "my_share", "rank0_decides", "check_in_sync"]
+__all__ = ["dist_world", "all_mean", "all_sum", "my_share", "gather_shares", "rank0_decides", "check_in_sync"]
 
 
 def dist_world() -> tuple[int, int]:
@@ -44,6 +44,21 @@ def all_sum(values: list[float], device: torch.device | str = "cpu") -> list[flo
     if dist_world()[0] == 1:
         return [float(v) for v in values]
     t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=device)
+    torch.distributed.all_reduce(t)
+    return t.tolist()
+
+
+def gather_shares(mine: list[float], n: int, device: torch.device | str = "cpu") -> list[float]:
+    """The whole list of ``n`` numbers of which this process computed its share, ``my_share(n)``
+    (``mine``, in order), on every process: each process's share is placed in a zero vector and the
+    vectors summed (float64, so every value arrives exactly). ``mine`` itself without torch.distributed."""
+    part = my_share(n)
+    if len(mine) != part.stop - part.start:
+        raise ValueError(f"this process's share of {n} values is {part.stop - part.start} values, got {len(mine)}")
+    if dist_world()[0] == 1:
+        return [float(v) for v in mine]
+    t = torch.zeros(n, dtype=torch.float64, device=device)
+    t[part] = torch.tensor([float(v) for v in mine], dtype=torch.float64, device=device)
     torch.distributed.all_reduce(t)
     return t.tolist()
 
