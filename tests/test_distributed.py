@@ -279,11 +279,14 @@ def episode(i):
     return Episode(centres[sy] + 0.7 * torch.randn(10, 8, generator=g, dtype=torch.float64), sy,
                    centres[qy] + 0.7 * torch.randn(15, 8, generator=g, dtype=torch.float64), qy, tuple(range(5)))
 
-def train(steps, distributed):
+def train(steps, distributed, checkpoint=None, resume=False):
+    from l2l_zoo import runs
     torch.manual_seed(0)
     st = SIBStepper(SIB(5, 8, inner_lr=0.3).double(), lr=0.05, seed=2, meta_batch=4, distributed=distributed,
                     smooth=SmoothnessConfig(eps=0.1, lam=2.0, steps=2))
-    log = [st.step([episode(i) for i in st.episode_indices()]) for _ in range(steps)]
+    rec = runs.train(st, lambda aux: [episode(i) for i in st.episode_indices()], steps=steps, checkpoint=checkpoint,
+                     checkpoint_every=1, identity={"sib": "test"}, resume=resume, keep_final=True, progress=False)
+    log = [{k: rec["step_log"][k][i] for k in ("loss", "meta_loss")} for i in range(steps)]
     return torch.cat([p.detach().reshape(-1) for p in st.model.parameters()]), log
 
 if __name__ == "__main__":
@@ -291,7 +294,7 @@ if __name__ == "__main__":
     torch.set_num_threads(1)
     torch.distributed.init_process_group("gloo", init_method="file://" + os.path.join(out, "rendezvous"),
                                          rank=rank, world_size=world)
-    params, log = train(3, True)
+    params, log = train(3, True, os.path.join(out, "sib.ck"))
     vals = [0.1 * i for i in range(7)][my_share(7)]  # 7 values over 2 processes: unequal shares
     torch.save({"params": params, "loss": [r["loss"] for r in log], "meta_loss": [r["meta_loss"] for r in log],
                 "gathered": torch.tensor(gather_shares(vals, 7), dtype=torch.float64)}, os.path.join(out, f"sib{rank}.pt"))
@@ -302,9 +305,9 @@ if __name__ == "__main__":
 
 def test_sib_on_two_processes_equals_one_process_with_the_same_meta_batch(tmp_path):
     """SIBStepper(meta_batch=4, distributed=True) on 2 gloo processes (2 episodes each per
-    iteration, smoothed, float64): bit-identical parameters on both, equal to one process with
-    meta_batch 4 to 1e-12 after 3 iterations, the same reported means; gather_shares reassembles
-    unequal shares exactly."""
+    iteration, smoothed, float64, through runs.train): bit-identical parameters on both, equal to one
+    process with meta_batch 4 to 1e-12 after 3 iterations, the same reported means; the 2-process
+    checkpoint resumes in one process; gather_shares reassembles unequal shares exactly."""
     run_ranks(tmp_path, "sib", source=SIB_WORKER)
     a, b = (torch.load(tmp_path / f"sib{r}.pt", weights_only=True) for r in (0, 1))
     assert torch.equal(a["params"], b["params"]), "SIB parameters differ between the processes"
@@ -315,6 +318,11 @@ def test_sib_on_two_processes_equals_one_process_with_the_same_meta_batch(tmp_pa
     assert a["loss"] == pytest.approx([r["loss"] for r in log], rel=1e-12)
     assert a["meta_loss"] == pytest.approx([r["meta_loss"] for r in log], rel=1e-12)
     assert a["gathered"].tolist() == [0.1 * i for i in range(7)] and torch.equal(a["gathered"], b["gathered"])
+    # rank 0's checkpoint (after iteration 3) resumes in one process and continues as the run that never stopped
+    resumed, rlog = ns["train"](5, False, str(tmp_path / "sib.ck"), resume=True)
+    full, flog = ns["train"](5, False)
+    assert float((resumed - full).norm() / full.norm()) < 1e-12
+    assert [r["loss"] for r in rlog] == pytest.approx([r["loss"] for r in flog], rel=1e-12)
 
 
 def test_torchrun_fewshot_sib_matches_one_process(data_dir, tmp_path):
