@@ -279,12 +279,20 @@ def learned_label(cfg: Config) -> str:
     return cfg.opt + ("+smooth" if cfg.smooth else "") + ("+ft" if cfg.finetune else "")
 
 
+# What a --load'ed optimizer depends on: the file's content, and with --finetune what fine-tuning reads
+# (the meta-training flags do not apply to it, so changing them must not rerun its evaluations)
+FINETUNE_KEYS = ("finetune", "meta_lr", "meta_loss", "unroll", "meta_seed", "smooth", "autocast")
+
+
 def meta_identity(cfg: Config) -> dict:
-    """Everything the learned optimizer depends on (a loaded one: the file's content)."""
-    ident = runs.without_later_defaults({k: getattr(cfg, k) for k in META_KEYS})
+    """Everything the learned optimizer depends on: the meta-training settings, or for a loaded one
+    the file's content (plus the fine-tuning settings with ``--finetune``)."""
     if cfg.load:
+        keys = ("opt",) + (FINETUNE_KEYS if cfg.finetune else ())
+        ident = runs.without_later_defaults({k: getattr(cfg, k) for k in keys})
         ident["load"] = runs.file_digest(cfg.load)
-    return ident
+        return ident
+    return runs.without_later_defaults({k: getattr(cfg, k) for k in META_KEYS})
 
 
 def meta_train(cfg: Config, device, log) -> tuple[l2l_zoo.LearnedOptimizer, dict]:

@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "benchmarks", "mnist_mlp.py")
@@ -87,6 +88,27 @@ def test_every_config_field_is_classified_for_the_run_cache(name, groups):
     names = {f.name for f in fields(mod.Config)}
     assert names - classified == set(), f"unclassified config fields: {sorted(names - classified)}"
     assert classified - names == set(), f"stale names in the groups: {sorted(classified - names)}"
+
+
+def test_a_loaded_optimizer_is_keyed_on_its_file_not_on_the_meta_training_flags(tmp_path):
+    """--load skips meta-training, so the meta-training flags must not key its cached evaluations
+    (changing them once re-ran every loaded evaluation); the file's content must, and with
+    --finetune so must what fine-tuning reads."""
+    import l2l_zoo
+    mod = _load("mnist_mlp")
+    torch.manual_seed(0)
+    l2l_zoo.save(l2l_zoo.create("simple"), str(tmp_path / "a.pt"))
+    torch.manual_seed(1)
+    l2l_zoo.save(l2l_zoo.create("simple"), str(tmp_path / "b.pt"))
+    ident = lambda *a: mod.meta_identity(mod.parse_config(["--opt", "simple", *a, "--out", str(tmp_path / "o")]))  # noqa: E731
+    base = ident("--load", str(tmp_path / "a.pt"))
+    assert base == ident("--load", str(tmp_path / "a.pt"), "--meta-steps", "7", "--horizon", "40", "--smooth", "eps=0.1")
+    assert base != ident("--load", str(tmp_path / "b.pt"))
+    ft = ident("--load", str(tmp_path / "a.pt"), "--finetune")
+    assert ft != base and ft != ident("--load", str(tmp_path / "a.pt"), "--finetune", "--meta-lr", "0.01")
+    assert ft == ident("--load", str(tmp_path / "a.pt"), "--finetune", "--meta-steps", "7")
+    # meta-training itself is keyed on its flags
+    assert ident("--meta-steps", "7") != ident("--meta-steps", "8")
 
 
 def test_tiny_end_to_end_run_and_resume(data_dir, tmp_path):
