@@ -28,6 +28,19 @@ def make_lopt():
     return make
 
 
+def killed_at(call: int, fn):
+    """``fn`` wrapped to raise KeyboardInterrupt on its ``call``-th call (1-based), as a killed run
+    would stop: for the bit-exact resume tests."""
+    calls = {"n": 0}
+
+    def wrapped(*args):
+        calls["n"] += 1
+        if calls["n"] == call:
+            raise KeyboardInterrupt
+        return fn(*args)
+    return wrapped
+
+
 def _data_dir():
     d = os.environ.get("L2L_ZOO_DATA")
     # absolute: CI passes ../shared/data, and some tests change the working directory

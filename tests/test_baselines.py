@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from l2l_zoo import baselines, runs
 from l2l_zoo.tasks import MLP
+from conftest import killed_at
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -93,13 +94,7 @@ def test_lr_free_run_resumes_bit_for_bit(name, tmp_path):
     s0, b0, g0, e0, _ = toy(name)
     ref = runs.train(s0, b0, steps=23, evaluate=e0, eval_every=4, generators={"data": g0}, progress=False)
     s, b, g, e, _ = toy(name)
-    ck, n = tmp_path / "ck.pt", {"calls": 0}
-
-    def dying(aux):
-        n["calls"] += 1
-        if n["calls"] == 18:  # after the checkpoint at step 15
-            raise KeyboardInterrupt
-        return b(aux)
+    ck, dying = tmp_path / "ck.pt", killed_at(18, b)  # after the checkpoint at step 15
     with pytest.raises(KeyboardInterrupt):
         runs.train(s, dying, steps=23, evaluate=e, eval_every=4, checkpoint=ck, checkpoint_every=5,
                    identity=ident, generators={"data": g}, progress=False)

@@ -17,6 +17,7 @@ from fewshot.backbones import (FeatureSplit, WideResNet, cache_features, conv4_6
                                load_official_wrn, ncm_validation, pretrain, wrn28_10)
 from fewshot.data import Episode, EpisodeSampler, FewShotSplit, mean_ci
 from fewshot.sib import SIB, SIBStepper, evaluate, evaluate_ncm, nearest_class_mean
+from conftest import killed_at
 
 F64 = torch.float64
 
@@ -393,13 +394,7 @@ def test_sib_meta_training_resumes_bit_for_bit(tmp_path):
     assert ref["diverged_at"] is None and len(ref["step_log"]["penalty"]) == 9
 
     st1, batch1, ev1 = setup()
-    calls = {"n": 0}
-
-    def dying(aux):
-        calls["n"] += 1
-        if calls["n"] == 7:   # after the checkpoint at step 5
-            raise KeyboardInterrupt
-        return batch1(aux)
+    dying = killed_at(7, batch1)  # after the checkpoint at step 5
     ck = tmp_path / "sib.ck"
     with pytest.raises(KeyboardInterrupt):
         runs.train(st1, dying, steps=9, evaluate=ev1, eval_every=3, checkpoint=ck, checkpoint_every=5,

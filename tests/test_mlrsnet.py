@@ -22,6 +22,7 @@ from l2l_zoo.schedules import LRController, ScheduleDiverged
 from l2l_zoo.schedules.baselines import PRESETS, baseline_lrs, make_baseline
 from l2l_zoo.schedules.mlrsnet import MLRSNetController
 from l2l_zoo.tasks import MLP
+from conftest import killed_at
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -571,13 +572,7 @@ def test_killed_run_resumes_from_its_checkpoint_exactly(tmp_path):
     a = make()
     ha = loop(*a, tmp_path / "a.pt")
     b = make()
-    calls = {"n": 0}
-
-    def dying(aux, inner=b[1]):
-        calls["n"] += 1
-        if calls["n"] == 10:  # killed after the checkpoint at step 8
-            raise KeyboardInterrupt
-        return inner(aux)
+    dying = killed_at(10, b[1])  # killed after the checkpoint at step 8
     with pytest.raises(KeyboardInterrupt):
         loop(b[0], dying, b[2], b[3], tmp_path / "b.pt")
     with pytest.raises(runs.CheckpointError, match="different setup"):

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from l2l_zoo import runs
 from l2l_zoo.tasks import MLP
+from conftest import killed_at
 
 
 # ----------------------------------------------------------------------------- atomic writes
@@ -268,13 +269,7 @@ def test_killed_run_resumes_bit_for_bit(tmp_path):
 
     stepper, batch, gen, ev = toy()
     ck = tmp_path / "ck.pt"
-    n = {"calls": 0}
-
-    def dying(aux):
-        n["calls"] += 1
-        if n["calls"] == 18:  # after the checkpoint at step 15
-            raise KeyboardInterrupt
-        return batch(aux)
+    dying = killed_at(18, batch)  # after the checkpoint at step 15
     with pytest.raises(KeyboardInterrupt):
         runs.train(stepper, dying, steps=23, evaluate=ev, eval_every=4, checkpoint=ck, checkpoint_every=5,
                    identity=ident, generators={"data": gen}, progress=False)
