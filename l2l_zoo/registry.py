@@ -13,7 +13,7 @@ from . import runs
 from .base import LearnedOptimizer
 from .optimizers import REGISTRY
 
-__all__ = ["create", "save", "load", "available", "LearnedOptimizerFileError"]
+__all__ = ["create", "save", "load", "from_parts", "available", "LearnedOptimizerFileError"]
 
 _FORMAT = "l2l_zoo.learned_optimizer"
 _VERSION = 1
@@ -157,6 +157,47 @@ def _torch_reason(e: Exception) -> str:
     return f"a damaged or truncated torch archive ({type(e).__name__}{': ' + first if first else ''})"
 
 
+def from_parts(name, config: dict, state: dict, bad=None) -> LearnedOptimizer:
+    """The learned optimizer ``name`` with options ``config`` and meta-parameters ``state`` (a dict
+    of tensors), after checking them: a registered name, known options, meta-parameter names and
+    shapes matching that configuration, finite values; built in the floating dtype of ``state``
+    (float64 stays float64). ``bad(what) -> Exception`` makes the error
+    for a failed check (default: ``LearnedOptimizerFileError(what)``); :func:`load` and the zoo's
+    weight files build through it."""
+    bad = bad or LearnedOptimizerFileError
+    if name not in REGISTRY:
+        raise bad(f"optimizer {name!r} is not registered; registered: {available()}")
+    allowed = REGISTRY[name].option_names()
+    unknown = sorted(set(config) - set(allowed))
+    if unknown:
+        raise bad(f"unknown option(s) {unknown} for optimizer {name!r}; allowed: {allowed}")
+    try:
+        lopt = create(name, **config)
+    except (TypeError, ValueError) as e:
+        raise bad(f"invalid config for optimizer {name!r}: {e}") from None
+    expected = lopt.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise bad(f"meta-parameters do not match optimizer {name!r} with its config: missing {missing}, "
+                  f"unexpected {unexpected}")
+    for k, ref in expected.items():
+        v = state[k]
+        if not isinstance(v, torch.Tensor):
+            raise bad(f"meta-parameter {k!r} should be a tensor, found {_describe(v)}")
+        if v.shape != ref.shape:
+            raise bad(f"meta-parameter {k!r} has shape {tuple(v.shape)}, optimizer {name!r} with its "
+                      f"config needs {tuple(ref.shape)}")
+        if v.is_floating_point() and not bool(torch.isfinite(v).all()):
+            n_bad = int((~torch.isfinite(v)).sum())
+            raise bad(f"meta-parameter {k!r} has {n_bad} non-finite (NaN/inf) value(s) of {v.numel()}")
+    dtypes = {v.dtype for v in state.values() if v.is_floating_point()}
+    if len(dtypes) == 1:  # the precision it was saved in (load_state_dict alone would cast to float32)
+        lopt = lopt.to(dtypes.pop())
+    lopt.load_state_dict(state)
+    return lopt
+
+
 def load(path: str | os.PathLike, map_location="cpu", *, with_extra: bool = False):
     """Restore a learned optimizer written by :func:`save` (``with_extra`` also returns ``extra``),
     on the device ``map_location`` (a device or its name; the file is read on the CPU, so a CUDA
@@ -194,34 +235,7 @@ def load(path: str | os.PathLike, map_location="cpu", *, with_extra: bool = Fals
     for key, kind in (("name", str), ("config", dict), ("state_dict", dict), ("extra", dict)):
         if not isinstance(payload.get(key), kind):
             raise bad(f"entry {key!r} should be a {kind.__name__}, found {_describe(payload.get(key))}")
-    name, config, state = payload["name"], payload["config"], payload["state_dict"]
-    if name not in REGISTRY:
-        raise bad(f"optimizer {name!r} is not registered; registered: {available()}")
-    allowed = REGISTRY[name].option_names()
-    unknown = sorted(set(config) - set(allowed))
-    if unknown:
-        raise bad(f"unknown option(s) {unknown} for optimizer {name!r}; allowed: {allowed}")
-    try:
-        lopt = create(name, **config)
-    except (TypeError, ValueError) as e:
-        raise bad(f"invalid config for optimizer {name!r}: {e}") from None
-    expected = lopt.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    if missing or unexpected:
-        raise bad(f"meta-parameters do not match optimizer {name!r} with its config: missing {missing}, "
-                  f"unexpected {unexpected}")
-    for k, ref in expected.items():
-        v = state[k]
-        if not isinstance(v, torch.Tensor):
-            raise bad(f"meta-parameter {k!r} should be a tensor, found {_describe(v)}")
-        if v.shape != ref.shape:
-            raise bad(f"meta-parameter {k!r} has shape {tuple(v.shape)}, optimizer {name!r} with its "
-                      f"config needs {tuple(ref.shape)}")
-        if v.is_floating_point() and not bool(torch.isfinite(v).all()):
-            n_bad = int((~torch.isfinite(v)).sum())
-            raise bad(f"meta-parameter {k!r} has {n_bad} non-finite (NaN/inf) value(s) of {v.numel()}")
-    lopt.load_state_dict(state)
+    lopt = from_parts(payload["name"], payload["config"], payload["state_dict"], bad)
     if map_location is not None:
         lopt = lopt.to(map_location)
     return (lopt, payload["extra"]) if with_extra else lopt
