@@ -7,6 +7,7 @@ and compare it with hand-designed optimizers tuned on the same task.
     python benchmarks/mnist_mlp.py --opt dm --meta-steps 40 --baselines none
     python benchmarks/mnist_mlp.py --opt adam --task lenet                # a tuned baseline alone
     python benchmarks/mnist_mlp.py --opt simple --load results/.../optimizer.pt --task lenet --finetune
+    python benchmarks/mnist_mlp.py --opt simple --load zoo:simple-smooth/mnist-mlp --task deep_mlp
 
 Protocol (Chen et al. 2020 §4; smoothness paper §5.1): the learned optimizer is meta-trained on the
 base MLP 784→500→10 (``--meta-task``) with runs of ``--horizon`` 200 optimizee steps cut into
@@ -142,7 +143,9 @@ def build_parser() -> ArgumentParser:
                         "parameters, gradients and optimizers stay float32)")
     p.add_argument("--opt-config", default=None, metavar="K=V,...",
                    help="constructor options of the learned optimizer, e.g. output_scale=0.01 or input_norm=rms")
-    p.add_argument("--load", default=None, metavar="PATH", help="skip meta-training: load a saved learned optimizer")
+    p.add_argument("--load", default=None, metavar="PATH",
+                   help="skip meta-training: load a saved learned optimizer (a file of l2l_zoo.save, or "
+                        "zoo:NAME for a pretrained one; python -m l2l_zoo.zoo list)")
     p.add_argument("--finetune", action="store_true",
                    help="Chen et al. §3.4 fine-tuning on the evaluation task before evaluating (5%% "
                         "subsample, until the loss halves, 5 times); baselines then tune their learning "
@@ -249,10 +252,10 @@ def parse_config(argv=None) -> Config:
     if a.load is not None:
         if a.opt in BASELINES:
             raise UsageError("--load applies to learned optimizers only")
-        if not os.path.isfile(a.load):
-            raise UsageError(f"--load: no such file {a.load!r}")
+        if not a.load.startswith(ZOO) and not os.path.isfile(a.load):
+            raise UsageError(f"--load: no such file {a.load!r} (or zoo:NAME for a pretrained one)")
         try:
-            loaded = l2l_zoo.load(a.load)
+            loaded = load_learned(a.load)[0]
         except (ValueError, KeyError, TypeError) as e:
             raise UsageError(f"--load: {e}") from None
         if loaded.name != a.opt:
@@ -284,13 +287,31 @@ def learned_label(cfg: Config) -> str:
 FINETUNE_KEYS = ("finetune", "meta_lr", "meta_loss", "unroll", "meta_seed", "smooth", "autocast")
 
 
+ZOO = "zoo:"  # --load zoo:NAME: a pretrained optimizer of l2l_zoo.zoo
+
+
+def load_learned(spec: str):
+    """``--load``'s optimizer: (learned optimizer, what it records about itself, SHA-256) for a file
+    of ``l2l_zoo.save`` (the file's digest) or ``zoo:NAME`` (the weight file's content digest)."""
+    if spec.startswith(ZOO):
+        name = spec[len(ZOO):]
+        e = l2l_zoo.zoo.entry(name)  # ZooError (a ValueError) names the entries there are
+        if e.kind != "shipped":
+            raise ValueError(f"zoo entry {name!r} is not a single shipped optimizer (kind {e.kind!r})")
+        lopt = l2l_zoo.zoo.load(name)
+        return lopt, {"zoo_entry": name, "zoo_measured": e.measured}, \
+            l2l_zoo.zoo.weights_digest(lopt.name, lopt.config, lopt.state_dict())
+    lopt, extra = l2l_zoo.load(spec, with_extra=True)
+    return lopt, extra, runs.file_digest(spec)
+
+
 def meta_identity(cfg: Config) -> dict:
     """Everything the learned optimizer depends on: the meta-training settings, or for a loaded one
     the file's content (plus the fine-tuning settings with ``--finetune``)."""
     if cfg.load:
         keys = ("opt",) + (FINETUNE_KEYS if cfg.finetune else ())
         ident = runs.without_later_defaults({k: getattr(cfg, k) for k in keys})
-        ident["load"] = runs.file_digest(cfg.load)
+        ident["load"] = load_learned(cfg.load)[2]
         return ident
     return runs.without_later_defaults({k: getattr(cfg, k) for k in META_KEYS})
 
@@ -378,9 +399,9 @@ def _main(cfg: Config) -> int:
     # Learned optimizer: meta-train (or load), optionally fine-tune, evaluate on every seed.
     if cfg.opt in LEARNED:
         if cfg.load:
-            lopt, extra = l2l_zoo.load(cfg.load, with_extra=True)
-            results["meta_training"] = {"loaded_from": os.path.abspath(cfg.load),
-                                        "sha256": runs.file_digest(cfg.load), **extra}
+            lopt, extra, digest = load_learned(cfg.load)
+            results["meta_training"] = {"loaded_from": cfg.load if cfg.load.startswith(ZOO) else
+                                        os.path.abspath(cfg.load), "sha256": digest, **extra}
         else:
             lopt, results["meta_training"] = meta_train(cfg, device, log)
         if cfg.finetune:

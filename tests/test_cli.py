@@ -107,6 +107,12 @@ def test_a_loaded_optimizer_is_keyed_on_its_file_not_on_the_meta_training_flags(
     ft = ident("--load", str(tmp_path / "a.pt"), "--finetune")
     assert ft != base and ft != ident("--load", str(tmp_path / "a.pt"), "--finetune", "--meta-lr", "0.01")
     assert ft == ident("--load", str(tmp_path / "a.pt"), "--finetune", "--meta-steps", "7")
+    # a pretrained zoo entry is keyed on its weights' digest
+    z = ident("--load", "zoo:simple-smooth/mnist-mlp")
+    lz = l2l_zoo.zoo.load("simple-smooth/mnist-mlp")
+    assert z["load"] == l2l_zoo.zoo.weights_digest(lz.name, lz.config, lz.state_dict())
+    assert z != ident("--load", "zoo:simple/mnist-mlp") and z == ident("--load", "zoo:simple-smooth/mnist-mlp",
+                                                                       "--meta-steps", "7")
     # meta-training itself is keyed on its flags
     assert ident("--meta-steps", "7") != ident("--meta-steps", "8")
 
