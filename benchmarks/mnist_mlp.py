@@ -298,8 +298,9 @@ def load_learned(spec: str):
         e = l2l_zoo.zoo.entry(name)  # ZooError (a ValueError) names the entries there are
         if e.kind != "shipped":
             raise ValueError(f"zoo entry {name!r} is not a single shipped optimizer (kind {e.kind!r})")
-        lopt = l2l_zoo.zoo.load(name)
-        return lopt, {"zoo_entry": name, "zoo_measured": e.measured}, \
+        lopt, prov = l2l_zoo.zoo.read_weights(l2l_zoo.zoo.WEIGHTS_DIR / e.weights)
+        return lopt, {"zoo_entry": name, "zoo_measured": e.measured,
+                      **{k: prov[k] for k in ("meta_training", "meta_task") if k in prov}}, \
             l2l_zoo.zoo.weights_digest(lopt.name, lopt.config, lopt.state_dict())
     lopt, extra = l2l_zoo.load(spec, with_extra=True)
     return lopt, extra, runs.file_digest(spec)

@@ -124,7 +124,8 @@ def _cost(res: dict, info: dict) -> str:
         if cfg.get("load"):
             saved = mt.get("meta_training") or {}
             return (f"loaded: meta-trained {saved.get('meta_steps', '?')} meta-steps on {mt.get('meta_task', '?')}"
-                    f" ({os.path.basename(cfg['load'])}, sha256 {str(mt.get('sha256', '?'))[:12]})")
+                    f" ({cfg['load'] if cfg['load'].startswith('zoo:') else os.path.basename(cfg['load'])}, "
+                    f"sha256 {str(mt.get('sha256', '?'))[:12]})")
         wall = mt.get("wall_s")
         return (f"meta-trained {cfg.get('meta_steps')} meta-steps on {cfg.get('meta_task')}"
                 + (f", {wall:.0f} s" if wall else ""))

@@ -28,6 +28,8 @@ def test_every_entry_is_complete_and_every_shipped_one_loads():
             assert isinstance(lopt, l2l_zoo.LearnedOptimizer) and lopt.name == e.optimizer
             assert e.build and e.artifact and e.check and e.check["recorded"] in e.recorded
             assert e.measured.startswith("python benchmarks/"), e.measured
+            prov = zoo.read_weights(zoo.WEIGHTS_DIR / e.weights)[1]  # how it was meta-trained, as saved
+            assert prov["meta_training"]["meta_steps"] == 360 and prov["meta_task"] == "mlp"
         else:
             assert len(e.files) == len(e.sha256) > 0
 

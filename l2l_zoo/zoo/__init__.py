@@ -350,7 +350,8 @@ def provenance_from_results(optimizer_file: str | os.PathLike, results_files, la
     """The provenance of a weight file, read from the ``mnist_mlp.py`` results that measured the
     optimizer in ``optimizer_file``: ``recorded`` (``<metric>@<eval steps>`` of run ``label`` for its
     train/val/test loss and test accuracy, the mean over its seeds), ``measured`` (each run's
-    command, commit, torch version and threads) and ``sha256_source`` (the optimizer file's digest).
+    command, commit, torch version and threads), ``sha256_source`` (the optimizer file's digest) and
+    the file's own ``meta_training`` configuration and ``meta_task``.
     A results file counts only if it was written by the run that saved ``optimizer_file`` (the same
     folder) or evaluated that very file (``--load`` with the same SHA-256); else :class:`ZooError`."""
     opt = Path(optimizer_file).resolve()
@@ -373,4 +374,7 @@ def provenance_from_results(optimizer_file: str | os.PathLike, results_files, la
         env = res.get("environment", {})
         measured.append(f"python {' '.join(env.get('argv', []))} (commit {str(env.get('git_commit'))[:7]}, "
                         f"torch {env.get('torch')}, {env.get('cpu_threads')} CPU threads, {s['n_seeds']} seed(s))")
-    return {"recorded": recorded, "measured": "; ".join(measured), "sha256_source": digest}
+    from ..registry import load as load_file
+    _, extra = load_file(opt, with_extra=True)  # how it was meta-trained, as the run saved it
+    return {"recorded": recorded, "measured": "; ".join(measured), "sha256_source": digest,
+            **{k: extra[k] for k in ("meta_training", "meta_task") if k in extra}}
