@@ -2,8 +2,8 @@
 """Ablations of SimpleOptimizer (Chen et al. 2020, §4 "Ablation analysis", Fig. 3): remove one
 design choice at a time and compare the learning curves on the base MNIST MLP.
 
-    python benchmarks/simple_ablation.py                         # 4 variants, 1000 evaluation steps
-    python benchmarks/simple_ablation.py --eval-steps 10000 --meta-steps 200 --seeds 3
+    python benchmarks/simple_ablation.py --seeds 3               # 4 variants, 1000 evaluation steps
+    python benchmarks/simple_ablation.py --eval-steps 10000 --meta-steps 200
 
 Variants: ``full`` (no bias, mean embedding sharing, weighted-difference meta-loss), ``bias``
 (biases added back, Fig. 3a), ``no_aggregation`` (no embedding sharing, Fig. 3b) and ``uniform_loss``
@@ -53,7 +53,8 @@ def variant_args(a, v: str) -> list[str]:
 def main(argv=None) -> int:
     p = ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma list from {list(VARIANTS)}")
-    p.add_argument("--meta-steps", type=int, default=200, help="meta-updates per variant")
+    p.add_argument("--meta-steps", type=int, default=mnist_mlp.DEFAULT_META_STEPS["simple"],
+                   help="meta-updates per variant (default: the flagship's, %(default)s)")
     p.add_argument("--eval-steps", type=int, default=1000, help="optimizee steps of each evaluation run")
     p.add_argument("--seeds", default="1", help="evaluation seeds: a count or a comma list")
     p.add_argument("--meta-seed", type=int, default=0, help="meta-training seed (the same for every variant)")
