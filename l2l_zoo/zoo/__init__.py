@@ -89,37 +89,31 @@ class ZooEntry:
         return asdict(self)
 
 
+def _mnist_simple(name: str, flags: tuple, summary: str, paper: str) -> ZooEntry:
+    """A SimpleOptimizer meta-trained by ``mnist_mlp.py --opt simple`` + ``flags`` on the MNIST MLP,
+    checked by its step-1,000 training loss (seed 0)."""
+    return ZooEntry(name=name, optimizer="simple", kind="shipped", summary=summary, paper=paper,
+                    weights=name.replace("/", "_") + ".json",
+                    build=("benchmarks/mnist_mlp.py", "--opt", "simple", *flags, "--baselines", "none", "--no-progress"),
+                    artifact="optimizer.pt",
+                    check={"task": "mlp", "steps": 1000, "seed": 0, "metric": "train_loss",
+                           "recorded": "train_loss@1000"})
+
+
 ENTRIES: dict[str, ZooEntry] = {e.name: e for e in (
-    ZooEntry(
-        name="simple-smooth/mnist-mlp", optimizer="simple", kind="shipped",
-        summary="SimpleOptimizer (bias-free, embedding sharing, weighted-difference meta-loss) meta-trained "
-                "360 meta-steps with the smoothness regularizer (eps=0.1) on the MNIST MLP 784-500-10: "
-                "the README's flagship",
-        paper="Chen et al. 2020 (SimpleOptimizer, §3); the smoothness paper (§4, Algorithm 1)",
-        weights="simple-smooth_mnist-mlp.json",
-        build=("benchmarks/mnist_mlp.py", "--opt", "simple", "--smooth", "eps=0.1", "--baselines", "none",
-               "--no-progress"),
-        artifact="optimizer.pt",
-        check={"task": "mlp", "steps": 1000, "seed": 0, "metric": "train_loss", "recorded": "train_loss@1000"}),
-    ZooEntry(
-        name="simple/mnist-mlp", optimizer="simple", kind="shipped",
-        summary="SimpleOptimizer meta-trained 360 meta-steps without smoothing on the MNIST MLP 784-500-10",
-        paper="Chen et al. 2020 (SimpleOptimizer, §3)",
-        weights="simple_mnist-mlp.json",
-        build=("benchmarks/mnist_mlp.py", "--opt", "simple", "--baselines", "none", "--no-progress"),
-        artifact="optimizer.pt",
-        check={"task": "mlp", "steps": 1000, "seed": 0, "metric": "train_loss", "recorded": "train_loss@1000"}),
-    ZooEntry(
-        name="simple-sumloss/mnist-mlp", optimizer="simple", kind="shipped",
-        summary="SimpleOptimizer meta-trained 360 meta-steps with the plain sum of losses as meta-loss (the "
-                "DM meta-loss; Chen et al.'s ablation, which beats their weighted difference on this task) "
-                "on the MNIST MLP 784-500-10: the best learned optimizer of the zoo here",
-        paper="Chen et al. 2020 (SimpleOptimizer, §3; ablation §4, Fig. 3b)",
-        weights="simple-sumloss_mnist-mlp.json",
-        build=("benchmarks/mnist_mlp.py", "--opt", "simple", "--meta-loss", "sum", "--baselines", "none",
-               "--no-progress"),
-        artifact="optimizer.pt",
-        check={"task": "mlp", "steps": 1000, "seed": 0, "metric": "train_loss", "recorded": "train_loss@1000"}),
+    _mnist_simple("simple-smooth/mnist-mlp", ("--smooth", "eps=0.1"),
+                  "SimpleOptimizer (bias-free, embedding sharing, weighted-difference meta-loss) meta-trained "
+                  "360 meta-steps with the smoothness regularizer (eps=0.1) on the MNIST MLP 784-500-10: "
+                  "the README's flagship",
+                  "Chen et al. 2020 (SimpleOptimizer, §3); the smoothness paper (§4, Algorithm 1)"),
+    _mnist_simple("simple/mnist-mlp", (),
+                  "SimpleOptimizer meta-trained 360 meta-steps without smoothing on the MNIST MLP 784-500-10",
+                  "Chen et al. 2020 (SimpleOptimizer, §3)"),
+    _mnist_simple("simple-sumloss/mnist-mlp", ("--meta-loss", "sum"),
+                  "SimpleOptimizer meta-trained 360 meta-steps with the plain sum of losses as meta-loss (the "
+                  "DM meta-loss; Chen et al.'s ablation, which beats their weighted difference on this task) "
+                  "on the MNIST MLP 784-500-10: the best learned optimizer of the zoo here",
+                  "Chen et al. 2020 (SimpleOptimizer, §3; ablation §4, Fig. 3b)"),
     ZooEntry(
         name="mlrsnet/authors-cifar10", optimizer="mlrsnet", kind="data",
         summary="the MLR-SNet authors' three released nets (meta-trained on CIFAR-10 / ResNet-18, saved at "
