@@ -89,15 +89,19 @@ class ZooEntry:
         return asdict(self)
 
 
-def _mnist_simple(name: str, flags: tuple, summary: str, paper: str) -> ZooEntry:
-    """A SimpleOptimizer meta-trained by ``mnist_mlp.py --opt simple`` + ``flags`` on the MNIST MLP,
-    checked by its step-1,000 training loss (seed 0)."""
-    return ZooEntry(name=name, optimizer="simple", kind="shipped", summary=summary, paper=paper,
+def _mnist(name: str, opt: str, flags: tuple, summary: str, paper: str, task: str = "mlp") -> ZooEntry:
+    """An optimizer meta-trained by ``mnist_mlp.py --opt opt`` + ``flags``, checked by its step-1,000
+    training loss (seed 0) on ``task``, the task its recorded numbers were measured on."""
+    return ZooEntry(name=name, optimizer=opt, kind="shipped", summary=summary, paper=paper,
                     weights=name.replace("/", "_") + ".json",
-                    build=("benchmarks/mnist_mlp.py", "--opt", "simple", *flags, "--baselines", "none", "--no-progress"),
+                    build=("benchmarks/mnist_mlp.py", "--opt", opt, *flags, "--baselines", "none", "--no-progress"),
                     artifact="optimizer.pt",
-                    check={"task": "mlp", "steps": 1000, "seed": 0, "metric": "train_loss",
+                    check={"task": task, "steps": 1000, "seed": 0, "metric": "train_loss",
                            "recorded": "train_loss@1000"})
+
+
+def _mnist_simple(name: str, flags: tuple, summary: str, paper: str) -> ZooEntry:
+    return _mnist(name, "simple", flags, summary, paper)
 
 
 ENTRIES: dict[str, ZooEntry] = {e.name: e for e in (
@@ -114,6 +118,14 @@ ENTRIES: dict[str, ZooEntry] = {e.name: e for e in (
                   "DM meta-loss; Chen et al.'s ablation, which beats their weighted difference on this task) "
                   "on the MNIST MLP 784-500-10: the best learned optimizer of the zoo here",
                   "Chen et al. 2020 (SimpleOptimizer, §3; ablation §4, Fig. 3b)"),
+    _mnist("dm/mnist-mlp20", "dm", ("--meta-task", "mlp20", "--task", "mlp20", "--meta-steps", "1000"),
+           "DMOptimizer (coordinate-wise two-layer LSTM, 20 units) meta-trained 1,000 meta-steps on the "
+           "784-20-10 sigmoid MNIST MLP, Andrychowicz et al.'s setting; measured on that MLP",
+           "Andrychowicz et al. 2016 (§3.1, MNIST)", task="mlp20"),
+    _mnist("rnnprop/mnist-mlp20", "rnnprop", ("--meta-task", "mlp20", "--task", "mlp20", "--meta-steps", "1000"),
+           "RNNProp (LSTM on Adam-normalised inputs, random scaling) meta-trained 1,000 meta-steps on the "
+           "784-20-10 sigmoid MNIST MLP; measured on that MLP",
+           "Lv et al. 2017 (§3-4, MNIST)", task="mlp20"),
     ZooEntry(
         name="mlrsnet/authors-cifar10", optimizer="mlrsnet", kind="data",
         summary="the MLR-SNet authors' three released nets (meta-trained on CIFAR-10 / ResNet-18, saved at "
