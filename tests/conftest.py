@@ -28,6 +28,15 @@ def make_lopt():
     return make
 
 
+@pytest.fixture(autouse=True)
+def _restore_torch_threads():
+    """Every test leaves torch's thread count as it found it (a test that sets 1 thread once changed
+    the rounding of every later test in the process)."""
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
 def killed_at(call: int, fn):
     """``fn`` wrapped to raise KeyboardInterrupt on its ``call``-th call (1-based), as a killed run
     would stop: for the bit-exact resume tests."""

@@ -57,7 +57,7 @@ def main(argv=None) -> int:
     elif a.cmd == "check":
         r = check(a.name, data_dir=a.data_dir, device=a.device, progress=True)
         print(f"{r['name']}: {r['metric']}: measured {r['measured']:.6g}, recorded {r['recorded']:.6g} "
-              f"(relative difference {r['rel_diff']:.2e}, tolerance {r['rtol']:g}): "
+              f"(relative difference {r['rel_diff']:.2e}, tolerance {r['rtol']:g}; {r['threads']} CPU threads): "
               f"{'OK' if r['ok'] else 'DIFFERENT'}")
         return 0 if r["ok"] else 1
     elif a.cmd == "build":
