@@ -203,6 +203,9 @@ def run_main(main: Callable[[], int | None]) -> None:
     except KeyboardInterrupt:
         sys.stderr.write(f"{prog}: interrupted; rerun with --resume to continue\n")
         sys.exit(130)
+    except BrokenPipeError:  # output piped into e.g. `head`, which closed it: stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # (Python docs' recipe)
+        sys.exit(1)
     except Exception as e:  # noqa: BLE001 - sorted below; anything else is a bug and re-raised
         if os.environ.get("L2L_ZOO_TRACEBACK"):
             raise

@@ -150,6 +150,12 @@ def test_command_line_lists_shows_and_refuses_bad_input_in_one_line(tmp_path):
         assert r.returncode == 2 and len(lines) == 1 and msg in lines[0], r.stderr
 
 
+def test_output_piped_into_head_stops_quietly():
+    r = subprocess.run(f"{sys.executable} -m l2l_zoo.zoo list | head -1", shell=True, capture_output=True,
+                       text=True, cwd=ROOT, timeout=120)
+    assert "simple-smooth/mnist-mlp" in r.stdout and "Traceback" not in r.stderr, r.stderr
+
+
 def test_export_takes_its_numbers_only_from_results_that_measured_that_file(data_dir, tmp_path):
     """A tiny mnist_mlp.py run: export reads the numbers of the run that saved the optimizer, and
     refuses results written by another run; build re-runs an entry's command and compares."""
