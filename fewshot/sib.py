@@ -44,13 +44,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from l2l_zoo import runs
-from l2l_zoo.meta.distributed import all_mean, check_in_sync, dist_world
+from l2l_zoo.meta.distributed import SYNC_CHECK_EVERY, all_mean, check_in_sync, dist_world
 from l2l_zoo.regularizers import SmoothnessConfig, SmoothnessRegularizer
 
 from .data.episodes import Episode
-
-#: iterations between the checks that every torch.distributed process holds the same parameters
-SYNC_CHECK_EVERY = 10
 
 __all__ = ["LinearDiag", "SyntheticGradient", "SIB", "SIBResult", "SIBStepper", "nearest_class_mean",
            "class_means", "evaluate", "evaluate_ncm"]

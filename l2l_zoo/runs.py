@@ -507,16 +507,6 @@ def _autocast(model: torch.nn.Module, dtype: str | None):
     return autocast("cpu" if p is None else p.device, dtype)
 
 
-def _all_mean_by_dtype(tensors: list[torch.Tensor]) -> None:
-    """In place: each tensor becomes its mean over the processes (one all-reduce per dtype)."""
-    from .meta.distributed import all_mean
-    groups: dict = {}
-    for t in tensors:
-        groups.setdefault((t.dtype, t.device), []).append(t)
-    for group in groups.values():
-        all_mean(group)
-
-
 class OptimizerStepper:
     """One training step with any ``torch.optim.Optimizer`` (a learned optimizer through
     :class:`~l2l_zoo.LearnedOptimizerAdapter` included): forward, backward, optional gradient-norm
@@ -549,7 +539,7 @@ class OptimizerStepper:
         self._params = [p for g in optimizer.param_groups for p in g["params"]]
         from .baselines import has_eval_point
         self._eval_point = has_eval_point(optimizer)
-        from .meta.distributed import dist_world
+        from .meta.distributed import dist_world  # (here: l2l_zoo.meta imports this module)
         self.distributed = bool(distributed) and dist_world()[0] > 1
         self.t = 0  # steps taken
 
@@ -582,9 +572,8 @@ class OptimizerStepper:
             loss, aux = _split(self.loss_fn(self.model, batch))
         value = float(loss.detach())
         if self.distributed:  # the whole batch's loss: every process agrees (a non-finite share included)
-            t = torch.tensor([value], dtype=torch.float64, device=loss.device)
-            _all_mean_by_dtype([t])
-            value = float(t)
+            from .meta.distributed import all_mean, mean_over_processes
+            value = mean_over_processes(value, loss.device)
         lr = self.optimizer.param_groups[0].get("lr")
         lr = float(lr) if lr is not None else None
         if not math.isfinite(value):
@@ -594,7 +583,7 @@ class OptimizerStepper:
             for p in self._params:
                 if p.grad is None:  # unused here: a zero share (every process must reduce the same tensors)
                     p.grad = torch.zeros_like(p)
-            _all_mean_by_dtype([p.grad for p in self._params])
+            all_mean([p.grad for p in self._params])
         if self.grad_clip is not None:
             torch.nn.utils.clip_grad_norm_(self._params, self.grad_clip)
         if not _grads_finite(self._params):

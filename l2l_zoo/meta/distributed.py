@@ -5,7 +5,11 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["dist_world", "all_mean", "all_sum", "my_share", "gather_shares", "rank0_decides", "check_in_sync"]
+__all__ = ["dist_world", "all_mean", "mean_over_processes", "all_sum", "my_share", "gather_shares", "rank0_decides",
+           "check_in_sync", "SYNC_CHECK_EVERY"]
+
+#: steps between the checks (:func:`check_in_sync`) that every process holds the same parameters
+SYNC_CHECK_EVERY = 10
 
 
 def dist_world() -> tuple[int, int]:
@@ -17,17 +21,29 @@ def dist_world() -> tuple[int, int]:
 
 
 def all_mean(tensors: list[torch.Tensor]) -> None:
-    """In place: each tensor becomes its mean over the processes (one flat all-reduce; the tensors
-    share a dtype)."""
-    if not tensors:
-        return
-    flat = torch.cat([t.reshape(-1) for t in tensors])
-    torch.distributed.all_reduce(flat)
-    flat /= torch.distributed.get_world_size()
-    i = 0
+    """In place: each tensor becomes its mean over the processes (one flat all-reduce per dtype and
+    device, so tensors of several dtypes keep their own precision)."""
+    groups: dict = {}
     for t in tensors:
-        t.copy_(flat[i:i + t.numel()].view_as(t))
-        i += t.numel()
+        groups.setdefault((t.dtype, t.device), []).append(t)
+    for group in groups.values():
+        flat = torch.cat([t.reshape(-1) for t in group])
+        torch.distributed.all_reduce(flat)
+        flat /= torch.distributed.get_world_size()
+        i = 0
+        for t in group:
+            t.copy_(flat[i:i + t.numel()].view_as(t))
+            i += t.numel()
+
+
+def mean_over_processes(value: float, device: torch.device | str = "cpu") -> float:
+    """The mean of one number over the processes (float64; ``value`` itself without
+    torch.distributed), e.g. a minibatch loss that every process must agree on."""
+    if dist_world()[0] == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    all_mean([t])
+    return float(t)
 
 
 def my_share(n: int) -> slice:

@@ -50,12 +50,9 @@ from torch import nn
 from ..optimizers.mlrsnet import MLRSNet
 from ..schedules.core import dynamics_from_optimizer, read_state
 from ..runs import _autocast
-from .distributed import all_mean, check_in_sync, dist_world
+from .distributed import SYNC_CHECK_EVERY, all_mean, check_in_sync, dist_world, mean_over_processes
 from .unroll import AUTOCAST_DTYPES
 from .trainer import MetaTrainingDiverged
-
-#: meta-updates between the checks that every torch.distributed process holds the same parameters
-SYNC_CHECK_EVERY = 10
 
 __all__ = ["MLRSNetTrainConfig", "MLRSNetMetaTrainer", "MetaUpdateFailed", "virtual_step_loss",
            "meta_gradient", "select_snapshots"]
@@ -174,11 +171,7 @@ def meta_gradient(net: MLRSNet, *args, **kwargs) -> tuple[torch.Tensor, list[tor
     grads = [torch.zeros_like(p) if g is None else g for g, p in zip(grads, params)]
     if kwargs.get("all_reduce"):
         val_loss = val_loss.detach().clone()
-        if all(g.dtype == val_loss.dtype for g in grads):
-            all_mean([val_loss, *grads])  # one all-reduce
-        else:
-            all_mean(grads)
-            all_mean([val_loss])
+        all_mean([val_loss, *grads])  # one all-reduce per dtype
     return (val_loss.detach(), grads, *rest)
 
 
@@ -278,11 +271,7 @@ class MLRSNetMetaTrainer:
 
     def _global(self, value: float) -> float:
         """The mean of ``value`` over the processes (itself in one process)."""
-        if self.world == 1:
-            return value
-        t = torch.tensor([value], dtype=torch.float64, device=next(self.model.parameters()).device)
-        all_mean([t])
-        return float(t)
+        return mean_over_processes(value, next(self.model.parameters()).device)
 
     def _meta_update(self, x, batch) -> float | None:
         """Eq. (10)-(11); returns the validation loss, or None when it was skipped (non-finite)."""

@@ -33,7 +33,7 @@ from ..base import LearnedOptimizer, OptState, reference_kernels
 from ..regularizers.smoothness import SmoothnessConfig, SmoothnessRegularizer
 from ..tasks.family import SingleTask, TaskFamily, as_family
 from ..tasks.task import Task
-from .distributed import all_mean, check_in_sync, dist_world
+from .distributed import SYNC_CHECK_EVERY, all_mean, check_in_sync, dist_world
 from .losses import META_LOSSES, meta_loss
 from .unroll import AUTOCAST_DTYPES, BACKENDS, make_backend, model_loss
 
@@ -42,9 +42,6 @@ __all__ = ["MetaTrainConfig", "MetaTrainer", "MetaTrainingDiverged", "adapt", "d
 
 #: how a meta-batch is unrolled (MetaTrainConfig.meta_batch_mode)
 META_BATCH_MODES = ("auto", "vmap", "loop")
-
-#: meta-steps between the checks that every torch.distributed process holds the same meta-parameters
-SYNC_CHECK_EVERY = 10
 
 
 class MetaTrainingDiverged(RuntimeError):
