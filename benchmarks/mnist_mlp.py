@@ -287,7 +287,7 @@ def learned_label(cfg: Config) -> str:
 FINETUNE_KEYS = ("finetune", "meta_lr", "meta_loss", "unroll", "meta_seed", "smooth", "autocast")
 
 
-ZOO = "zoo:"  # --load zoo:NAME: a pretrained optimizer of l2l_zoo.zoo
+ZOO = l2l_zoo.zoo.LOAD_PREFIX  # --load zoo:NAME: a pretrained optimizer of l2l_zoo.zoo
 
 
 def load_learned(spec: str):

@@ -21,6 +21,7 @@ from collections import Counter
 from typing import Iterable, Sequence
 
 from . import runs
+from .zoo import LOAD_PREFIX
 
 __all__ = ["LeaderboardError", "SETUP_KEYS", "build", "to_markdown"]
 
@@ -124,7 +125,7 @@ def _cost(res: dict, info: dict) -> str:
         if cfg.get("load"):
             saved = mt.get("meta_training") or {}
             return (f"loaded: meta-trained {saved.get('meta_steps', '?')} meta-steps on {mt.get('meta_task', '?')}"
-                    f" ({cfg['load'] if cfg['load'].startswith('zoo:') else os.path.basename(cfg['load'])}, "
+                    f" ({cfg['load'] if cfg['load'].startswith(LOAD_PREFIX) else os.path.basename(cfg['load'])}, "
                     f"sha256 {str(mt.get('sha256', '?'))[:12]})")
         wall = mt.get("wall_s")
         return (f"meta-trained {cfg.get('meta_steps')} meta-steps on {cfg.get('meta_task')}"

@@ -43,10 +43,12 @@ from .. import runs
 from ..base import LearnedOptimizer
 from ..registry import from_parts
 
-__all__ = ["ZooEntry", "ZooError", "ENTRIES", "available", "entry", "load", "check", "build", "write_weights",
+__all__ = ["ZooEntry", "ZooError", "ENTRIES", "LOAD_PREFIX", "available", "entry", "load", "check", "build", "write_weights",
            "read_weights", "weights_digest"]
 
 WEIGHTS_DIR = Path(__file__).with_name("weights")
+#: how a script's ``--load`` names a zoo entry instead of a file: ``zoo:NAME``
+LOAD_PREFIX = "zoo:"
 _FORMAT, _VERSION = "l2l_zoo.zoo_weights", 1
 _DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16,
            "bfloat16": torch.bfloat16, "int64": torch.int64, "int32": torch.int32, "bool": torch.bool}
