@@ -426,9 +426,15 @@ def test_mlrsnet_online_meta_training_on_two_processes_equals_one_on_the_union(t
 def test_torchrun_mlrsnet_cifar_meta_trains_like_one_process(data_dir, tmp_path):
     """``torchrun benchmarks/mlrsnet_cifar.py`` on 2 gloo processes (each half of every minibatch):
     rank 0 alone writes --out, and the meta-training trajectory (losses, MLR-SNet's rates, meta-losses)
-    follows the single-process run to float32 rounding over the first 25 steps. (Later the two drift
-    apart: at this high rate float32 rounding differences grow to ~1 % by step 45; the float64 test
-    above shows the computation itself is the same.)"""
+    follows the single-process run to float32 rounding over the first 10 steps (two meta-updates).
+
+    Later the two drift apart, as any two float32 runs of this set-up do: at this rate (~0.32) a
+    rounding difference grows about 3x per step. On an AMD EPYC machine (2026-12-07) the 2-process run
+    and the 1-process run differed by 2e-6 at step 9, 3e-5 at step 12 and 1e-3 at step 24, and one
+    process with 2 threads against 1 thread differed in the same way to the printed digit (so the first
+    25 steps, which this test compared on another machine, are not within 1e-5 here). A sharding or
+    averaging error shows from the first step; the float64 test above shows the computation itself is
+    the same."""
     flags = ["--epochs", "1", "--channels", "4", "--transfers", "none", "--schedules", "none", "--no-official",
              "--seeds", "1", "--evals", "1", "--no-progress", "--data-dir", data_dir]
     two, one = _two_and_one(tmp_path, os.path.join(ROOT, "benchmarks", "mlrsnet_cifar.py"), flags,
@@ -438,9 +444,9 @@ def test_torchrun_mlrsnet_cifar_meta_trains_like_one_process(data_dir, tmp_path)
     a, b = two["runs"][key][0]["step_log"], one["runs"][key][0]["step_log"]
     assert len(a["loss"]) == len(b["loss"]) > 25
     for k in ("loss", "lr"):
-        assert a[k][:25] == pytest.approx(b[k][:25], rel=1e-5), k
-    ma, mb = ([v for v in x["meta_loss"][:25] if v is not None] for x in (a, b))
-    assert len(ma) == len(mb) >= 4 and ma == pytest.approx(mb, rel=1e-5)
+        assert a[k][:10] == pytest.approx(b[k][:10], rel=1e-5), k
+    ma, mb = ([v for v in x["meta_loss"][:10] if v is not None] for x in (a, b))
+    assert len(ma) == len(mb) == 2 and ma == pytest.approx(mb, rel=1e-5)
 
 
 def test_torchrun_mlrsnet_ptb_meta_trains_like_one_process(data_dir, tmp_path):

@@ -106,10 +106,13 @@ def test_each_shipped_optimizer_reproduces_its_recorded_training_loss(name, data
     assert r["threads"] == zoo.entry(name).recorded_threads["train_loss@1000"] == 2  # as recorded
     if name == "simple-smooth/mnist-mlp":
         assert r["recorded"] == pytest.approx(0.016911739349365233, rel=1e-12)
-    # the entries of one task are different optimizers: no other entry's number is within 10 % of this one's
-    others = [zoo.entry(n).recorded["train_loss@1000"] for n, e in zoo.ENTRIES.items()
+    # the check identifies the entry: of the recorded numbers of the entries of its task, the measured
+    # number is nearest to its own (DM's and RNNProp's are 12.8 % apart, closer than their 15 %
+    # tolerance, and DM's measured number moves 4-8 % with rounding: 0.0523 on an AMD EPYC machine,
+    # 2026-12-07, so "no other entry within 10 %" held on one machine only)
+    others = [zoo.entry(n).recorded_per_seed["train_loss@1000"]["0"] for n, e in zoo.ENTRIES.items()
               if e.check and n != name and e.check["task"] == zoo.ENTRIES[name].check["task"]]
-    assert all(abs(o - r["measured"]) / o > 0.1 for o in others)
+    assert all(abs(o - r["measured"]) > abs(r["recorded"] - r["measured"]) for o in others), (r, others)
 
 
 def test_the_authors_mlrsnet_nets_load_by_pinned_digest(data_dir, tmp_path):
