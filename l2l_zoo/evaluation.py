@@ -45,7 +45,8 @@ def train_optimizee(task: Task, make_optimizer: Callable, *, steps: int, seed: i
                     progress: bool = True, desc: str = "", divergence_loss: float = 1e4,
                     eval_splits: tuple[str, ...] = SPLITS, grad_clip: float | None = None,
                     checkpoint: str | os.PathLike | None = None, checkpoint_every: int = 0,
-                    identity=None, resume: bool = False, log=None, autocast: str | None = None) -> dict:
+                    identity=None, resume: bool = False, log=None, autocast: str | None = None,
+                    probe: Callable | None = None) -> dict:
     """Train a freshly initialised model (seed ``seed``) of ``task`` for ``steps`` minibatch steps.
 
     ``make_optimizer(params) -> torch.optim.Optimizer``. The minibatch order is drawn from a
@@ -57,6 +58,9 @@ def train_optimizee(task: Task, make_optimizer: Callable, *, steps: int, seed: i
     ``checkpoint``/``checkpoint_every``/``identity``/``resume`` are passed to
     :func:`l2l_zoo.runs.train` (a killed run resumes exactly). ``autocast``: "bfloat16" runs the
     model's training forward passes under ``torch.autocast`` (evaluations stay float32).
+    ``probe(model, optimizer) -> {name: number}``: more metrics computed at every evaluation and
+    recorded beside the splits' (e.g. how smooth a learned optimizer is at the state it has reached);
+    it must leave the model and the optimizer as it found them.
     """
     if not (isinstance(eval_every, int) and eval_every >= 1):
         raise ValueError(f"eval_every must be an integer >= 1, got {eval_every!r}")
@@ -68,8 +72,14 @@ def train_optimizee(task: Task, make_optimizer: Callable, *, steps: int, seed: i
     gen = torch.Generator().manual_seed(10_000 + seed)
     stepper = runs.OptimizerStepper(model, opt, lambda m, b: task.loss(m(b[0]), b[1]), grad_clip=grad_clip,
                                     autocast=autocast)
+    evaluate = task_evaluator(task, model, eval_splits)
+    if probe is not None:
+        splits_only = evaluate
+
+        def evaluate():
+            return {**splits_only(), **probe(model, opt)}
     rec = runs.train(stepper, lambda aux: task.sample_batch(gen), steps=steps,
-                     evaluate=task_evaluator(task, model, eval_splits), eval_every=eval_every,
+                     evaluate=evaluate, eval_every=eval_every,
                      divergence_loss=divergence_loss if math.isfinite(divergence_loss) else math.inf,
                      checkpoint=checkpoint, checkpoint_every=checkpoint_every, identity=identity,
                      generators={"data": gen}, resume=resume, progress=progress, desc=desc, log=log)

@@ -205,6 +205,14 @@ class LearnedOptimizerAdapter(torch.optim.Optimizer):
             self._flat = self._flat.to(device)
             self._refresh_state()
 
+    @property
+    def opt_state(self) -> OptState:
+        """The learned optimizer's state over all parameters' coordinates (the flat vector the
+        network reads, in parameter order), a fresh one before the first step. Read-only use:
+        e.g. to measure the optimizer at the state a training run has reached
+        (``l2l_zoo.regularizers.measure_smoothness``)."""
+        return self._flat if self._flat is not None else self._fresh(sum(p.numel() for p in self._params()))
+
     # ------------------------------------------------------------------ param groups
     def add_param_group(self, param_group: dict) -> None:
         """As ``torch.optim.Optimizer.add_param_group``; after the first step the new parameters'

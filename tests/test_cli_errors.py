@@ -21,8 +21,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPTS = {**{n: os.path.join(ROOT, "benchmarks", f"{n}.py") for n in (
     "mnist_mlp", "simple_ablation", "smooth_subsample", "step_overhead", "unroll_backends", "lr_schedules_mnist",
     "hypergradient_demos", "schedule_overhead", "mlrsnet_cifar", "mlrsnet_ptb", "mlrsnet_overhead",
-    "fewshot_omniglot", "metatrain_speed", "leaderboard")},
-    **{n: os.path.join(ROOT, "paper_figs", f"{n}.py") for n in ("fig_learning_curves", "fig_marthe", "fig_mlrsnet")}}
+    "fewshot_omniglot", "metatrain_speed", "leaderboard", "smoothness_probe")},
+    **{n: os.path.join(ROOT, "paper_figs", f"{n}.py") for n in ("fig_learning_curves", "fig_marthe", "fig_mlrsnet",
+                                                                 "fig_smoothness")}}
 _MODULES = {}
 
 
@@ -63,6 +64,10 @@ def files(tmp_path_factory):
     open(f["bad_json"], "w").write('{"schema": "l2l_zoo.results", "runs": ')
     json.dump({"hello": 1}, open(f["not_results"], "w"))
     runs.write_json(f["demos_json"], runs.new_results("hypergradient_demos", {}))
+    f["probe_json"] = str(d / "probe.json")
+    probe = runs.new_results("smoothness_probe", {"absolute": False})
+    probe["diff"] = {"simple": {"1": {"step": [0, 10], "train_loss": [0.0, 0.1], "train_loss_std": [0.0, 0.0]}}}
+    runs.write_json(f["probe_json"], probe)
     return f
 
 
@@ -186,6 +191,21 @@ CASES = [
     ("leaderboard", "{demos_json} --steps -5", "--steps must be a comma list of integers >= 0"),
     ("leaderboard", "{demos_json} {demos_json}", "results file given twice"),
     ("leaderboard", "{demos_json} --out {file}", "is an existing file"),
+    # ------------------------------------------------------------------ smoothness_probe
+    ("smoothness_probe", "--optimizers zoo:nope", "--optimizers: zoo:nope: no zoo entry 'nope'; entries: ["),
+    ("smoothness_probe", "--optimizers {missing}", "--optimizers: no such file"),
+    ("smoothness_probe", "--optimizers {text}", "text file"),
+    ("smoothness_probe", "--optimizers zoo:mlrsnet/authors-cifar10", "is not a single shipped optimizer"),
+    ("smoothness_probe", "--optimizers {dm_opt},{dm_opt}", "--optimizers must be a comma list of distinct"),
+    ("smoothness_probe", "--sigmas 1,-2", "--sigmas must be"),
+    ("smoothness_probe", "--sigmas 1,1", "--sigmas must not repeat a value"),
+    ("smoothness_probe", "--eps 0", "--eps must be"),
+    ("smoothness_probe", "--pgd-steps 0", "--pgd-steps must be >= 1, got 0"),
+    ("smoothness_probe", "--steps 50 --sweep-step 60", "--sweep-step must be <= --steps (50), got 60"),
+    ("smoothness_probe", "--sweep-range nan", "--sweep-range must be a positive number"),
+    ("smoothness_probe", "--task resnet", "--task must be one of"),
+    ("smoothness_probe", "--data-dir {missing}", "--data-dir: no such folder"),
+    ("smoothness_probe", "--out {file}", "is an existing file"),
     # ------------------------------------------------------------------ figures
     ("fig_learning_curves", "{bad_json} --out {tmp}/f.png", "is not valid JSON"),
     ("fig_learning_curves", "{not_results} --out {tmp}/f.png", "not an l2l_zoo results file"),
@@ -202,6 +222,13 @@ CASES = [
     ("fig_mlrsnet", "{not_results}", "not an l2l_zoo results file"),
     ("fig_mlrsnet", "{demos_json}", "written by benchmark 'hypergradient_demos'"),
     ("fig_mlrsnet", "{demos_json} --out {tmp}/f.gif", "--out must end in one of"),
+    ("fig_smoothness", "{bad_json} --out {tmp}/f.png", "is not valid JSON"),
+    ("fig_smoothness", "{missing} --out {tmp}/f.png", "does not exist"),
+    ("fig_smoothness", "{demos_json} --out {tmp}/f.png", "written by benchmark 'hypergradient_demos'"),
+    ("fig_smoothness", "{probe_json} --out {tmp}/f.gif", "--out must end in one of"),
+    ("fig_smoothness", "{probe_json} --metric val_loss", "--metric must be one of"),
+    ("fig_smoothness", "{probe_json} --sigmas 3", "--sigmas: ['3'] not in"),
+    ("fig_smoothness", "{probe_json} --out {file}/f.png", "cannot write"),
 ]
 
 
@@ -230,7 +257,7 @@ def _check(code, err, name, message):
 def test_bad_input_is_one_line_and_a_non_zero_exit(name, args, message, files, capsys, monkeypatch):
     monkeypatch.chdir(files["tmp"])  # default output folders land in the temporary folder
     argv = [a.format(**files) for a in args.split()]
-    if "--out" not in args and name not in ("fig_learning_curves", "fig_marthe", "fig_mlrsnet"):
+    if "--out" not in args and name not in ("fig_learning_curves", "fig_marthe", "fig_mlrsnet", "fig_smoothness"):
         argv += ["--out", os.path.join(files["tmp"], "out", name + (".json" if "overhead" in name or name == "metatrain_speed" or
                                                                        name == "unroll_backends" else ""))]
     code, err = call(name, argv, capsys)

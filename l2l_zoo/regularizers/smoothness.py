@@ -30,7 +30,8 @@ import torch
 
 from ..base import LearnedOptimizer
 
-__all__ = ["SmoothnessConfig", "SmoothnessRegularizer", "parse_smooth"]
+__all__ = ["SmoothnessConfig", "SmoothnessRegularizer", "parse_smooth", "PerturbedInput", "measure_smoothness",
+           "response_curve", "input_noise_seed"]
 
 
 @dataclass(frozen=True)
@@ -208,3 +209,112 @@ class SmoothnessRegularizer:
         u = network(F, H)[0]
         s_adv = self.perturb(lopt, F, H, u, start=S0, network=network)
         return (u - network(s_adv, H)[0]).pow(2).reshape(T, -1).mean(1)
+
+
+# ============================================================================ measuring smoothness
+
+def input_noise_seed(seed: int, step: int) -> int:
+    """Seed of the noise drawn at optimizer step ``step`` of a run with noise seed ``seed``: one
+    generator per step, so the noise depends only on (seed, step) and a resumed run draws exactly
+    what an uninterrupted one would (nothing random lives in the optimizer's state)."""
+    return (int(seed) << 32) | int(step)
+
+
+class PerturbedInput(LearnedOptimizer):
+    """``lopt`` with its input state perturbed at every step: s_t + σ_t·δ_t, δ_t ~ N(0, I), the
+    hidden state and everything else unchanged ("Learning to learn with smooth regularization",
+    appendix D, Fig. 7: loss_ps − loss_ns measures how much an optimizer's trajectory suffers from
+    noise in what it reads). Used for evaluation through the ``torch.optim`` adapter; δ_t comes from
+    a generator seeded by :func:`input_noise_seed` (``seed``, step), shape ``feats.shape``.
+
+    σ_t = ``std``, or with ``relative=True`` ``std`` times the root mean square of s_t over all its
+    entries. The paper perturbs a state normalised by the gradient's second moment (entries of order
+    one) with N(0, I); an optimizer that reads the raw gradient (SimpleOptimizer here, entries of
+    order 1e-3 on the MNIST MLP) sees the comparable perturbation with ``relative=True, std=1``.
+
+    Works for every optimizer whose step is the contract's ``features`` then ``network`` (not
+    MLR-SNet, whose network output is a learning rate combined with a base direction in its own
+    ``step``)."""
+
+    vmappable = False  # a seeded generator per step cannot run under vmap
+
+    def __init__(self, lopt: LearnedOptimizer, *, std: float, relative: bool = False, seed: int = 0):
+        if not isinstance(lopt, LearnedOptimizer):
+            raise TypeError(f"PerturbedInput wraps a LearnedOptimizer, got {type(lopt).__name__}")
+        if type(lopt).step is not LearnedOptimizer.step:
+            raise ValueError(f"PerturbedInput: {lopt.name!r} overrides step() (its network output is not "
+                             "the update), so its input state cannot be perturbed through the contract")
+        if not (isinstance(std, numbers.Real) and not isinstance(std, bool) and math.isfinite(std) and std >= 0):
+            raise ValueError(f"PerturbedInput: std must be a finite number >= 0, got {std!r}")
+        super().__init__(std=float(std), relative=bool(relative), seed=int(seed))
+        self.inner = lopt
+        self.name = lopt.name
+        for flag in ("coordinatewise", "separable", "needs_loss", "needs_params"):
+            setattr(self, flag, getattr(lopt, flag))
+
+    @property
+    def config(self) -> dict:
+        """The wrapped optimizer's configuration (what the adapter records) plus the noise's."""
+        return {**self.inner.config, "input_noise": dict(self._config)}
+
+    def init_state(self, n, *, device=None, dtype=None):
+        return self.inner.init_state(n, device=device, dtype=dtype)
+
+    def initial_params(self, params):
+        return self.inner.initial_params(params)
+
+    def features(self, grads, state, *, params=None, loss=None):
+        feats, stats = self.inner.features(grads, state, params=params, loss=loss)
+        std = self._config["std"]
+        if std > 0:
+            gen = torch.Generator().manual_seed(input_noise_seed(self._config["seed"], state.step))
+            noise = torch.randn(feats.shape, generator=gen, dtype=feats.dtype).to(feats.device)
+            if self._config["relative"]:
+                std = std * feats.detach().pow(2).mean().sqrt()
+            feats = feats + std * noise
+        return feats, stats
+
+    def network(self, feats, hidden):
+        return self.inner.network(feats, hidden)
+
+
+def measure_smoothness(lopt: LearnedOptimizer, feats: torch.Tensor, hidden: tuple, eps: float, *,
+                       steps: int = 20, subsample: int = 0, noise: float = 0.05,
+                       generator: torch.Generator | None = None) -> dict:
+    """How non-smooth ``lopt`` is at one input state: R_ε(s) = max_{s' ∈ B∞(s, ε)} mean_i (u_i(s) −
+    u_i(s'))² (eq. 3, with the regularizer's mean over coordinates) found by ``steps`` PGD steps
+    (eq. 7; more than the training default of 10, since here it is the quantity measured), with the
+    meta-parameters held fixed. ``subsample=0`` evaluates every coordinate (exact for
+    SimpleOptimizer's mean embedding too).
+
+    Returns ``{"R": R_ε, "u_rms": √mean_i u_i(s)², "rel": √R_ε / u_rms}``: ``rel`` is the worst-case
+    change of the update within the ball relative to the update's own size (an optimizer that
+    merely takes smaller steps has a smaller R but not a smaller ``rel``)."""
+    reg = SmoothnessRegularizer(SmoothnessConfig(eps=eps, lam=1.0, steps=steps, subsample=subsample, noise=noise))
+    with torch.no_grad():
+        u_rms = float(lopt.network(feats.detach(), tuple(h.detach() for h in hidden))[0].pow(2).mean().sqrt())
+        f, h = reg.select(lopt, feats, hidden, generator)
+        start = f + noise * torch.randn(f.shape, generator=generator, dtype=f.dtype).to(f.device)
+        u = lopt.network(f, h)[0]
+    s_adv = reg.perturb(lopt, f, h, u, start=start)  # differentiates with respect to s' only
+    with torch.no_grad():
+        r = float((u - lopt.network(s_adv, h)[0]).pow(2).mean())
+    return {"R": r, "u_rms": u_rms, "rel": math.sqrt(r) / u_rms if u_rms > 0 else math.inf}
+
+
+def response_curve(lopt: LearnedOptimizer, feats: torch.Tensor, hidden: tuple, coords, deltas) -> torch.Tensor:
+    """The update of coordinates ``coords`` as their input state moves: row k holds
+    u_i(s + δ_k·e) − u_i(s) for i in ``coords`` (e: 1 on the input features of ``coords``, 0
+    elsewhere), the hidden state fixed; the smoothness paper's Fig. 2 ("an illustration of the
+    non-smoothness in the neural optimizer") as a measurement. Shape (len(deltas), len(coords)).
+    Every coordinate of ``feats`` takes part in each evaluation (cross-coordinate terms such as
+    SimpleOptimizer's mean embedding see the moved coordinates too)."""
+    idx = torch.as_tensor(list(coords), dtype=torch.long, device=feats.device)
+    with torch.no_grad():
+        u0 = lopt.network(feats, hidden)[0][idx]
+        rows = []
+        for d in deltas:
+            f = feats.clone()
+            f[idx] += float(d)
+            rows.append(lopt.network(f, hidden)[0][idx] - u0)
+    return torch.stack(rows)
