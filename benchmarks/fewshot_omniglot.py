@@ -116,12 +116,16 @@ def run_args(a, method: str, shots: int, seed: int, spec: str | None = None, gri
     base = method.split("+")[0]
     folder = f"{method}_{a.ways}w{shots}s_seed{seed}" + (f"_{slug(spec)}" if grid and spec else "")
     args = ["--method", base, "--dataset", a.dataset, "--ways", str(a.ways), "--shots", str(shots),
-            "--seed", str(seed), "--test-episodes", str(a.test_episodes), "--val-episodes", str(a.val_episodes),
-            "--out", os.path.join(a.out, folder), "--threads", str(a.threads),
-            "--device", a.device, "--backbone-cache", os.path.join(a.out, "backbones")]
+            "--seed", str(seed), "--test-episodes", str(a.test_episodes),
+            "--out", os.path.join(a.out, folder), "--threads", str(a.threads), "--device", a.device]
+    applies = lambda key: base in fstrain.APPLIES[key]  # noqa: E731  (fewshot.train refuses the others)
+    if applies("val_episodes"):
+        args += ["--val-episodes", str(a.val_episodes)]
+    if applies("backbone_cache"):
+        args += ["--backbone-cache", os.path.join(a.out, "backbones")]
     if spec is not None:
         args += ["--smooth", spec]
-    if a.episodes and base in ("metalstm", "sib"):
+    if a.episodes and applies("episodes"):
         args += ["--episodes", str(a.episodes)]
     if a.data_dir:
         args += ["--data-dir", a.data_dir]

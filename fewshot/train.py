@@ -52,19 +52,34 @@ import torch
 
 import l2l_zoo
 from l2l_zoo import runs
-from l2l_zoo.cli import (ArgumentParser, UsageError, distributed_main, parse_autocast, plot_curves,
+from l2l_zoo.cli import (ArgumentParser, UsageError, distributed_main, parse_autocast, parse_floats, plot_curves,
                          resolve_device, run_main, torchrun_world_size)
 from l2l_zoo.meta.distributed import dist_world, rank0_decides
 from l2l_zoo.regularizers import parse_smooth
 
 from . import metalstm as mlstm
 from .data import DATASETS, EpisodeSampler, load_fewshot, mean_ci
+from .finetune import LR_GRID as FT_LR_GRID
+from .finetune import STEPS_GRID as FT_STEPS_GRID
 
 METHODS = ("metalstm", "sib", "finetune", "ncm", "pixelnn")
 DEFAULT_EPISODES = {"metalstm": 500, "sib": 3000}
 DEFAULT_PRETRAIN_STEPS = 800
 SIB_DNI_INITS = ("random", "zero")
 PARALLEL_METHODS = ("metalstm", "sib")  # --meta-batch and torchrun
+BACKBONE_METHODS = ("sib", "ncm")
+# The methods each method-specific flag applies to. Giving one to another method is a one-line error:
+# it would do nothing, yet enter the run's identity (so the cache would rerun an identical run).
+APPLIES = {"smooth": PARALLEL_METHODS, "preset": ("metalstm",), "episodes": PARALLEL_METHODS,
+           "val_every": PARALLEL_METHODS, "val_episodes": ("metalstm", "sib", "finetune", "ncm"),
+           "filters": ("metalstm", "finetune"), "inner_steps": ("metalstm",), "meta_lr": ("metalstm",),
+           "backbone": BACKBONE_METHODS, "backbone_checkpoint": BACKBONE_METHODS,
+           "pretrain_steps": BACKBONE_METHODS, "backbone_cache": BACKBONE_METHODS, "sib_dni_init": ("sib",),
+           "meta_batch": PARALLEL_METHODS, "autocast": ("metalstm",),
+           "finetune_lrs": ("finetune",), "finetune_steps": ("finetune",)}
+# Their values when not given (argparse's default is None, so that "given" can be told apart)
+DEFAULTS = {"preset": "official", "val_episodes": 50, "filters": 32, "backbone": "conv4",
+            "pretrain_steps": DEFAULT_PRETRAIN_STEPS, "sib_dni_init": "random", "meta_batch": 1, "autocast": "none"}
 
 
 @dataclass
@@ -94,6 +109,8 @@ class Config:
     data_dir: str | None
     meta_batch: int
     autocast: str | None
+    finetune_lrs: list
+    finetune_steps: list
     out: str
     resume: bool
     progress: bool
@@ -104,9 +121,11 @@ NO_RESULT_KEYS = ("out", "resume", "progress", "backbone_cache")
 
 def identity(cfg: "Config") -> dict:
     """What a run's results depend on: the config without output/progress settings (and without
-    the later fields at their defaults, ``runs.LATER_DEFAULTS``); the number of processes is not part
-    of it."""
-    return runs.without_later_defaults({k: v for k, v in asdict(cfg).items() if k not in NO_RESULT_KEYS})
+    the later fields at their defaults, ``runs.LATER_DEFAULTS`` and the fine-tuning grid); the number
+    of processes is not part of it."""
+    return runs.without_later_defaults({k: v for k, v in asdict(cfg).items() if k not in NO_RESULT_KEYS},
+                                       {**runs.LATER_DEFAULTS, "finetune_lrs": list(FT_LR_GRID),
+                                        "finetune_steps": list(FT_STEPS_GRID)})
 
 
 def build_parser() -> ArgumentParser:
@@ -120,39 +139,49 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--smooth", default=None, metavar="SPEC",
                    help="smoothness regularizer (metalstm, sib): eps=E[,lam=L,steps=K,step_size=S,noise=N,"
                         "subsample=M], as benchmarks/mnist_mlp.py --smooth")
-    p.add_argument("--preset", default="official", help="metalstm protocol and initialisation: official or markdtw")
+    p.add_argument("--preset", default=None, help="metalstm protocol and initialisation: official (default) or markdtw")
     p.add_argument("--episodes", type=int, default=None,
                    help=f"meta-training episodes (default {DEFAULT_EPISODES}; the papers: 50,000-75,000)")
-    p.add_argument("--val-episodes", type=int, default=50, help="fixed validation episodes for model selection")
+    p.add_argument("--val-episodes", type=int, default=None,
+                   help="fixed validation episodes for model selection (metalstm, sib, ncm) or tuning (finetune); "
+                        f"default {DEFAULTS['val_episodes']}")
     p.add_argument("--val-every", type=int, default=None,
                    help="meta-steps between validations (default: episodes/5)")
     p.add_argument("--test-episodes", type=int, default=600, help="seeded test episodes (mean ± 95%% CI)")
     p.add_argument("--seed", type=int, default=0,
                    help="seed of meta-training (meta-learner init, episode order); validation and test "
                         "episodes are fixed lists that do not depend on it")
-    p.add_argument("--filters", type=int, default=32, help="Conv-4 learner width (metalstm, finetune)")
+    p.add_argument("--filters", type=int, default=None,
+                   help=f"Conv-4 learner width (metalstm, finetune); default {DEFAULTS['filters']}")
     p.add_argument("--inner-steps", type=int, default=None,
                    help="metalstm inner updates per episode (default: the preset's, 12 for 1-shot, 8 for 5-shot)")
     p.add_argument("--meta-lr", type=float, default=None, help="metalstm Adam rate (default: the preset's, 1e-3)")
-    p.add_argument("--backbone", default="conv4", help="sib/ncm backbone: conv4 (Conv-4-64, pretrained here) or wrn "
-                   "(WRN-28-10, needs --backbone-checkpoint)")
+    p.add_argument("--backbone", default=None, help="sib/ncm backbone: conv4 (Conv-4-64, pretrained here; the "
+                   "default) or wrn (WRN-28-10, needs --backbone-checkpoint)")
     p.add_argument("--backbone-checkpoint", default=None, metavar="PATH",
                    help="the authors' WRN-28-10 checkpoint (netFeatBest*.pth) instead of pretraining")
-    p.add_argument("--pretrain-steps", type=int, default=DEFAULT_PRETRAIN_STEPS,
-                   help="cosine-classifier pretraining steps of the conv4 backbone (batch 64)")
+    p.add_argument("--pretrain-steps", type=int, default=None,
+                   help=f"sib/ncm: cosine-classifier pretraining steps of the conv4 backbone (batch 64); default "
+                        f"{DEFAULT_PRETRAIN_STEPS}")
     p.add_argument("--backbone-cache", default=None, metavar="DIR",
                    help="folder for pretrained backbones, shared between runs (default: --out); each is kept "
                         "under a hash of its settings")
-    p.add_argument("--sib-dni-init", default="random",
-                   help="sib: initialisation of the synthetic-gradient network's output layer: random (PyTorch's "
-                        "default, as the authors' code) or zero (an ablation: ξ = 0 at first, so SIB starts as "
+    p.add_argument("--sib-dni-init", default=None,
+                   help="sib: initialisation of the synthetic-gradient network's output layer: random (the "
+                        "default: PyTorch's, as the authors' code) or zero (an ablation: ξ = 0 at first, so SIB starts as "
                         "the nearest class mean and meta-training moves it from there)")
-    p.add_argument("--meta-batch", type=int, default=1,
+    p.add_argument("--meta-batch", type=int, default=None,
                    help="metalstm, sib: episodes per meta-step, their meta-gradients averaged (default 1, as the "
                         "authors' codes). Under torchrun the episodes of a meta-step are shared out over the "
                         "processes (a multiple of WORLD_SIZE; see the README's distributed section)")
-    p.add_argument("--autocast", default="none", help="metalstm: none or bfloat16 (the learner's forward "
-                   "passes under torch.autocast, in meta-training and evaluation)")
+    p.add_argument("--autocast", default=None, help="metalstm: none (the default) or bfloat16 (the learner's "
+                   "forward passes under torch.autocast, in meta-training and evaluation)")
+    p.add_argument("--finetune-lrs", default=None,
+                   help="finetune: learning rates tuned on the validation episodes (default: the official "
+                        f"baseline's grid {','.join(f'{v:g}' for v in FT_LR_GRID)})")
+    p.add_argument("--finetune-steps", default=None,
+                   help="finetune: numbers of SGD updates tuned with them (default "
+                        f"{','.join(str(v) for v in FT_STEPS_GRID)})")
     p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0 = torch's default)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--data-dir", default=None, help="dataset folder; must exist if given (default: $L2L_ZOO_DATA)")
@@ -166,6 +195,20 @@ def parse_config(argv=None) -> Config:
     a = build_parser().parse_args(argv)
     if a.method not in METHODS:
         raise UsageError(f"--method must be one of {list(METHODS)}, got {a.method!r}")
+    for key, methods in APPLIES.items():
+        if getattr(a, key) is not None and a.method not in methods:
+            raise UsageError(f"--{key.replace('_', '-')} applies to --method {' and '.join(methods)}, "
+                             f"not {a.method!r}")
+        if getattr(a, key) is None and key in DEFAULTS:
+            setattr(a, key, DEFAULTS[key])
+    ft_lrs = list(FT_LR_GRID) if a.finetune_lrs is None else parse_floats(a.finetune_lrs, "--finetune-lrs")
+    try:
+        ft_steps = list(FT_STEPS_GRID) if a.finetune_steps is None else \
+            [int(v) for v in a.finetune_steps.split(",") if v.strip()]
+        if not ft_steps or min(ft_steps) < 1:
+            raise ValueError
+    except ValueError:
+        raise UsageError(f"--finetune-steps must be a comma list of integers >= 1, got {a.finetune_steps!r}") from None
     if a.dataset not in DATASETS:
         raise UsageError(f"--dataset must be one of {list(DATASETS)}, got {a.dataset!r}")
     for flag, v, lo in (("--ways", a.ways, 2), ("--shots", a.shots, 1), ("--queries", a.queries, 1),
@@ -180,8 +223,6 @@ def parse_config(argv=None) -> Config:
     if a.meta_lr is not None and not (math.isfinite(a.meta_lr) and a.meta_lr > 0):
         raise UsageError(f"--meta-lr must be a positive number, got {a.meta_lr}")
     if a.smooth is not None:
-        if a.method not in ("metalstm", "sib"):
-            raise UsageError(f"--smooth applies to metalstm and sib, not {a.method!r}")
         try:
             parse_smooth(a.smooth)
         except ValueError as e:
@@ -194,12 +235,6 @@ def parse_config(argv=None) -> Config:
     autocast_dtype = parse_autocast(a.autocast)
     if a.sib_dni_init not in SIB_DNI_INITS:
         raise UsageError(f"--sib-dni-init must be one of {list(SIB_DNI_INITS)}, got {a.sib_dni_init!r}")
-    if a.sib_dni_init != "random" and a.method != "sib":
-        raise UsageError(f"--sib-dni-init applies to --method sib, not {a.method!r}")
-    if a.meta_batch != 1 and a.method not in PARALLEL_METHODS:
-        raise UsageError(f"--meta-batch applies to --method {' and '.join(PARALLEL_METHODS)}, not {a.method!r}")
-    if a.autocast != "none" and a.method != "metalstm":
-        raise UsageError(f"--autocast applies to --method metalstm, not {a.method!r}")
     world = torchrun_world_size()
     if world > 1:  # under torchrun: the episodes of a meta-step shared out over the processes
         if a.method not in PARALLEL_METHODS:
@@ -227,7 +262,7 @@ def parse_config(argv=None) -> Config:
                   backbone_checkpoint=a.backbone_checkpoint, pretrain_steps=a.pretrain_steps,
                   backbone_cache=a.backbone_cache, sib_dni_init=a.sib_dni_init, threads=a.threads,
                   device=a.device, data_dir=a.data_dir, meta_batch=a.meta_batch,
-                  autocast=autocast_dtype, out=out, resume=a.resume,
+                  autocast=autocast_dtype, finetune_lrs=ft_lrs, finetune_steps=ft_steps, out=out, resume=a.resume,
                   progress=not a.no_progress)
 
 
@@ -434,8 +469,8 @@ def run_finetune(cfg: Config, splits, smp, device, log) -> tuple[dict, dict]:
     mcfg = mlstm.MetaLSTMConfig(ways=cfg.ways, shots=cfg.shots, queries=cfg.queries, filters=cfg.filters)
     model_fn = mlstm.learner_fn(mcfg, splits["train"].image_shape)
     val = smp["val"].episodes(cfg.val_episodes, VAL_SEED)
-    tuned = tune_finetune(val, model_fn, mcfg.init_seed, inner_batch_size=mcfg.inner_batch_size, device=device,
-                          progress=cfg.progress)
+    tuned = tune_finetune(val, model_fn, mcfg.init_seed, lrs=cfg.finetune_lrs, steps=cfg.finetune_steps,
+                          inner_batch_size=mcfg.inner_batch_size, device=device, progress=cfg.progress)
     if tuned.best is None:
         raise FloatingPointError("fine-tuning diverged for every (lr, steps) of the grid on the validation episodes")
     lr, steps = tuned.best

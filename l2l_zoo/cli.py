@@ -25,11 +25,21 @@ class UsageError(ValueError):
     """A user mistake on the command line: reported as one line, exit status 2."""
 
 
+class _DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends ``(default: X)`` to a flag's help, except where there is nothing to say: a default of
+    None (the help says what happens instead) or an on/off switch."""
+
+    def _get_help_string(self, action):
+        if action.default is None or isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
+            return action.help
+        return super()._get_help_string(action)
+
+
 class ArgumentParser(argparse.ArgumentParser):
     """argparse with one-line errors (no usage dump) and defaults shown in ``--help``."""
 
     def __init__(self, *args, **kwargs):
-        kwargs.setdefault("formatter_class", argparse.ArgumentDefaultsHelpFormatter)
+        kwargs.setdefault("formatter_class", _DefaultsHelpFormatter)
         super().__init__(*args, **kwargs)
 
     def error(self, message):

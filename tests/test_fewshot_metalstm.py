@@ -487,3 +487,82 @@ def test_a_meta_batch_of_episodes_is_the_mean_of_their_meta_gradients():
     got = torch.cat([x.reshape(-1) for x in grads])
     assert float((got - ref).norm() / ref.norm()) < 1e-5
     assert float((seq[0] - seq[1]).norm()) > 1e-3 * float(ref.norm())
+
+
+# ----------------------------------------------------------------------------- BatchNorm and failures
+def test_batchnorm_starts_fresh_every_episode_and_bn_mode_picks_the_query_statistics():
+    """The learner's BatchNorm running statistics start fresh at every adaptation (running the same
+    episode twice on one task gives identical parameters and statistics; they moved from the fresh
+    ones), and bn_mode decides what the query sees: ``running`` the statistics accumulated over the
+    inner loop (meta-test), ``transductive`` the query batch's own (the official meta-training);
+    both checked against a hand-run forward pass."""
+    from l2l_zoo.meta.trainer import adapt
+    cfg = preset_config("official", 1, filters=4, inner_steps=3)
+    sampler = EpisodeSampler(synthetic_split(), 5, 1, 15)
+    model_fn = learner_fn(cfg, (1, 16, 16))
+    ep = sampler.episode(7, 0)
+    lopt = build_metalstm(cfg, EpisodeTask(sampler.episode(0, 0), model_fn))
+    out = {}
+    for mode in ("running", "transductive"):
+        task = EpisodeTask(ep, model_fn, bn_mode=mode)
+        p1, _ = adapt(lopt, task, cfg.inner_steps, gen=torch.Generator().manual_seed(0), init_seed=cfg.init_seed)
+        stats = {k: v.clone() for k, v in task.model.named_buffers()}
+        p2, _ = adapt(lopt, task, cfg.inner_steps, gen=torch.Generator().manual_seed(0), init_seed=cfg.init_seed)
+        assert torch.equal(p1, p2)
+        for k, v in task.model.named_buffers():
+            assert torch.equal(v, stats[k]), f"{k} carried over from the previous adaptation"
+        fresh = dict(model_fn().named_buffers())
+        assert not torch.equal(stats["features.1.running_mean"], fresh["features.1.running_mean"])
+        hand = model_fn()
+        torch.nn.utils.vector_to_parameters(p1, hand.parameters())
+        hand.load_state_dict({**hand.state_dict(), **stats})
+        hand.train(mode == "transductive")
+        with torch.no_grad():
+            want = float(F.cross_entropy(hand(ep.query_x), ep.query_y))
+        out[mode] = task.query_accuracy(p1)[0]
+        assert out[mode] == pytest.approx(want, rel=1e-6), mode
+    assert out["running"] != pytest.approx(out["transductive"], rel=1e-3)
+
+
+class _PoisonedSampler(EpisodeSampler):
+    """Draws as EpisodeSampler, but the episodes of the listed draws get a NaN query pixel."""
+
+    def __init__(self, *args, bad=(), **kw):
+        super().__init__(*args, **kw)
+        self.bad, self.calls = set(bad), 0
+
+    def sample(self, gen):
+        ep = super().sample(gen)
+        self.calls += 1
+        if self.calls in self.bad:
+            qx = ep.query_x.clone()
+            qx[0, 0, 0, 0] = float("nan")
+            ep = Episode(ep.support_x, ep.support_y, qx, ep.query_y, ep.classes)
+        return ep
+
+
+def test_a_non_finite_episode_is_skipped_and_repeated_ones_abort_meta_training():
+    """A NaN in one episode's query set makes its meta-loss non-finite: that meta-update is skipped
+    (the last good meta-parameters and Adam state are restored), counted, and meta-training goes on
+    with the next episode; max_failures consecutive ones abort it with a one-line reason (the core
+    trainer's rule, through the few-shot task family)."""
+    from l2l_zoo.meta import MetaTrainingDiverged
+    cfg = preset_config("official", 1, filters=4, inner_steps=2)
+    split = synthetic_split()
+    before = {}
+
+    def keep(step, rec):
+        before[step] = {k: v.clone() for k, v in tr_lopt.state_dict().items()}
+    tr_lopt = build_metalstm(cfg, episode_family(cfg, EpisodeSampler(split, 5, 1, 15)).template, 0)
+    start = {k: v.clone() for k, v in tr_lopt.state_dict().items()}
+    sampler = _PoisonedSampler(split, 5, 1, 15, bad={2})  # the episode of meta-step 2's first attempt
+    logs = []
+    tr = meta_train(cfg, sampler, episodes=3, seed=0, progress=False, log=logs.append, callback=keep, lopt=tr_lopt)
+    assert tr.total_failures == 1 and sampler.calls == 4 and len(tr.history) == 3
+    assert all(math.isfinite(r["meta_loss"]) for r in tr.history)
+    assert any("non-finite meta-loss" in line and "skipped" in line for line in logs)
+    assert any(not torch.equal(before[3][k], start[k]) for k in start), "meta-training did not go on"
+    assert all(torch.isfinite(v).all() for v in tr.lopt.state_dict().values())
+    with pytest.raises(MetaTrainingDiverged, match="5 consecutive non-finite meta-updates"):
+        meta_train(cfg, _PoisonedSampler(split, 5, 1, 15, bad=range(2, 100)), episodes=10, seed=0, progress=False,
+                   log=lambda s: None)
