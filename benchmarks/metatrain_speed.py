@@ -69,7 +69,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import l2l_zoo  # noqa: E402
 from l2l_zoo import runs  # noqa: E402
-from l2l_zoo.cli import ArgumentParser, UsageError, output_file, resolve_device, run_main  # noqa: E402
+from l2l_zoo.cli import ArgumentParser, UsageError, output_file, parse_autocast, resolve_device, run_main  # noqa: E402
 from l2l_zoo.meta import MetaTrainConfig, MetaTrainer  # noqa: E402
 from l2l_zoo.regularizers import parse_smooth  # noqa: E402
 from l2l_zoo.tasks import make_task  # noqa: E402
@@ -99,6 +99,9 @@ def parse(argv=None):
                    "(MetaTrainConfig.meta_batch_mode)")
     p.add_argument("--var-samples", type=int, default=8,
                    help="fresh meta-gradients per estimate of the meta-gradient variance (with --meta-batch)")
+    p.add_argument("--autocast", default="none",
+                   help="none or bfloat16: the optimizee's forward passes under torch.autocast in every timed "
+                        "truncation (MetaTrainConfig(autocast=...); for a GPU's bf16 rate)")
     p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0 = torch's default)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--data-dir", default=None, help="dataset folder (default $L2L_ZOO_DATA)")
@@ -118,6 +121,7 @@ def parse(argv=None):
         raise UsageError(f"--data-dir: no such folder {a.data_dir!r}")
     if a.meta_batch_mode not in ("vmap", "loop"):
         raise UsageError(f"--meta-batch-mode must be vmap or loop, got {a.meta_batch_mode!r}")
+    a.autocast = parse_autocast(a.autocast)
     return a, cases
 
 
@@ -268,7 +272,7 @@ def make_trainer(case: str, a, device, tasks: dict, meta_batch: int = 1, fast: b
     torch.manual_seed(0)
     lopt = l2l_zoo.create(opt).to(device)
     cfg = MetaTrainConfig(unroll=a.unroll, seed=0, smooth=parse_smooth(smooth) if smooth else None,
-                          meta_batch=meta_batch, fast=fast, meta_batch_mode=meta_batch_mode)
+                          meta_batch=meta_batch, fast=fast, meta_batch_mode=meta_batch_mode, autocast=a.autocast)
     return MetaTrainer(lopt, tasks[task_name], cfg, log=lambda s: None)
 
 

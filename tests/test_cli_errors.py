@@ -181,6 +181,7 @@ CASES = [
     ("metatrain_speed", "--out {file}/x.json", "cannot write"),
     ("metatrain_speed", "--device tpu", "--device must be"),
     ("metatrain_speed", "--threads -1", "--threads must be an integer >= 0, got -1"),
+    ("metatrain_speed", "--autocast fp16", "--autocast must be one of ['none', 'bfloat16'], got 'fp16'"),
     ("metatrain_speed", "--meta-batch 0", "--meta-batch must be an integer >= 1, got 0"),
     ("metatrain_speed", "--meta-batch 2 --var-samples 1", "--var-samples must be an integer >= 2, got 1"),
     # ------------------------------------------------------------------ leaderboard

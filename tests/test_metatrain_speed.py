@@ -68,6 +68,27 @@ def test_tiny_run_writes_every_reported_field(ms, data_dir, tmp_path, capsys):
     assert r["fast_s"] > 0 and r["reference_s"] > 0 and r["speedup"] > 0
 
 
+def test_autocast_bfloat16_runs_the_optimizee_in_bfloat16(ms, data_dir, tmp_path, capsys):
+    """--autocast bfloat16 (for a GPU's bf16 rate) reaches the trainer: the recorded config says so
+    and the timed truncation's meta-loss differs from float32's by bfloat16 rounding, not more."""
+    torch.set_num_threads(1)
+    common = ["--cases", "dm", "--unroll", "2", "--repeats", "1", "--warmup", "0", "--matmul-size", "64",
+              "--copy-mb", "4", "--threads", "1", "--no-profile", "--no-reference", "--data-dir", data_dir]
+    a, _ = ms.parse([*common, "--autocast", "bfloat16"])
+    b, _ = ms.parse(common)
+    tasks = {}
+    ml = {}
+    for name, args in (("bf16", a), ("fp32", b)):
+        tr = ms.make_trainer("dm", args, torch.device("cpu"), tasks)
+        assert tr.cfg.autocast == (None if name == "fp32" else "bfloat16")
+        run = tr._new_run(tr.task)
+        ml[name] = float(tr._truncation(run, tr.cfg.unroll)[0].detach())
+    assert ml["bf16"] != ml["fp32"] and ml["bf16"] == pytest.approx(ml["fp32"], rel=2e-2)
+    out = tmp_path / "bf.json"
+    assert ms.main([*common, "--autocast", "bfloat16", "--out", str(out)]) == 0
+    assert json.loads(out.read_text())["config"]["autocast"] == "bfloat16"
+
+
 @pytest.mark.parametrize("mode", ["vmap", "loop"])
 def test_meta_batch_comparison_fields(ms, data_dir, tmp_path, capsys, mode):
     torch.set_num_threads(1)
