@@ -150,3 +150,21 @@ def test_tiny_end_to_end_run_and_resume(data_dir, tmp_path):
     res3 = json.loads((out / "results.json").read_text())
     assert res3["runs"]["simple+smooth"][0]["step_log"] != run0["step_log"]
     assert res3["runs"][f"sgd(lr={best})"] == res["runs"][f"sgd(lr={best})"], "baselines do not depend on --smooth"
+
+
+def test_simple_ablation_on_another_task_passes_it_to_every_variant(data_dir, tmp_path):
+    """simple_ablation.py --meta-task/--task: every variant is meta-trained and evaluated on that task
+    (here the 784-20-10 sigmoid MLP), and the combined file holds each variant's runs."""
+    script = os.path.join(ROOT, "benchmarks", "simple_ablation.py")
+    out = tmp_path / "abl"
+    r = subprocess.run([sys.executable, script, "--meta-task", "mlp20", "--task", "mlp20", "--variants",
+                        "full,uniform_loss", "--meta-steps", "2", "--eval-steps", "4", "--no-progress",
+                        "--data-dir", data_dir, "--out", str(out)], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    combined = json.loads((out / "results.json").read_text())
+    assert set(combined["runs"]) == {"full", "uniform_loss"}
+    for v, loss in (("full", "wdiff"), ("uniform_loss", "sum")):
+        res = json.loads((out / v / "results.json").read_text())
+        assert (res["config"]["meta_task"], res["config"]["task"]) == ("mlp20", "mlp20")
+        assert res["meta_training"]["config"]["meta_loss"] == loss
+        assert combined["runs"][v][0]["eval"]["step"][-1] == 4

@@ -106,6 +106,8 @@ CASES = [
     ("simple_ablation", "--meta-steps 0", "--meta-steps must be >= 1"),
     ("simple_ablation", "--smooth eps=abc", "eps must be a number"),
     ("simple_ablation", "--out {file}", "is an existing file"),
+    ("simple_ablation", "--meta-task resnet", "--meta-task must be one of"),
+    ("simple_ablation", "--task resnet", "--task must be one of"),
     # ------------------------------------------------------------------ smooth_subsample
     ("smooth_subsample", "--opt adam", "--opt must be one of"),
     ("smooth_subsample", "--subsamples 4096,x", "--subsamples must be"),
