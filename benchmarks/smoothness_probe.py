@@ -13,8 +13,10 @@ For every learned optimizer of ``--optimizers`` (``zoo:NAME`` or a file of ``l2l
    ``--eval-every`` steps, beside the full-split losses, the optimizer is measured at the state the run
    has reached, on a fixed probe minibatch of that seed: R_ε = max over s' in B∞(s, ε) of
    mean_i (u_i(s) − u_i(s'))² (eq. 3, by ``--pgd-steps`` projected sign-gradient steps over every
-   coordinate) for each ε of ``--eps``, the update's root mean square ``u_rms`` and ``rel`` = √R_ε / u_rms
-   (the worst-case change of the update within the ball relative to the update itself).
+   coordinate from the regularizer's random start and from the two corners s ± ε, the largest kept:
+   ``l2l_zoo.regularizers.measure_smoothness``) for each ε of ``--eps``, R_ε from the random start alone
+   (``Rnoise``: what training penalises), the update's root mean square ``u_rms`` and ``rel`` =
+   √R_ε / u_rms (the worst-case change of the update within the ball relative to the update itself).
 2. **Perturbed states** (appendix D): the same model, initialisation and minibatches, with the
    optimizer's input state replaced at every step by s_t + σ_t·δ_t, δ_t ~ N(0, I)
    (``l2l_zoo.regularizers.PerturbedInput``), for each σ of ``--sigmas``: σ_t = σ·rms(s_t) by default
@@ -52,7 +54,8 @@ from l2l_zoo import runs  # noqa: E402
 from l2l_zoo.cli import (ArgumentParser, UsageError, output_folder, parse_floats, parse_seeds,  # noqa: E402
                          plot_curves, resolve_device, run_main)
 from l2l_zoo.evaluation import train_optimizee  # noqa: E402
-from l2l_zoo.regularizers import PerturbedInput, input_noise_seed, measure_smoothness, response_curve  # noqa: E402
+from l2l_zoo.regularizers import (STARTS, PerturbedInput, input_noise_seed, measure_smoothness,  # noqa: E402
+                                  response_curve)
 from l2l_zoo.tasks import TASKS, make_task  # noqa: E402
 
 DEFAULT_OPTIMIZERS = "zoo:simple/mnist-mlp,zoo:simple-smooth/mnist-mlp"
@@ -182,7 +185,7 @@ def smoothness_probe(cfg: Config, task, seed: int):
         for e in cfg.eps:
             m = measure_smoothness(opt.lopt, feats, hidden, e, steps=cfg.pgd_steps, subsample=cfg.subsample,
                                    generator=gen)
-            out.update({f"R_eps{e:g}": m["R"], f"rel_eps{e:g}": m["rel"]})
+            out.update({f"R_eps{e:g}": m["R"], f"Rnoise_eps{e:g}": m["R_noise"], f"rel_eps{e:g}": m["rel"]})
             out["u_rms"] = m["u_rms"]
         return out
     return probe
@@ -231,7 +234,8 @@ def _main(cfg: Config) -> int:
     cache = runs.RunCache(os.path.join(cfg.out, "runs"), enabled=cfg.resume)
     setup = {"task": cfg.task, "steps": cfg.steps, "eval_every": cfg.eval_every, "batch_size": cfg.batch_size,
              "device": cfg.device, "data": task.data.summary()}
-    probe_setup = {"eps": cfg.eps, "pgd_steps": cfg.pgd_steps, "subsample": cfg.subsample, "probe_seed": PROBE_SEED}
+    probe_setup = {"eps": cfg.eps, "pgd_steps": cfg.pgd_steps, "subsample": cfg.subsample, "probe_seed": PROBE_SEED,
+                   "starts": list(STARTS)}
     results["diff"], results["smoothness"], results["response"], results["optimizers"] = {}, {}, {}, {}
     for spec in cfg.optimizers:
         lopt, extra, digest = mnist_mlp.load_learned(spec)
@@ -283,7 +287,7 @@ def smoothness_summary(records, eps) -> dict:
     """Per ε: R_ε and rel averaged over each run's evaluations, then mean ± std over seeds."""
     out = {}
     for e in eps:
-        for key in (f"R_eps{e:g}", f"rel_eps{e:g}"):
+        for key in (f"R_eps{e:g}", f"Rnoise_eps{e:g}", f"rel_eps{e:g}"):
             per_seed = [_mean_std(r["eval"].get(key, []))[0] for r in records]
             out[key], out[f"{key}_std"] = _mean_std(per_seed)
     out["u_rms"], out["u_rms_std"] = _mean_std([_mean_std(r["eval"].get("u_rms", []))[0] for r in records])
@@ -311,11 +315,13 @@ def loss_diff(normal, perturbed, metrics=("train_loss", "test_loss")) -> dict:
 def report(results, cfg: Config, log) -> None:
     f = lambda v, d=3: "n/a" if v is None else f"{v:.{d}g}"  # noqa: E731
     log(f"\nsmoothness along the normal runs (mean over evaluations, then over {len(cfg.seeds)} seed(s)):")
-    log(f"{'optimizer':<28}{'u_rms':>10}" + "".join(f"{'R ε=' + format(e, 'g'):>14}{'rel ε=' + format(e, 'g'):>14}"
-                                                  for e in cfg.eps))
+    log("(R: the largest PGD value from the regularizer's random start and the two ±ε corners; R_noise: from the "
+        "random start alone, the estimate training penalises)")
+    log(f"{'optimizer':<28}{'u_rms':>10}" + "".join(
+        f"{'R ε=' + format(e, 'g'):>13}{'R_noise':>11}{'rel':>9}" for e in cfg.eps))
     for name, s in results["smoothness"].items():
-        log(f"{name:<28}{f(s['u_rms']):>10}" + "".join(f"{f(s[f'R_eps{e:g}']):>14}{f(s[f'rel_eps{e:g}']):>14}"
-                                                         for e in cfg.eps))
+        log(f"{name:<28}{f(s['u_rms']):>10}" + "".join(
+            f"{f(s[f'R_eps{e:g}']):>13}{f(s[f'Rnoise_eps{e:g}']):>11}{f(s[f'rel_eps{e:g}']):>9}" for e in cfg.eps))
     if cfg.sigmas:
         log(f"\nperturbed input states (σ {'absolute' if cfg.absolute else 'relative to the state rms'}): final "
             f"train loss, (loss_ps − loss_ns) / loss_ns at step {cfg.steps}, mean ± std over seeds")

@@ -140,8 +140,39 @@ def test_measure_smoothness_of_a_linear_optimizer_is_exact():
         assert m["u_rms"] == pytest.approx(u_rms, rel=1e-12)
         assert m["rel"] == pytest.approx(0.3 * eps / u_rms, rel=1e-12)
     # too few PGD steps to reach the corner from the start: a strictly smaller value (a lower bound)
-    few = measure_smoothness(lopt, s, (), 0.1, steps=1, noise=1e-4, generator=torch.Generator().manual_seed(1))
+    few = measure_smoothness(lopt, s, (), 0.1, steps=1, noise=1e-4, starts=("noise",),
+                             generator=torch.Generator().manual_seed(1))
     assert few["R"] < (0.3 * 0.1) ** 2
+
+
+class _Coupled(LearnedOptimizer):
+    """u_i = a·s_i + b·mean(s): moving every input by the same ±ε changes each update by (a + b)ε, the
+    worst case when |a + b| > |a|; random directions change it by about a·ε."""
+
+    name = "coupled_probe_test"  # not registered
+
+    def __init__(self, a=0.02, b=-0.15):
+        super().__init__()
+        self.a = nn.Parameter(torch.tensor(a, dtype=torch.float64))
+        self.b = nn.Parameter(torch.tensor(b, dtype=torch.float64))
+
+    def network(self, feats, hidden):
+        return self.a * feats[:, 0] + self.b * feats[:, 0].mean(), hidden
+
+
+def test_measure_smoothness_finds_the_coupled_worst_case_that_the_random_start_misses():
+    lopt = _Coupled()
+    # the regularizer's start noise 0.05 >> eps gives a random corner; with many coordinates its mean
+    # is ~eps/sqrt(n), so each coordinate's own term decides its sign step and PGD stays there
+    s = 0.002 * torch.randn(20000, 1, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    eps = 1e-3
+    m = measure_smoothness(lopt, s, (), eps, generator=torch.Generator().manual_seed(1))
+    assert m["R"] == pytest.approx(((0.02 - 0.15) * eps) ** 2, rel=1e-12)
+    assert m["R_noise"] < 0.05 * m["R"]
+    only = measure_smoothness(lopt, s, (), eps, starts=("noise",), generator=torch.Generator().manual_seed(1))
+    assert only["R"] == m["R_noise"]
+    with pytest.raises(ValueError, match="starts must be a non-empty selection of"):
+        measure_smoothness(lopt, s, (), eps, starts=("zero",))
 
 
 def test_measure_smoothness_uses_no_meta_gradient_and_leaves_the_optimizer_alone():

@@ -31,7 +31,7 @@ import torch
 from ..base import LearnedOptimizer
 
 __all__ = ["SmoothnessConfig", "SmoothnessRegularizer", "parse_smooth", "PerturbedInput", "measure_smoothness",
-           "response_curve", "input_noise_seed"]
+           "response_curve", "input_noise_seed", "STARTS"]
 
 
 @dataclass(frozen=True)
@@ -278,28 +278,47 @@ class PerturbedInput(LearnedOptimizer):
         return self.inner.network(feats, hidden)
 
 
+#: where :func:`measure_smoothness` starts PGD: the regularizer's own random start, and the two
+#: corners that move every input by the same ±ε
+STARTS = ("noise", "+eps", "-eps")
+
+
 def measure_smoothness(lopt: LearnedOptimizer, feats: torch.Tensor, hidden: tuple, eps: float, *,
-                       steps: int = 20, subsample: int = 0, noise: float = 0.05,
+                       steps: int = 20, subsample: int = 0, noise: float = 0.05, starts=STARTS,
                        generator: torch.Generator | None = None) -> dict:
     """How non-smooth ``lopt`` is at one input state: R_ε(s) = max_{s' ∈ B∞(s, ε)} mean_i (u_i(s) −
-    u_i(s'))² (eq. 3, with the regularizer's mean over coordinates) found by ``steps`` PGD steps
-    (eq. 7; more than the training default of 10, since here it is the quantity measured), with the
-    meta-parameters held fixed. ``subsample=0`` evaluates every coordinate (exact for
-    SimpleOptimizer's mean embedding too).
+    u_i(s'))² (eq. 3, with the regularizer's mean over coordinates), with the meta-parameters held
+    fixed, by ``steps`` PGD steps (eq. 7; more than the training default of 10, since here it is
+    the quantity measured) from each of ``starts``, the largest value kept (PGD finds a lower bound;
+    several starts, as in adversarial-robustness evaluation, tighten it). The starts matter for an
+    optimizer that couples coordinates: SimpleOptimizer's mean embedding makes moving every input
+    the same way the worst case, which PGD from the regularizer's random start (``"noise"``: s +
+    ``noise``·N(0, I), projected) does not find when ``noise`` ≫ ε, since each coordinate's
+    sign-gradient then keeps its random direction; ``"+eps"``/``"-eps"`` start at s ± ε.
+    ``subsample=0`` evaluates every coordinate (exact for the mean embedding too).
 
-    Returns ``{"R": R_ε, "u_rms": √mean_i u_i(s)², "rel": √R_ε / u_rms}``: ``rel`` is the worst-case
-    change of the update within the ball relative to the update's own size (an optimizer that
-    merely takes smaller steps has a smaller R but not a smaller ``rel``)."""
+    Returns ``{"R": R_ε, "R_noise": R_ε from the regularizer's start alone (what training
+    penalises), "u_rms": √mean_i u_i(s)², "rel": √R_ε / u_rms}``: ``rel`` is the worst-case change
+    of the update within the ball relative to the update's own size (an optimizer that merely takes
+    smaller steps has a smaller R but not a smaller ``rel``)."""
+    bad = [x for x in starts if x not in STARTS]
+    if bad or not starts:
+        raise ValueError(f"starts must be a non-empty selection of {STARTS}, got {starts!r}")
     reg = SmoothnessRegularizer(SmoothnessConfig(eps=eps, lam=1.0, steps=steps, subsample=subsample, noise=noise))
     with torch.no_grad():
         u_rms = float(lopt.network(feats.detach(), tuple(h.detach() for h in hidden))[0].pow(2).mean().sqrt())
         f, h = reg.select(lopt, feats, hidden, generator)
-        start = f + noise * torch.randn(f.shape, generator=generator, dtype=f.dtype).to(f.device)
         u = lopt.network(f, h)[0]
-    s_adv = reg.perturb(lopt, f, h, u, start=start)  # differentiates with respect to s' only
-    with torch.no_grad():
-        r = float((u - lopt.network(s_adv, h)[0]).pow(2).mean())
-    return {"R": r, "u_rms": u_rms, "rel": math.sqrt(r) / u_rms if u_rms > 0 else math.inf}
+        noisy = f + noise * torch.randn(f.shape, generator=generator, dtype=f.dtype).to(f.device)
+    found = {}
+    for name in starts:
+        start = {"noise": noisy, "+eps": f + eps, "-eps": f - eps}[name]
+        s_adv = reg.perturb(lopt, f, h, u, start=start)  # differentiates with respect to s' only
+        with torch.no_grad():
+            found[name] = float((u - lopt.network(s_adv, h)[0]).pow(2).mean())
+    r = max(found.values())
+    return {"R": r, "R_noise": found.get("noise"), "u_rms": u_rms,
+            "rel": math.sqrt(r) / u_rms if u_rms > 0 else math.inf}
 
 
 def response_curve(lopt: LearnedOptimizer, feats: torch.Tensor, hidden: tuple, coords, deltas) -> torch.Tensor:
