@@ -21,7 +21,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPTS = {**{n: os.path.join(ROOT, "benchmarks", f"{n}.py") for n in (
     "mnist_mlp", "simple_ablation", "smooth_subsample", "step_overhead", "unroll_backends", "lr_schedules_mnist",
     "hypergradient_demos", "schedule_overhead", "mlrsnet_cifar", "mlrsnet_ptb", "mlrsnet_overhead",
-    "fewshot_omniglot", "metatrain_speed", "leaderboard", "smoothness_probe")},
+    "fewshot_omniglot", "metatrain_speed", "leaderboard", "smoothness_probe", "metastep_vs_commit")},
     **{n: os.path.join(ROOT, "paper_figs", f"{n}.py") for n in ("fig_learning_curves", "fig_marthe", "fig_mlrsnet",
                                                                  "fig_smoothness")}}
 _MODULES = {}
@@ -186,6 +186,13 @@ CASES = [
     ("metatrain_speed", "--autocast fp16", "--autocast must be one of ['none', 'bfloat16'], got 'fp16'"),
     ("metatrain_speed", "--meta-batch 0", "--meta-batch must be an integer >= 1, got 0"),
     ("metatrain_speed", "--meta-batch 2 --var-samples 1", "--var-samples must be an integer >= 2, got 1"),
+    # ------------------------------------------------------------------ metastep_vs_commit
+    ("metastep_vs_commit", "--commit no-such-revision", "--commit 'no-such-revision' is not a commit"),
+    ("metastep_vs_commit", "--rounds 0", "--rounds must be an integer >= 1, got 0"),
+    ("metastep_vs_commit", "--meta-steps 2", "--meta-steps must be an integer >= 3, got 2"),
+    ("metastep_vs_commit", "--smooth eps=0", "eps must be > 0"),
+    ("metastep_vs_commit", "--data-dir {missing}", "--data-dir: no such folder"),
+    ("metastep_vs_commit", "--out {dir}", "is an existing folder"),
     # ------------------------------------------------------------------ leaderboard
     ("leaderboard", "{bad_json}", "is not valid JSON"),
     ("leaderboard", "{demos_json}", "written by benchmark 'hypergradient_demos'"),
@@ -261,8 +268,8 @@ def test_bad_input_is_one_line_and_a_non_zero_exit(name, args, message, files, c
     monkeypatch.chdir(files["tmp"])  # default output folders land in the temporary folder
     argv = [a.format(**files) for a in args.split()]
     if "--out" not in args and name not in ("fig_learning_curves", "fig_marthe", "fig_mlrsnet", "fig_smoothness"):
-        argv += ["--out", os.path.join(files["tmp"], "out", name + (".json" if "overhead" in name or name == "metatrain_speed" or
-                                                                       name == "unroll_backends" else ""))]
+        argv += ["--out", os.path.join(files["tmp"], "out", name + (".json" if "overhead" in name or name in (
+            "metatrain_speed", "unroll_backends", "metastep_vs_commit") else ""))]
     code, err = call(name, argv, capsys)
     _check(code, err, name, message)
 

@@ -99,3 +99,23 @@ def test_meta_batch_comparison_fields(ms, data_dir, tmp_path, capsys, mode):
     m = json.loads(out.read_text())["summary"]["dm"]["meta_batch"]
     assert m["B"] == 3 and m["mode"] == mode and m["batched_s"] > 0 and m["sequential_s"] > 0 and m["speedup"] > 0
     assert m["grad_var_single"] > 0 and m["grad_var_batched"] > 0
+
+
+def test_metastep_vs_commit_times_both_versions_and_removes_its_worktree(data_dir, tmp_path):
+    """benchmarks/metastep_vs_commit.py against HEAD (the same code twice): both versions are timed
+    in their own processes, the ratios are recorded, and the temporary git worktree is gone."""
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    before = subprocess.run(["git", "-C", root, "worktree", "list"], capture_output=True, text=True).stdout
+    out = tmp_path / "m.json"
+    r = subprocess.run([sys.executable, os.path.join(root, "benchmarks", "metastep_vs_commit.py"), "--commit", "HEAD",
+                        "--rounds", "1", "--meta-steps", "3", "--threads", "1", "--data-dir", data_dir,
+                        "--out", str(out)], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    res = json.loads(out.read_text())
+    assert len(res["rounds"]) == 1
+    for label in ("plain", "smooth"):
+        s = res["summary"][label]
+        assert s["commit_s"] > 0 and s["checkout_s"] > 0 and s["speedup"] == pytest.approx(s["commit_s"] / s["checkout_s"])
+    assert subprocess.run(["git", "-C", root, "worktree", "list"], capture_output=True, text=True).stdout == before
