@@ -9,23 +9,14 @@ evaluate) works at the real image sizes; their accuracies mean nothing (2-way ep
 images)."""
 import json
 
-import pytest
 import torch
 
-from test_fewshot_cli import call
+from test_fewshot_cli import call, one_thread  # noqa: F401  (one_thread: the autouse fixture, shared)
 from test_fewshot_data import (CIFAR, MINI, TIERED, cifar_source, source, write_cifar_png, write_mini_pkl,
                                write_tiered)
 
 TINY = ["--ways", "2", "--shots", "1", "--queries", "2", "--val-episodes", "2", "--test-episodes", "3",
         "--no-progress"]
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _run(args, out, capsys, evaluate=True):
