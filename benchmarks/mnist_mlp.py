@@ -118,8 +118,9 @@ def build_parser() -> ArgumentParser:
                    "pip install -e '.[lrfree]')")
     p.add_argument("--smooth", default=None, metavar="SPEC",
                    help="smoothness regularizer for meta-training: eps=E[,lam=L,steps=K,step_size=S,"
-                        "noise=N,subsample=M]; omitted keys take the defaults lam=1, steps=10, "
-                        "step_size=eps/5, noise=0.05, subsample=4096 (0 = all coordinates)")
+                        "noise=N,subsample=M,corners=C]; omitted keys take the defaults lam=1, steps=10, "
+                        "step_size=eps/5, noise=0.05, subsample=4096 (0 = all coordinates), corners=0 (1: PGD "
+                        "also from the corners s ± eps, the largest penalty kept)")
     p.add_argument("--task", default="mlp", help=f"evaluation task, one of {sorted(TASKS)}")
     p.add_argument("--meta-task", default="mlp", help="task the learned optimizer is meta-trained on")
     p.add_argument("--meta-steps", type=int, default=None,

@@ -134,7 +134,10 @@ def test_parse_smooth():
     assert (c.eps, c.lam, c.steps, c.eta, c.noise) == (0.1, 1.0, 10, pytest.approx(0.02), 0.05)
     c = parse_smooth("eps=0.5,lam=10,steps=3,step_size=0.1,subsample=0")
     assert (c.lam, c.steps, c.eta, c.subsample) == (10.0, 3, 0.1, 0)
+    c = parse_smooth("eps=0.1,corners=1")
+    assert c.corners == 1 and c.to_dict()["corners"] == 1 and "corners" not in parse_smooth("eps=0.1").to_dict()
     for bad, msg in [("eps=abc", "eps must be a number, got 'abc'"), ("eps=-1", "--smooth: eps must be > 0, got -1.0"),
+                     ("eps=0.1,corners=2", "--smooth: corners must be 0 or 1, got 2"),
                      ("eps=0.1,foo=2", "unknown key 'foo'"), ("lam=1", "eps is required"),
                      ("eps=0.1,steps=2.5", "steps must be an integer"), ("eps=nan", "eps must be > 0"),
                      ("eps=0.1,eps=0.2", "--smooth: key 'eps' given more than once in 'eps=0.1,eps=0.2'"),
@@ -157,3 +160,31 @@ def test_parse_smooth():
 def test_config_rejects_nonsense(kwargs, msg):
     with pytest.raises(ValueError, match=msg):
         SmoothnessConfig(**kwargs)
+
+
+class _CoupledOptimizer(LearnedOptimizer):
+    """u_i = a·s_i + b·mean(s): the worst case moves every input the same way, (a + b)²ε²."""
+
+    name = "coupled_test"  # not registered
+
+    def __init__(self, a=0.02, b=-0.15):
+        super().__init__()
+        self.a = nn.Parameter(torch.tensor(a, dtype=torch.float64))
+        self.b = nn.Parameter(torch.tensor(b, dtype=torch.float64))
+
+    def network(self, feats, hidden):
+        return self.a * feats[:, 0] + self.b * feats[:, 0].mean(), hidden
+
+
+def test_corner_starts_find_the_coupled_worst_case_that_the_random_start_misses():
+    """corners=1: PGD also from s ± ε reaches (a + b)²ε² exactly; the paper's random start alone
+    (noise 0.05 >> ε) stays at a random corner, far below, for many coordinates."""
+    lopt = _CoupledOptimizer()
+    s = 0.002 * torch.randn(20000, 1, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    eps = 1e-3
+    r0 = SmoothnessRegularizer(eps=eps, subsample=0)(lopt, s, (), torch.Generator().manual_seed(1))
+    r1 = SmoothnessRegularizer(eps=eps, subsample=0, corners=1)(lopt, s, (), torch.Generator().manual_seed(1))
+    assert float(r1.detach()) == pytest.approx(((0.02 - 0.15) * eps) ** 2, rel=1e-12)
+    assert float(r0.detach()) < 0.05 * float(r1.detach())
+    r1.backward()  # differentiable through the corner that won
+    assert lopt.a.grad is not None and float(lopt.b.grad) != 0.0
