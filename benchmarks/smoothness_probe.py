@@ -157,7 +157,11 @@ def parse_config(argv=None) -> Config:
 
 
 def label_of(spec: str) -> str:
-    return spec[len(mnist_mlp.ZOO):] if spec.startswith(mnist_mlp.ZOO) else os.path.basename(spec)
+    """A zoo entry's name, or a file's folder and name (results/x/optimizer.pt -> x/optimizer.pt)."""
+    if spec.startswith(mnist_mlp.ZOO):
+        return spec[len(mnist_mlp.ZOO):]
+    path = os.path.abspath(spec)
+    return os.path.join(os.path.basename(os.path.dirname(path)), os.path.basename(path))
 
 
 def input_state(task, model, opt, batch):
