@@ -2,12 +2,14 @@
 seconds), run with ``python -m pytest -m slow``. They guard the numbers the README reports against
 regressions of the algorithms or of the results layer; each expected value is the one measured
 before (the session and command are named), not a value chosen to make the check pass."""
+import io
 import json
 import os
 import subprocess
 import sys
 
 import pytest
+import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -24,20 +26,26 @@ def script(name, *args, cwd):
     return r
 
 
-def test_flagship_learned_optimizer_reproduces_its_recorded_training_loss(data_dir, tmp_path):
-    """`mnist_mlp.py --opt simple --smooth eps=0.1` (360 meta-steps, the default since 2026-12-02;
-    1000 evaluation steps, seed 0): step-1000 training loss 0.01691 and test accuracy 94.6 %, measured
-    from a fresh clone on 2026-12-02 with `--meta-steps 360` (the former default of 200 gave 0.0259).
-    The baselines are left out (they do not depend on the learned optimizer) to save time. A 3 % band
-    allows for summation-order differences across machines."""
-    out = tmp_path / "flagship"
-    script("mnist_mlp", "--opt", "simple", "--smooth", "eps=0.1", "--baselines", "none", "--device", "cpu",
-           "--out", str(out), cwd=tmp_path)
-    res = json.loads((out / "results.json").read_text())
-    final = res["runs"]["simple+smooth"][0]["final"]
-    assert res["config"]["meta_steps"] == 360
-    assert final["train_loss"] == pytest.approx(0.01691, rel=0.03)
-    assert final["test_acc"] == pytest.approx(0.946, abs=0.01)
+def test_flagship_meta_training_is_deterministic_on_one_machine(data_dir, tmp_path):
+    """`mnist_mlp.py --opt simple --smooth eps=0.1` meta-trains to identical bits when run twice on one
+    machine (here 40 meta-steps; the full 360-step quick start gave the same optimizer twice on an AMD
+    EPYC machine, 2026-12-07). Its *number* is not reproducible across machines, so it is not checked
+    against a band here: float rounding differs between machines and meta-training amplifies it (seed 0,
+    the same command: step-1000 train loss 0.01691 on the machine of 2026-12-02, 0.0295 on the AMD EPYC
+    machine; meta-seeds 0 / 1 / 2 there: 0.0295 / 0.0022 / 0.0133). The optimizer of the recorded run
+    ships in the zoo, and its evaluation reproduces 0.01691 on both machines (tests/test_zoo.py)."""
+    results = []
+    for k in range(2):
+        out = tmp_path / f"run{k}"
+        script("mnist_mlp", "--opt", "simple", "--smooth", "eps=0.1", "--meta-steps", "40", "--eval-steps", "20",
+               "--baselines", "none", "--device", "cpu", "--out", str(out), cwd=tmp_path)
+        results.append((json.loads((out / "results.json").read_text()), (out / "optimizer.pt").read_bytes()))
+    (a, wa), (b, wb) = results
+    untimed = lambda h: [{k: v for k, v in r.items() if k != "elapsed_s"} for r in h]  # noqa: E731
+    assert untimed(a["meta_training"]["history"]) == untimed(b["meta_training"]["history"])
+    assert a["runs"]["simple+smooth"][0]["step_log"] == b["runs"]["simple+smooth"][0]["step_log"]
+    sa, sb = (torch.load(io.BytesIO(w), weights_only=True)["state_dict"] for w in (wa, wb))
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
 def test_constant_rate_of_the_marthe_study_is_in_its_recorded_band(data_dir, tmp_path):
