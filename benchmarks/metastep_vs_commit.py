@@ -96,8 +96,10 @@ def parse(argv=None):
 
 
 def run_version(root: str, settings: dict) -> dict:
+    # the worker runs in the version's folder: a relative $L2L_ZOO_DATA (CI's ../shared/data) would point
+    # elsewhere from there, so it gets the absolute data folder
     r = subprocess.run([sys.executable, "-c", WORKER, root, json.dumps(settings)], capture_output=True, text=True,
-                       cwd=root, env={**os.environ, "PYTHONPATH": root})
+                       cwd=root, env={**os.environ, "PYTHONPATH": root, "L2L_ZOO_DATA": settings["data_dir"]})
     line = next((ln for ln in r.stdout.splitlines() if ln.startswith("RESULT ")), None)
     if r.returncode != 0 or line is None:
         raise RuntimeError(f"timing the version at {root} failed (exit {r.returncode}): {r.stderr.strip()[-800:]}")

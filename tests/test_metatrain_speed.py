@@ -109,9 +109,11 @@ def test_metastep_vs_commit_times_both_versions_and_removes_its_worktree(data_di
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     before = subprocess.run(["git", "-C", root, "worktree", "list"], capture_output=True, text=True).stdout
     out = tmp_path / "m.json"
+    # as CI runs it: $L2L_ZOO_DATA relative to the checkout (the versions' workers run in other folders)
+    env = {**os.environ, "L2L_ZOO_DATA": os.path.relpath(data_dir, root)}
     r = subprocess.run([sys.executable, os.path.join(root, "benchmarks", "metastep_vs_commit.py"), "--commit", "HEAD",
-                        "--rounds", "1", "--meta-steps", "3", "--threads", "1", "--data-dir", data_dir,
-                        "--out", str(out)], capture_output=True, text=True, timeout=600)
+                        "--rounds", "1", "--meta-steps", "3", "--threads", "1", "--out", str(out)],
+                       capture_output=True, text=True, timeout=600, cwd=root, env=env)
     assert r.returncode == 0, r.stderr[-2000:]
     res = json.loads(out.read_text())
     assert len(res["rounds"]) == 1
