@@ -18,6 +18,7 @@ from l2l_zoo.regularizers import PerturbedInput, input_noise_seed, measure_smoot
 from l2l_zoo.tasks import make_task
 
 from conftest import LOPT_OPTIONS
+from test_smoothness import _CoupledOptimizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ALL = l2l_zoo.available()
@@ -145,23 +146,8 @@ def test_measure_smoothness_of_a_linear_optimizer_is_exact():
     assert few["R"] < (0.3 * 0.1) ** 2
 
 
-class _Coupled(LearnedOptimizer):
-    """u_i = a·s_i + b·mean(s): moving every input by the same ±ε changes each update by (a + b)ε, the
-    worst case when |a + b| > |a|; random directions change it by about a·ε."""
-
-    name = "coupled_probe_test"  # not registered
-
-    def __init__(self, a=0.02, b=-0.15):
-        super().__init__()
-        self.a = nn.Parameter(torch.tensor(a, dtype=torch.float64))
-        self.b = nn.Parameter(torch.tensor(b, dtype=torch.float64))
-
-    def network(self, feats, hidden):
-        return self.a * feats[:, 0] + self.b * feats[:, 0].mean(), hidden
-
-
 def test_measure_smoothness_finds_the_coupled_worst_case_that_the_random_start_misses():
-    lopt = _Coupled()
+    lopt = _CoupledOptimizer()  # u_i = 0.02 s_i - 0.15 mean(s)
     # the regularizer's start noise 0.05 >> eps gives a random corner; with many coordinates its mean
     # is ~eps/sqrt(n), so each coordinate's own term decides its sign step and PGD stays there
     s = 0.002 * torch.randn(20000, 1, generator=torch.Generator().manual_seed(0), dtype=torch.float64)

@@ -296,7 +296,7 @@ class PerturbedInput(LearnedOptimizer):
 
 
 #: where :func:`measure_smoothness` starts PGD: the regularizer's own random start, and the two
-#: corners that move every input by the same ±ε
+#: corners that move every input by the same ±ε (``SmoothnessConfig(corners=1)``'s starts, in order)
 STARTS = ("noise", "+eps", "-eps")
 
 
@@ -321,16 +321,17 @@ def measure_smoothness(lopt: LearnedOptimizer, feats: torch.Tensor, hidden: tupl
     bad = [x for x in starts if x not in STARTS]
     if bad or not starts:
         raise ValueError(f"starts must be a non-empty selection of {STARTS}, got {starts!r}")
-    reg = SmoothnessRegularizer(SmoothnessConfig(eps=eps, lam=1.0, steps=steps, subsample=subsample, noise=noise))
+    reg = SmoothnessRegularizer(SmoothnessConfig(eps=eps, lam=1.0, steps=steps, subsample=subsample, noise=noise,
+                                                 corners=1))
     with torch.no_grad():
         u_rms = float(lopt.network(feats.detach(), tuple(h.detach() for h in hidden))[0].pow(2).mean().sqrt())
         f, h = reg.select(lopt, feats, hidden, generator)
         u = lopt.network(f, h)[0]
         noisy = f + noise * torch.randn(f.shape, generator=generator, dtype=f.dtype).to(f.device)
+    candidates = dict(zip(STARTS, reg._starts(f, noisy)))  # the regularizer's own starts, in STARTS' order
     found = {}
     for name in starts:
-        start = {"noise": noisy, "+eps": f + eps, "-eps": f - eps}[name]
-        s_adv = reg.perturb(lopt, f, h, u, start=start)  # differentiates with respect to s' only
+        s_adv = reg.perturb(lopt, f, h, u, start=candidates[name])  # differentiates with respect to s' only
         with torch.no_grad():
             found[name] = float((u - lopt.network(s_adv, h)[0]).pow(2).mean())
     r = max(found.values())
