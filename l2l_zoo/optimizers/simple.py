@@ -16,6 +16,10 @@ the output layer (143 parameters); ``aggregation=False`` drops the shared embedd
 α, β: 120 parameters). ``input_norm="rms"`` divides the gradient by √(mean(g²)+1e-5), the input used
 by a public smoothed-optimizer code base (off by default: Chen et al. feed the raw gradient).
 
+Speed: on CPU the cell runs a native kernel (``simple_cell.c``, compiled at first use by
+:mod:`l2l_zoo.native`; forward and exact backward fused per block of 256 coordinates), with the torch
+formulas as fallback and reference (``tests/test_native.py``, ``tests/test_fast_path.py``).
+
 Initialisation (the paper is silent): nn.RNN/nn.Linear's uniform initialisation, α = β = 1. With
 ``init="descent"`` (default) the sign of W_out is then chosen so that the initial optimizer's
 immediate response to a gradient, α·W_out[:H]·W_ih, is negative, i.e. it starts as a (random)
@@ -30,7 +34,7 @@ import torch
 from torch import nn
 
 from ..base import LearnedOptimizer, MetaDefaults, OptState, fused_kernels_enabled
-from .features import fast_tanh
+from .. import native
 
 __all__ = ["SimpleOptimizer"]
 
@@ -70,6 +74,9 @@ class SimpleOptimizer(LearnedOptimizer):
     #: many coordinates on (below it the plain autograd formulas, whose per-op overhead is smaller);
     #: ``fused = False`` always uses the plain formulas (the reference the fused cell is tested against)
     fused: bool = True
+    #: the fused cell and the no-autograd path run ``simple_cell.c`` (l2l_zoo.native) where it can be
+    #: built; ``native = False`` (or ``L2L_ZOO_NATIVE=0``) keeps them on torch kernels
+    native: bool = True
     fused_min: int = 32768
     fused_chunk: int = 16384
 
@@ -99,7 +106,8 @@ class SimpleOptimizer(LearnedOptimizer):
                 and fused_kernels_enabled() and not _batched(feats, h)):
             # the same formulas in cache-sized chunks, backward hand-written (see _FusedCell)
             h_new, u, h_sum = _FusedCell.apply(feats, h, self.weight_ih, self.weight_hh,
-                                               self.alpha * w[:H] if agg else w, self.fused_chunk)
+                                               self.alpha * w[:H] if agg else w, self.fused_chunk,
+                                               self.native)
             if agg:
                 u = u + self.beta * torch.dot(h_sum / h.shape[0], w[H:])
             return u, (h_new,)
@@ -107,7 +115,7 @@ class SimpleOptimizer(LearnedOptimizer):
         pre = torch.addmm(feats * self.weight_ih[:, 0], h, self.weight_hh.t())
         if self.bias_h is not None:
             pre = pre + self.bias_h
-        h = fast_tanh(pre)
+        h = torch.tanh(pre)  # not features.fast_tanh: 2σ(2x) − 1 loses relative accuracy near 0
         # Same as out([α h, β mean(h)]) without materialising the (n, 2H) embedding.
         if agg:
             u = torch.mv(h, self.alpha * w[:H]) + self.beta * torch.dot(h.mean(0), w[H:])
@@ -125,7 +133,7 @@ class SimpleOptimizer(LearnedOptimizer):
         w = self.out.weight[0]
         agg = self._config["aggregation"]
         newT, u, h_sum = _cell_chunks(feats.reshape(-1), h.t(), self.weight_ih, self.weight_hh,
-                                      self.alpha * w[:H] if agg else w, self.bias_h, chunk)
+                                      self.alpha * w[:H] if agg else w, self.bias_h, chunk, self.native)
         if agg:
             u += self.beta * torch.dot(h_sum / n, w[H:])
         if self.out.bias is not None:
@@ -133,15 +141,46 @@ class SimpleOptimizer(LearnedOptimizer):
         return u, (newT.t(),)
 
 
-def _cell_chunks(gv, hT, w_ih, w_hh, w_out, bias, chunk):
+def _native_ok(use, *ts) -> bool:
+    """Whether the native cell kernels apply: asked for (``use``), CPU, float32 or float64, one dtype,
+    and buildable (l2l_zoo.native)."""
+    t0 = ts[0]
+    return (use and t0.device.type == "cpu" and t0.dtype in _NATIVE_FN
+            and all(t is None or (t.device.type == "cpu" and t.dtype == t0.dtype) for t in ts)
+            and native.simple_cell() is not None)
+
+
+_NATIVE_FN = {torch.float32: "f32", torch.float64: "f64"}
+_BLK = 256  # simple_cell.c's block of coordinates
+
+
+def _ptr(t):
+    return None if t is None else t.data_ptr()
+
+
+def _native_forward(gv, hT, w_ih, w_hh, w_out, bias):
+    """``_cell_chunks``'s result from ``simple_cell.c`` (one pass over memory, see there)."""
+    H, n = hT.shape
+    gv, hT = gv.contiguous(), hT.contiguous()
+    w_ih, w_hh, w_out = (w.detach().reshape(s).contiguous() for w, s in ((w_ih, H), (w_hh, (H, H)), (w_out, H)))
+    bias = None if bias is None else bias.detach().contiguous()
+    newT, u, h_sum = hT.new_empty(H, n), hT.new_empty(n), hT.new_empty(H)
+    part = hT.new_empty(-(-n // _BLK) * H)
+    getattr(native.simple_cell(), "simple_cell_forward_" + _NATIVE_FN[hT.dtype])(
+        n, H, *map(_ptr, (gv, hT, w_ih, w_hh, w_out, bias, newT, u, h_sum, part)), torch.get_num_threads())
+    return newT, u, h_sum
+
+
+def _cell_chunks(gv, hT, w_ih, w_hh, w_out, bias, chunk, use_native=False):
     """h' = tanh(W_hh h + w_ih g + b) in chunks of ``chunk`` coordinates, each written in place into
     a new (H, n) tensor while cache-resident, with u = h'ᵀ w_out (n,) and Σ_i h'_i (H,). ``gv``: (n,),
-    ``hT``: (H, n). No autograd (callers wrap it)."""
+    ``hT``: (H, n). No autograd (callers wrap it). Runs the native kernel where it applies."""
+    if _native_ok(use_native, gv, hT, w_hh):
+        return _native_forward(gv, hT, w_ih, w_hh, w_out, bias)
     H, n = hT.shape
     newT = torch.empty(H, n, dtype=hT.dtype, device=hT.device)
     u = hT.new_empty(n)
     h_sum = hT.new_zeros(H)
-    cpu = hT.device.type == "cpu"
     for s in range(0, n, chunk):
         e = min(s + chunk, n)
         out = newT[:, s:e]  # a row-major block with leading dimension n: written in place
@@ -149,15 +188,30 @@ def _cell_chunks(gv, hT, w_ih, w_hh, w_out, bias, chunk):
         out.addr_(w_ih[:, 0], gv[s:e])
         if bias is not None:
             out.add_(bias[:, None])
-        if cpu:  # tanh(x) = 2σ(2x) − 1, see features.fast_tanh
-            out.mul_(2.0)
-            torch.sigmoid(out, out=out)
-            out.mul_(2.0).sub_(1.0)
-        else:
-            out.tanh_()
+        out.tanh_()
         torch.mv(out.t(), w_out, out=u[s:e])
         h_sum += out.sum(1)
     return newT, u, h_sum
+
+
+def _native_backward(gv, hT, newT, w_ih, w_hh, w_out, d_h, d_u, d_sum, need_g, need_h, need_w):
+    """``_FusedCell.backward``'s gradients from ``simple_cell.c``: (dg, dhT, dw_ih, dw_hh, dw_out)."""
+    H, n = newT.shape
+    # every tensor handed over is bound to a name here: a temporary could be freed before the call
+    gv, hT, newT = gv.contiguous(), hT.contiguous(), newT.contiguous()
+    w_ih, w_hh, w_out = w_ih.reshape(H).contiguous(), w_hh.contiguous(), w_out.contiguous()
+    # zeros for a missing incoming gradient: the kernel's fast block assumes all three
+    dT = newT.new_zeros(H, n) if d_h is None else d_h.t().contiguous()
+    d_u = newT.new_zeros(n) if d_u is None else d_u.contiguous()
+    d_sum = newT.new_zeros(H) if d_sum is None else d_sum.contiguous()
+    dg = gv.new_empty(n) if need_g else None
+    dhT = newT.new_empty(H, n) if need_h else None
+    dw_ih, dw_hh, dw_out = w_ih.new_zeros(H), w_hh.new_zeros(H, H), w_out.new_zeros(H)
+    part = newT.new_empty(-(-n // _BLK) * (H * H + 2 * H))
+    getattr(native.simple_cell(), "simple_cell_backward_" + _NATIVE_FN[newT.dtype])(
+        n, H, *map(_ptr, (gv, hT, newT, w_ih, w_hh, w_out, dT, d_u, d_sum, dg, dhT)),
+        int(bool(need_w)), *map(_ptr, (dw_ih, dw_hh, dw_out, part)), torch.get_num_threads())
+    return dg, dhT, dw_ih, dw_hh, dw_out
 
 
 def _batched(*ts) -> bool:
@@ -176,13 +230,14 @@ class _FusedCell(torch.autograd.Function):
     than the CPU caches (n = 397,510: 16 MB); here every chunk's forward and backward run while it is
     cache-resident, and the hidden states are kept (H, n) row-major, the layout of ``init_state``.
     The backward is the exact derivative (first order; double backward is not supported), tested
-    against the plain formulas in float64 (``tests/test_fast_path.py``). tanh is 2σ(2x) − 1 on CPU
-    (see :func:`~l2l_zoo.optimizers.features.fast_tanh`)."""
+    against the plain formulas in float64 (``tests/test_fast_path.py``). On CPU in float32/float64
+    both directions run ``simple_cell.c`` instead (one pass over memory per direction; ``native``)."""
 
     @staticmethod
-    def forward(ctx, g, h, w_ih, w_hh, w_out, chunk):
+    def forward(ctx, g, h, w_ih, w_hh, w_out, chunk, use_native=False):
         gv, hT = g.reshape(-1), h.t()
-        newT, u, h_sum = _cell_chunks(gv, hT, w_ih, w_hh, w_out, None, chunk)
+        newT, u, h_sum = _cell_chunks(gv, hT, w_ih, w_hh, w_out, None, chunk, use_native)
+        ctx.native = use_native
         ctx.save_for_backward(gv, hT, newT, w_ih, w_hh, w_out)
         ctx.chunk = chunk
         ctx.g_shape = g.shape
@@ -196,6 +251,11 @@ class _FusedCell(torch.autograd.Function):
         chunk = ctx.chunk
         need_g, need_h = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         need_w = ctx.needs_input_grad[2] or ctx.needs_input_grad[3]
+        if _native_ok(ctx.native, gv, hT, newT, w_hh, d_h, d_u, d_sum):
+            dg, dhT, dw_ih, dw_hh, dw_out = _native_backward(gv, hT, newT, w_ih, w_hh, w_out, d_h, d_u, d_sum,
+                                                             need_g, need_h, need_w)
+            return (None if dg is None else dg.reshape(ctx.g_shape), None if dhT is None else dhT.t(),
+                    dw_ih[:, None], dw_hh, dw_out, None, None)
         dT = None if d_h is None else d_h.t()
         dg = gv.new_empty(n) if need_g else None
         dhT = newT.new_empty(H, n) if need_h else None
@@ -230,4 +290,4 @@ class _FusedCell(torch.autograd.Function):
             if need_h:
                 torch.mm(w_hh.t(), d, out=dhT[:, s:e])
         return (None if dg is None else dg.reshape(ctx.g_shape), None if dhT is None else dhT.t(),
-                dw_ih[:, None], dw_hh, dw_out, None)
+                dw_ih[:, None], dw_hh, dw_out, None, None)

@@ -1,0 +1,117 @@
+"""Native (C) kernels, compiled at first use with the machine's C compiler and loaded with ctypes.
+
+Only kernels whose torch formulation is memory-bound and makes many passes over the same data live
+here (today: SimpleOptimizer's cell, ``optimizers/simple_cell.c``). Each has a torch fallback that
+is also its reference, and nothing depends on a kernel being present: without a C compiler, with
+``L2L_ZOO_NATIVE=0``, or when compilation fails (reported once as a warning), the torch code runs.
+
+The shared library is built from the shipped source into ``$L2L_ZOO_CACHE/native`` (default
+``~/.cache/l2l_zoo/native``, created private to the user) under a name that hashes the source, the
+compiler, its flags and the CPU capability, so a changed source or another machine's cache never
+loads a stale build. It is compiled under a per-process temporary name and renamed into place, so
+concurrent first uses cannot leave a half-written library. ``-fopenmp`` links the libgomp that
+torch itself loads, so the kernels run on torch's thread count (``torch.get_num_threads()``).
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+import threading
+import warnings
+from pathlib import Path
+
+import torch
+
+__all__ = ["simple_cell", "enabled", "cache_dir"]
+
+_SRC = Path(__file__).parent / "optimizers" / "simple_cell.c"
+_LOCK = threading.Lock()
+_LIBS: dict = {}
+
+
+def enabled() -> bool:
+    """False when ``L2L_ZOO_NATIVE=0`` (the torch fallback then always runs)."""
+    return os.environ.get("L2L_ZOO_NATIVE", "1").strip() not in ("0", "false", "no", "off")
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("L2L_ZOO_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "l2l_zoo")
+    return Path(root) / "native"
+
+
+def _flags() -> list:
+    flags = ["-O3", "-std=c99", "-fPIC", "-shared", "-fopenmp", "-fno-math-errno", "-fno-trapping-math"]
+    cap = torch.backends.cpu.get_cpu_capability() if hasattr(torch.backends, "cpu") else "DEFAULT"
+    if cap in ("AVX2", "AVX512"):  # what torch's own kernels use on this CPU; nothing newer
+        flags += ["-mavx2", "-mfma"]
+    return flags
+
+
+def _build(src: Path):
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+    if cc is None:
+        raise RuntimeError("no C compiler found (set CC, or L2L_ZOO_NATIVE=0 to silence this)")
+    flags = _flags()
+    try:
+        version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError) as e:
+        raise RuntimeError(f"C compiler {cc!r} does not run: {e}") from None
+    key = hashlib.sha256(src.read_bytes() + "\0".join([cc, version, *flags,
+                                                       torch.backends.cpu.get_cpu_capability()]).encode())
+    d = cache_dir()
+    d.mkdir(parents=True, exist_ok=True, mode=0o700)
+    lib = d / f"{src.stem}-{key.hexdigest()[:20]}.so"
+    if not lib.exists():
+        fd, tmp = tempfile.mkstemp(prefix=f".{lib.name}.{os.getpid()}.", suffix=".so", dir=d)
+        os.close(fd)
+        try:
+            r = subprocess.run([cc, *flags, str(src), "-o", tmp, "-lm"], capture_output=True, text=True,
+                               timeout=300)
+            if r.returncode != 0:
+                raise RuntimeError(f"{cc} failed on {src.name}: {(r.stderr or r.stdout).strip()[-500:]}")
+            os.replace(tmp, lib)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    return ctypes.CDLL(str(lib))
+
+
+def _load(src: Path):
+    """The library built from ``src``, or None (fallback) if native kernels are off or cannot be
+    built; a build failure is reported once per process."""
+    if not enabled():
+        return None
+    with _LOCK:
+        if src not in _LIBS:
+            try:
+                _LIBS[src] = _build(src)
+            except (OSError, RuntimeError, subprocess.SubprocessError) as e:
+                warnings.warn(f"l2l_zoo: native kernels unavailable, using the torch code instead ({e})",
+                              RuntimeWarning, stacklevel=3)
+                _LIBS[src] = None
+        return _LIBS[src]
+
+
+_I64, _INT, _P = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p
+
+
+def simple_cell():
+    """SimpleOptimizer's cell kernels as a ctypes library with argument types set, or None."""
+    lib = _load(_SRC)
+    if lib is not None and not getattr(lib, "_typed", False):
+        for t in ("f32", "f64"):
+            f = getattr(lib, f"simple_cell_forward_{t}")
+            f.argtypes = [_I64, _I64] + [_P] * 10 + [_INT]
+            f.restype = None
+            b = getattr(lib, f"simple_cell_backward_{t}")
+            b.argtypes = [_I64, _I64] + [_P] * 11 + [_INT] + [_P] * 4 + [_INT]
+            b.restype = None
+        lib.simple_cell_tanh_f32.argtypes = [_I64, _P, _P]
+        lib.simple_cell_tanh_f32.restype = None
+        lib._typed = True
+    return lib

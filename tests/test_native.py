@@ -1,0 +1,148 @@
+"""The native SimpleOptimizer cell (``l2l_zoo/optimizers/simple_cell.c`` via ``l2l_zoo.native``)
+against the torch formulas it replaces, its tanh against float64 tanh, thread-count independence,
+and the fallback when it cannot be built."""
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import l2l_zoo
+from l2l_zoo import native
+from l2l_zoo.optimizers import simple
+
+lib = native.simple_cell()
+needs_lib = pytest.mark.skipif(lib is None, reason="native kernels could not be built here (no C compiler)")
+
+
+def _inputs(n, H, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s, scale=1.0: torch.randn(*s, generator=g, dtype=dtype) * scale
+    return dict(gv=r(n, scale=0.3), hT=r(H, n, scale=0.5), w_ih=r(H, 1), w_hh=r(H, H, scale=0.3), w_out=r(H),
+                bias=r(H))
+
+
+def _fwd(x, use_native, bias=True):
+    return simple._cell_chunks(x["gv"], x["hT"], x["w_ih"], x["w_hh"], x["w_out"], x["bias"] if bias else None,
+                               100, use_native)
+
+
+def _cell_grads(x, dtype, use_native, d_h=True, d_u=True, d_sum=True, seed=1):
+    """Gradients of ⟨h', A⟩ + ⟨u, b⟩ + ⟨s, c⟩ through _FusedCell w.r.t. (g, h, w_ih, w_hh, w_out)."""
+    n, H = x["gv"].shape[0], x["hT"].shape[0]
+    ins = [x["gv"].reshape(n, 1), x["hT"].t(), x["w_ih"], x["w_hh"], x["w_out"]]
+    ins = [t.clone().requires_grad_(True) for t in ins]
+    out = simple._FusedCell.apply(*ins, 100, use_native)
+    g = torch.Generator().manual_seed(seed)
+    loss = 0
+    for o, on in zip(out, (d_h, d_u, d_sum)):
+        if on:
+            loss = loss + (o * torch.randn(o.shape, generator=g, dtype=torch.float64).to(dtype)).sum()
+    return torch.autograd.grad(loss, ins, allow_unused=True)
+
+
+@needs_lib
+@pytest.mark.parametrize("H", [10, 7])
+@pytest.mark.parametrize("n", [1, 256 * 3, 1000])
+def test_native_cell_equals_torch_formulas_in_float64(H, n):
+    """Forward (with and without bias) and every gradient, including missing incoming gradients,
+    equal the torch code to float64 rounding; n = 768 is whole blocks, 1000 a partial last block."""
+    x = _inputs(n, H, torch.float64)
+    for bias in (True, False):
+        for a, b in zip(_fwd(x, True, bias), _fwd(x, False, bias)):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+    for which in [(True, True, True), (False, True, False), (True, False, True), (True, False, False)]:
+        gn, gt = _cell_grads(x, torch.float64, True, *which), _cell_grads(x, torch.float64, False, *which)
+        for a, b in zip(gn, gt):
+            if b is None:
+                assert a is None or float(a.abs().max()) == 0
+            else:
+                torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-13)
+
+
+@needs_lib
+@pytest.mark.parametrize("n", [256 * 4, 1000])
+def test_native_float32_blocks_match_float64(n):
+    """The float32 kernel (vector blocks for H = 10, generic loops for the partial block) against
+    the float64 torch formulas: float32 rounding, not a formula error."""
+    x64 = _inputs(n, 10, torch.float64)
+    x32 = {k: v.float() for k, v in x64.items()}
+    for a, b in zip(_fwd(x32, True), _fwd(x64, False)):
+        assert float((a.double() - b).abs().max()) <= 2e-6 * max(1.0, float(b.abs().max()))
+    for which in [(True, True, True), (False, True, False)]:
+        for a, b in zip(_cell_grads(x32, torch.float32, True, *which), _cell_grads(x64, torch.float64, False, *which)):
+            assert float((a.double() - b).abs().max()) <= 2e-5 * float(b.abs().max())
+
+
+@needs_lib
+def test_native_tanh32_is_accurate_everywhere():
+    """Absolute error ≤ 2e-7 and relative error ≤ 1e-6 over [-20, 20] and near 0 (where 2σ(2x) − 1,
+    the former CPU formula, is off by over 10 % relative); odd; NaN stays NaN, ±inf gives ±1."""
+    x = torch.cat([torch.linspace(-20, 20, 400001), torch.logspace(-30, 0, 3001), -torch.logspace(-30, 0, 3001),
+                   torch.tensor([0.0, -0.0, float("inf"), -float("inf"), float("nan")])])
+    y = torch.empty_like(x)
+    lib.simple_cell_tanh_f32(x.numel(), x.data_ptr(), y.data_ptr())
+    ref = torch.tanh(x.double())
+    fin = torch.isfinite(x)
+    err = (y.double() - ref)[fin].abs()
+    assert float(err.max()) <= 2e-7
+    assert float((err / ref[fin].abs().clamp_min(1e-38)).max()) <= 1e-6
+    assert torch.isnan(y[-1]) and y[-3] == 1 and y[-2] == -1
+    from l2l_zoo.optimizers.features import fast_tanh
+    tiny = torch.tensor([1e-7])
+    assert abs(float(fast_tanh(tiny)) - 1e-7) / 1e-7 > 0.05  # why SimpleOptimizer no longer uses it
+
+
+@needs_lib
+def test_native_results_do_not_depend_on_the_thread_count():
+    x = _inputs(5000, 10, torch.float32)
+    old = torch.get_num_threads()
+    try:
+        res = []
+        for t in (1, 2):
+            torch.set_num_threads(t)
+            res.append(list(_fwd(x, True)) + list(_cell_grads(x, torch.float32, True)))
+    finally:
+        torch.set_num_threads(old)
+    for a, b in zip(*res):
+        assert torch.equal(a, b)
+
+
+@needs_lib
+def test_simple_optimizer_uses_the_native_cell_in_float32_and_float64(monkeypatch):
+    calls = []
+    real = simple._native_backward
+    monkeypatch.setattr(simple, "_native_backward", lambda *a: calls.append(1) or real(*a))
+    for dtype in (torch.float32, torch.float64):
+        lopt = l2l_zoo.create("simple").to(dtype)
+        lopt.fused_min = 0
+        g = torch.randn(600, 1, dtype=dtype)
+        u, _ = lopt.network(g, lopt.init_state(600, dtype=dtype).hidden)
+        u.sum().backward()
+    assert len(calls) == 2
+    lopt.native = False
+    lopt.network(g, lopt.init_state(600, dtype=dtype).hidden)[0].sum().backward()
+    assert len(calls) == 2
+
+
+def test_without_a_compiler_the_torch_code_runs_with_one_warning(tmp_path):
+    """CC pointing at a compiler that fails: one RuntimeWarning naming the failure, and
+    SimpleOptimizer still steps (torch fallback); L2L_ZOO_NATIVE=0 builds nothing."""
+    code = ("import warnings, torch, l2l_zoo\n"
+            "from l2l_zoo import native\n"
+            "with warnings.catch_warnings(record=True) as w:\n"
+            "    warnings.simplefilter('always')\n"
+            "    lopt = l2l_zoo.create('simple'); lopt.fused_min = 0\n"
+            "    for _ in range(2):\n"
+            "        g = torch.randn(300, 1, requires_grad=True)\n"
+            "        lopt.network(g, lopt.init_state(300).hidden)[0].sum().backward()\n"
+            "print(native.simple_cell() is None, sum('native kernels unavailable' in str(x.message) for x in w))\n")
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "L2L_ZOO_CACHE": str(tmp_path / "cache")}
+    r = subprocess.run([sys.executable, "-c", code], env={**env, "CC": "false"}, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.split() == ["True", "1"]
+    r = subprocess.run([sys.executable, "-c", code], env={**env, "L2L_ZOO_NATIVE": "0"}, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0 and r.stdout.split() == ["True", "0"]
+    assert not (tmp_path / "cache" / "native").exists() or not any((tmp_path / "cache" / "native").iterdir())
