@@ -68,7 +68,7 @@ from torch.utils._pytree import tree_flatten  # noqa: E402
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 import l2l_zoo  # noqa: E402
-from l2l_zoo import runs  # noqa: E402
+from l2l_zoo import native, runs  # noqa: E402
 from l2l_zoo.cli import ArgumentParser, UsageError, output_file, parse_autocast, resolve_device, run_main  # noqa: E402
 from l2l_zoo.meta import MetaTrainConfig, MetaTrainer  # noqa: E402
 from l2l_zoo.regularizers import parse_smooth  # noqa: E402
@@ -396,8 +396,10 @@ def _main(a, cases, device) -> int:
     t_start = time.perf_counter()
     mm_rate = matmul_rate(a.matmul_size, device)
     copy_bw = copy_bandwidth(a.copy_mb, device)
+    native_on = native.simple_cell() is not None
     print(f"device {device}, {torch.get_num_threads()} threads: square matmul n={a.matmul_size} "
-          f"{mm_rate / 1e9:.1f} GFLOP/s; copy of {a.copy_mb} MB {copy_bw / 1e9:.1f} GB/s (read + write)")
+          f"{mm_rate / 1e9:.1f} GFLOP/s; copy of {a.copy_mb} MB {copy_bw / 1e9:.1f} GB/s (read + write); "
+          f"native kernels {'on' if native_on else 'off (torch fallback)'}")
     tasks, summary = {}, {}
     for case in cases:
         s = summary[case] = measure(case, a, device, tasks, mm_rate, copy_bw)
@@ -428,7 +430,8 @@ def _main(a, cases, device) -> int:
                                data={k: v.data.summary() for k, v in tasks.items()})
     results["summary"] = summary
     results["reference"] = {"matmul_flops_per_s": mm_rate, "copy_bytes_per_s": copy_bw,
-                            "threads": torch.get_num_threads(), "device": str(device)}
+                            "threads": torch.get_num_threads(), "device": str(device),
+                            "native_kernels": native_on}
     results["wall_s"] = time.perf_counter() - t_start
     runs.write_json(a.out, results)
     if any("phases" in s for s in summary.values()):
