@@ -188,3 +188,30 @@ def test_corner_starts_find_the_coupled_worst_case_that_the_random_start_misses(
     assert float(r0.detach()) < 0.05 * float(r1.detach())
     r1.backward()  # differentiable through the corner that won
     assert lopt.a.grad is not None and float(lopt.b.grad) != 0.0
+
+
+def test_sample_without_replacement_is_uniform_and_distinct():
+    """The PGD's coordinate subsample: k distinct indices, each index and each pair of indices as
+    often as under a uniform k-subset (inclusion k/n and k(k-1)/(n(n-1))), on the fast branch
+    (k <= n/8) and the randperm one."""
+    from l2l_zoo.regularizers.smoothness import sample_without_replacement
+    g = torch.Generator().manual_seed(0)
+    for n, k in [(64, 8), (40, 20)]:
+        reps = 20000
+        counts = torch.zeros(n)
+        pair = torch.zeros(n, n)
+        for _ in range(reps):
+            idx = sample_without_replacement(n, k, g)
+            assert idx.numel() == k and idx.unique().numel() == k and 0 <= int(idx.min()) and int(idx.max()) < n
+            m = torch.zeros(n)
+            m[idx] = 1
+            counts += m
+            pair += torch.outer(m, m)
+        p = k / n
+        assert float((counts / reps - p).abs().max()) < 5 * (p * (1 - p) / reps) ** 0.5
+        q = k * (k - 1) / (n * (n - 1))
+        off = pair[~torch.eye(n, dtype=torch.bool)] / reps
+        assert float((off - q).abs().max()) < 5 * (q * (1 - q) / reps) ** 0.5
+    # the first index drawn is uniform too (the order is random, not sorted)
+    first = torch.bincount(torch.stack([sample_without_replacement(64, 8, g)[0] for _ in range(20000)]), minlength=64)
+    assert float((first / 20000 - 1 / 64).abs().max()) < 5 * ((1 / 64) * (63 / 64) / 20000) ** 0.5

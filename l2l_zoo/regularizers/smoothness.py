@@ -31,7 +31,7 @@ import torch
 from ..base import LearnedOptimizer
 
 __all__ = ["SmoothnessConfig", "SmoothnessRegularizer", "parse_smooth", "PerturbedInput", "measure_smoothness",
-           "response_curve", "input_noise_seed", "STARTS"]
+           "response_curve", "input_noise_seed", "STARTS", "sample_without_replacement"]
 
 
 @dataclass(frozen=True)
@@ -134,7 +134,7 @@ class SmoothnessRegularizer:
         n = feats.shape[0]
         feats, hidden = feats.detach(), tuple(h.detach() for h in hidden)
         if lopt.coordinatewise and 0 < k < n:
-            idx = torch.randperm(n, generator=generator)[:k].to(feats.device)
+            idx = sample_without_replacement(n, k, generator).to(feats.device)
             feats = feats[idx]
             hidden = tuple(h[idx] if h.dim() > 0 and h.shape[0] == n else h for h in hidden)
         return feats, hidden
@@ -229,6 +229,25 @@ class SmoothnessRegularizer:
 
 
 # ============================================================================ measuring smoothness
+
+def sample_without_replacement(n: int, k: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """``k`` distinct indices from ``range(n)``, every k-subset equally likely, in random order.
+
+    For ``k <= n / 8`` it draws ``m`` indices with replacement (``m`` = k plus the expected number of
+    repeats k²/2n plus a margin), keeps the distinct ones (given how many there are, a uniformly
+    random subset of that size, since the draws are exchangeable) and takes a uniformly random ``k``
+    of them, redrawing in the rare case that fewer than ``k`` are distinct: O(k log k) work instead of
+    ``randperm(n)``'s O(n) (the flagship: 4,096 of 397,510 coordinates per step, where ``randperm``
+    took 9 % of a smoothed truncation). Otherwise ``randperm(n)[:k]``."""
+    if k * 8 > n:
+        return torch.randperm(n, generator=generator)[:k]
+    dup = k * k / (2 * n)
+    m = k + int(math.ceil(dup + 6 * math.sqrt(dup) + 8))
+    while True:
+        distinct = torch.unique(torch.randint(n, (m,), generator=generator))
+        if distinct.numel() >= k:
+            return distinct[torch.randperm(distinct.numel(), generator=generator)[:k]]
+
 
 def input_noise_seed(seed: int, step: int) -> int:
     """Seed of the noise drawn at optimizer step ``step`` of a run with noise seed ``seed``: one
