@@ -9,7 +9,8 @@ The shared library is built from the shipped source into ``$L2L_ZOO_CACHE/native
 ``~/.cache/l2l_zoo/native``, created private to the user) under a name that hashes the source, the
 compiler, its flags and the CPU capability, so a changed source or another machine's cache never
 loads a stale build. It is compiled under a per-process temporary name and renamed into place, so
-concurrent first uses cannot leave a half-written library. ``-fopenmp`` links the libgomp that
+concurrent first uses cannot leave a half-written library. A folder or library that another user owns
+or that others can write to is refused (loading a library runs its code). ``-fopenmp`` links the libgomp that
 torch itself loads, so the kernels run on torch's thread count (``torch.get_num_threads()``).
 """
 from __future__ import annotations
@@ -65,8 +66,11 @@ def _build(src: Path):
                                                        torch.backends.cpu.get_cpu_capability()]).encode())
     d = cache_dir()
     d.mkdir(parents=True, exist_ok=True, mode=0o700)
+    _check_private(d)
     lib = d / f"{src.stem}-{key.hexdigest()[:20]}.so"
-    if not lib.exists():
+    if lib.exists():
+        _check_private(lib)
+    else:
         fd, tmp = tempfile.mkstemp(prefix=f".{lib.name}.{os.getpid()}.", suffix=".so", dir=d)
         os.close(fd)
         try:
@@ -79,6 +83,17 @@ def _build(src: Path):
             if os.path.exists(tmp):
                 os.unlink(tmp)
     return ctypes.CDLL(str(lib))
+
+
+def _check_private(path: Path) -> None:
+    """Loading a shared library runs its code: refuse a cache folder or library that another user
+    owns or that others can write to (someone could have planted it)."""
+    if not hasattr(os, "getuid"):
+        return
+    st = path.stat()
+    if st.st_uid != os.getuid() or st.st_mode & 0o022:
+        raise RuntimeError(f"{path} is not private to this user (owner uid {st.st_uid}, mode "
+                           f"{oct(st.st_mode & 0o777)}): not loading code from it; fix it or set L2L_ZOO_CACHE")
 
 
 def _load(src: Path):

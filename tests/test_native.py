@@ -146,3 +146,38 @@ def test_without_a_compiler_the_torch_code_runs_with_one_warning(tmp_path):
                        text=True, timeout=300)
     assert r.returncode == 0 and r.stdout.split() == ["True", "0"]
     assert not (tmp_path / "cache" / "native").exists() or not any((tmp_path / "cache" / "native").iterdir())
+
+
+def _probe(env, tmp_path):
+    code = ("import warnings, l2l_zoo\nfrom l2l_zoo import native\n"
+            "with warnings.catch_warnings(record=True) as w:\n"
+            "    warnings.simplefilter('always')\n"
+            "    ok = native.simple_cell() is not None\n"
+            "print(ok, ' | '.join(str(x.message) for x in w))\n")
+    return subprocess.Popen([sys.executable, "-c", code], env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), **env},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+@needs_lib
+def test_concurrent_first_builds_both_load_and_leave_one_library(tmp_path):
+    """Two processes building into an empty cache at once: both load a whole library (each compiles
+    under its own temporary name and renames), and no temporary file is left behind."""
+    env = {"L2L_ZOO_CACHE": str(tmp_path / "cache")}
+    procs = [_probe(env, tmp_path) for _ in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [o[1][-500:] for o in outs]
+    assert [o[0].split()[0] for o in outs] == ["True", "True"], outs
+    files = sorted(f.name for f in (tmp_path / "cache" / "native").iterdir())
+    assert len(files) == 1 and files[0].endswith(".so") and not files[0].startswith("."), files
+
+
+@needs_lib
+def test_a_cache_others_can_write_to_is_not_loaded(tmp_path):
+    """A library in a group- or world-writable cache could have been planted: refused with a
+    warning naming the folder, and the torch code runs instead."""
+    env = {"L2L_ZOO_CACHE": str(tmp_path / "cache")}
+    p = _probe(env, tmp_path)
+    assert p.communicate(timeout=300)[0].split()[0] == "True"
+    (tmp_path / "cache" / "native").chmod(0o777)
+    out, err = _probe(env, tmp_path).communicate(timeout=300)
+    assert out.startswith("False") and "is not private to this user" in out and "native" in out, (out, err)
