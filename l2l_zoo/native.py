@@ -46,7 +46,8 @@ def cache_dir() -> Path:
 
 
 def _flags() -> list:
-    flags = ["-O3", "-std=c99", "-fPIC", "-shared", "-fopenmp", "-fno-math-errno", "-fno-trapping-math"]
+    flags = ["-O3", "-std=c99", "-fPIC", "-shared", "-fopenmp", "-fno-math-errno", "-fno-trapping-math",
+             "-ffp-contract=fast"]
     cap = torch.backends.cpu.get_cpu_capability() if hasattr(torch.backends, "cpu") else "DEFAULT"
     if cap in ("AVX2", "AVX512"):  # what torch's own kernels use on this CPU; nothing newer
         flags += ["-mavx2", "-mfma"]

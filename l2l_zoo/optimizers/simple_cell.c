@@ -88,12 +88,16 @@ static void fwd_block_f32_h10(int64_t n, int64_t s, const float *g, const float 
                               const float *w_hh, const float *w_out, const float *bias, float *out,
                               float *u, float *pb) {
     vf hs[HV];
+    _Pragma("GCC unroll 10")
     for (int k = 0; k < HV; k++) hs[k] = vbc(0.0f);
     for (int64_t i = s; i < s + BLK; i += VL) {
         vf hv[HV], gi = vld(g + i), uu = vbc(0.0f);
+        _Pragma("GCC unroll 10")
         for (int j = 0; j < HV; j++) hv[j] = vld(h + j * n + i);
+        _Pragma("GCC unroll 10")
         for (int k = 0; k < HV; k++) {
             vf a = vbc(w_ih[k]) * gi + vbc(bias ? bias[k] : 0.0f);
+            _Pragma("GCC unroll 10")
             for (int j = 0; j < HV; j++) a += vbc(w_hh[k * HV + j]) * hv[j];
             vf v = vtanh32(a);
             vst(out + k * n + i, v);
@@ -102,6 +106,7 @@ static void fwd_block_f32_h10(int64_t n, int64_t s, const float *g, const float 
         }
         vst(u + i, uu);
     }
+    _Pragma("GCC unroll 10")
     for (int k = 0; k < HV; k++) pb[k] = vsum(hs[k]);
 }
 
@@ -110,9 +115,11 @@ static void bwd_block_f32_h10(int64_t n, int64_t s, const float *g, const float 
                               const float *d_u, const float *d_sum, float *dg, float *dh, int need_w,
                               float *pb, float *dbuf) {
     vf a_out[HV];
+    _Pragma("GCC unroll 10")
     for (int k = 0; k < HV; k++) a_out[k] = vbc(0.0f);
     for (int64_t i = s; i < s + BLK; i += VL) {
         vf dd[HV], du = vld(d_u + i), dgi = vbc(0.0f);
+        _Pragma("GCC unroll 10")
         for (int k = 0; k < HV; k++) {
             vf v = vld(hn + k * n + i);
             dd[k] = (vld(d_h + k * n + i) + vbc(w_out[k]) * du + vbc(d_sum[k])) * (vbc(1.0f) - v * v);
@@ -122,24 +129,31 @@ static void bwd_block_f32_h10(int64_t n, int64_t s, const float *g, const float 
         }
         if (dg) vst(dg + i, dgi);
         if (dh)
+            _Pragma("GCC unroll 10")
             for (int j = 0; j < HV; j++) {
                 vf a = vbc(0.0f);
+                _Pragma("GCC unroll 10")
                 for (int k = 0; k < HV; k++) a += vbc(w_hh[k * HV + j]) * dd[k];
                 vst(dh + j * n + i, a);
             }
     }
+    _Pragma("GCC unroll 10")
     for (int k = 0; k < HV; k++) pb[HV * HV + HV + k] = vsum(a_out[k]);
     if (!need_w) return;
+    _Pragma("GCC unroll 10")
     for (int k = 0; k < HV; k++) {
         const float *dk = dbuf + k * BLK;
         for (int j0 = 0; j0 < HV; j0 += 5) {  /* five j at a time (+ g on the second half) */
             vf acc[6];
+            _Pragma("GCC unroll 10")
             for (int q = 0; q < 6; q++) acc[q] = vbc(0.0f);
             for (int64_t i = 0; i < BLK; i += VL) {
                 vf dv = vld(dk + i);
+                _Pragma("GCC unroll 10")
                 for (int q = 0; q < 5; q++) acc[q] += dv * vld(h + (j0 + q) * n + s + i);
                 if (j0) acc[5] += dv * vld(g + s + i);
             }
+            _Pragma("GCC unroll 10")
             for (int q = 0; q < 5; q++) pb[k * HV + j0 + q] = vsum(acc[q]);
             if (j0) pb[HV * HV + k] = vsum(acc[5]);
         }
