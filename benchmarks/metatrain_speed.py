@@ -22,10 +22,13 @@ What is reported per case (medians over ``--repeats``):
 * ``matmul_flops``: the matrix-product FLOPs of one truncation, forward and backward, counted by
   ``torch.utils.flop_counter.FlopCounterMode`` (elementwise work is not counted); ``gflops_per_s``
   achieved; ``matmul_time_ratio`` = truncation_s / the time a square float32 matrix multiply
-  (``--matmul-size``) takes for the same FLOPs in this process.
+  (``--matmul-size``) takes for the same FLOPs in this process. Includes ``native_flops``: the
+  matrix-product FLOPs that SimpleOptimizer's native kernel does in place of the torch formulas
+  (``l2l_zoo.optimizers.simple.NATIVE_COUNTS``; the counter cannot see inside it).
 * ``tensor_bytes``: the bytes every aten op of one truncation reads (its tensor inputs) and writes
   (its outputs that are not views of an input), counted by a dispatch mode: the traffic of the
-  unfused eager program. ``bytes_per_s`` achieved and ``copy_bw_ratio`` = that against the
+  unfused eager program, plus ``native_bytes``, what the native kernel reads and writes (each
+  tensor once per call). ``bytes_per_s`` achieved and ``copy_bw_ratio`` = that against the
   bandwidth of a large ``Tensor.copy_`` (read + write) in this process.
 * ``saved_bytes``: bytes saved for the meta-backward during the unroll (autograd's saved-tensor
   hooks, each storage once): the activation memory of a truncation. ``peak_rss_mb``: the process's
@@ -69,6 +72,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import l2l_zoo  # noqa: E402
 from l2l_zoo import native, runs  # noqa: E402
+from l2l_zoo.optimizers import simple as simple_cell  # noqa: E402
 from l2l_zoo.cli import ArgumentParser, UsageError, output_file, parse_autocast, resolve_device, run_main  # noqa: E402
 from l2l_zoo.meta import MetaTrainConfig, MetaTrainer  # noqa: E402
 from l2l_zoo.regularizers import parse_smooth  # noqa: E402
@@ -293,10 +297,15 @@ def measure(case: str, a, device, tasks: dict, mm_rate: float, copy_bw: float) -
     # counted on one further truncation each (the counters slow it down; not timed)
     from torch.utils.flop_counter import FlopCounterMode
     fc = FlopCounterMode(display=False)
+    counts0 = dict(simple_cell.NATIVE_COUNTS)
     truncation(tr, device, mode=fc)
-    flops = fc.get_total_flops()
+    native_flops = simple_cell.NATIVE_COUNTS["flops"] - counts0["flops"]
+    flops = fc.get_total_flops() + native_flops
     bc = ByteCounter()
+    counts0 = dict(simple_cell.NATIVE_COUNTS)
     truncation(tr, device, mode=bc)
+    native_bytes = simple_cell.NATIVE_COUNTS["bytes"] - counts0["bytes"]  # the kernel's reads + writes
+    traffic = bc.total + native_bytes
     saved = SavedBytes()
     run = tr._new_run()
     with torch.autograd.graph.saved_tensors_hooks(saved.pack, lambda x: x):
@@ -307,8 +316,9 @@ def measure(case: str, a, device, tasks: dict, mm_rate: float, copy_bw: float) -
            "truncation_s_all": tot, "steps_per_s": a.unroll / t,
            "matmul_flops": flops, "gflops_per_s": flops / t / 1e9,
            "matmul_time_ratio": t / (flops / mm_rate) if flops else None,
-           "tensor_bytes": bc.total, "tensor_bytes_read": bc.read, "tensor_bytes_written": bc.written,
-           "bytes_per_s": bc.total / t, "copy_bw_ratio": (bc.total / t) / copy_bw,
+           "tensor_bytes": traffic, "tensor_bytes_read": bc.read, "tensor_bytes_written": bc.written,
+           "native_flops": native_flops, "native_bytes": native_bytes,
+           "bytes_per_s": traffic / t, "copy_bw_ratio": (traffic / t) / copy_bw,
            "saved_bytes": saved.total,
            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
     if device.type == "cuda":

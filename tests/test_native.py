@@ -181,3 +181,18 @@ def test_a_cache_others_can_write_to_is_not_loaded(tmp_path):
     (tmp_path / "cache" / "native").chmod(0o777)
     out, err = _probe(env, tmp_path).communicate(timeout=300)
     assert out.startswith("False") and "is not private to this user" in out and "native" in out, (out, err)
+
+
+@needs_lib
+def test_native_calls_are_counted_for_the_benchmarks():
+    """metatrain_speed.py adds NATIVE_COUNTS to torch's FLOP and byte counters, which cannot see
+    inside the kernel: one forward and one backward of n coordinates add the W_hh products' FLOPs
+    (2nH² forward, 2nH² per needed backward product) and each tensor's bytes once."""
+    n, H = 1000, 10
+    x = _inputs(n, H, torch.float32)
+    before = dict(simple.NATIVE_COUNTS)
+    _cell_grads(x, torch.float32, True)  # forward, then backward needing dg, dh and the weights
+    flops = simple.NATIVE_COUNTS["flops"] - before["flops"]
+    nbytes = simple.NATIVE_COUNTS["bytes"] - before["bytes"]
+    assert flops == 2 * n * H * H * 3
+    assert nbytes == 4 * ((2 * H * n + 2 * n) + (3 * H * n + 2 * n + H * n + n))

@@ -155,6 +155,13 @@ def _native_ok(use, *ts) -> bool:
 
 
 _NATIVE_FN = {torch.float32: "f32", torch.float64: "f64"}
+
+#: what the native kernel calls did, for benchmarks (torch's FLOP and byte counters cannot see inside
+#: them): tensor bytes read + written and the FLOPs of the matrix products they replace (those with
+#: W_hh, which the torch formulas run as mm/addmm; the rank-1 and matrix-vector products with w_ih
+#: and w_out are not counted there either).
+#: ``benchmarks/metatrain_speed.py`` adds the difference over a counted truncation.
+NATIVE_COUNTS = {"bytes": 0, "flops": 0}
 _BLK = 256  # simple_cell.c's block of coordinates
 
 
@@ -172,6 +179,8 @@ def _native_forward(gv, hT, w_ih, w_hh, w_out, bias):
     part = hT.new_empty(-(-n // _BLK) * H)
     getattr(native.simple_cell(), "simple_cell_forward_" + _NATIVE_FN[hT.dtype])(
         n, H, *map(_ptr, (gv, hT, w_ih, w_hh, w_out, bias, newT, u, h_sum, part)), torch.get_num_threads())
+    NATIVE_COUNTS["bytes"] += hT.element_size() * (2 * H * n + 2 * n)  # g, h read; h', u written
+    NATIVE_COUNTS["flops"] += 2 * n * H * H
     return newT, u, h_sum
 
 
@@ -215,6 +224,8 @@ def _native_backward(gv, hT, newT, w_ih, w_hh, w_out, d_h, d_u, d_sum, need_g, n
     getattr(native.simple_cell(), "simple_cell_backward_" + _NATIVE_FN[newT.dtype])(
         n, H, *map(_ptr, (gv, hT, newT, w_ih, w_hh, w_out, dT, d_u, d_sum, dg, dhT)),
         int(bool(need_w)), *map(_ptr, (dw_ih, dw_hh, dw_out, part)), torch.get_num_threads())
+    NATIVE_COUNTS["bytes"] += newT.element_size() * (3 * H * n + 2 * n + (H * n + n) * bool(need_h))
+    NATIVE_COUNTS["flops"] += 2 * n * H * H * (bool(need_w) + bool(need_h))
     return dg, dhT, dw_ih, dw_hh, dw_out
 
 
