@@ -45,9 +45,11 @@ def cache_dir() -> Path:
     return Path(root) / "native"
 
 
-def _flags() -> list:
-    flags = ["-O3", "-std=c99", "-fPIC", "-shared", "-fopenmp", "-fno-math-errno", "-fno-trapping-math",
-             "-ffp-contract=fast"]
+def _flags(openmp: bool = True) -> list:
+    flags = ["-O3", "-std=c99", "-fPIC", "-shared", "-fno-math-errno", "-fno-trapping-math", "-ffp-contract=fast"]
+    # without the OpenMP runtime its simd pragmas still apply (-fopenmp-simd): the same vectorised
+    # reductions, so the serial build gives the same bits as the threaded one
+    flags.append("-fopenmp" if openmp else "-fopenmp-simd")
     cap = torch.backends.cpu.get_cpu_capability() if hasattr(torch.backends, "cpu") else "DEFAULT"
     if cap in ("AVX2", "AVX512"):  # what torch's own kernels use on this CPU; nothing newer
         flags += ["-mavx2", "-mfma"]
@@ -55,14 +57,25 @@ def _flags() -> list:
 
 
 def _build(src: Path):
+    """Compile (or find in the cache) and load ``src``: with OpenMP, else (a compiler without it,
+    e.g. Apple clang) single-threaded; raises RuntimeError with the first failure."""
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
     if cc is None:
         raise RuntimeError("no C compiler found (set CC, or L2L_ZOO_NATIVE=0 to silence this)")
-    flags = _flags()
     try:
         version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
     except (OSError, subprocess.SubprocessError) as e:
         raise RuntimeError(f"C compiler {cc!r} does not run: {e}") from None
+    errors = []
+    for openmp in (True, False):
+        try:
+            return ctypes.CDLL(str(_compile(src, cc, version, _flags(openmp))))
+        except (OSError, RuntimeError) as e:
+            errors.append(str(e))
+    raise RuntimeError(errors[0] + " (and without -fopenmp: " + errors[1][-200:] + ")")
+
+
+def _compile(src: Path, cc: str, version: str, flags: list) -> Path:
     key = hashlib.sha256(src.read_bytes() + "\0".join([cc, version, *flags,
                                                        torch.backends.cpu.get_cpu_capability()]).encode())
     d = cache_dir()
@@ -71,19 +84,18 @@ def _build(src: Path):
     lib = d / f"{src.stem}-{key.hexdigest()[:20]}.so"
     if lib.exists():
         _check_private(lib)
-    else:
-        fd, tmp = tempfile.mkstemp(prefix=f".{lib.name}.{os.getpid()}.", suffix=".so", dir=d)
-        os.close(fd)
-        try:
-            r = subprocess.run([cc, *flags, str(src), "-o", tmp, "-lm"], capture_output=True, text=True,
-                               timeout=300)
-            if r.returncode != 0:
-                raise RuntimeError(f"{cc} failed on {src.name}: {(r.stderr or r.stdout).strip()[-500:]}")
-            os.replace(tmp, lib)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-    return ctypes.CDLL(str(lib))
+        return lib
+    fd, tmp = tempfile.mkstemp(prefix=f".{lib.name}.{os.getpid()}.", suffix=".so", dir=d)
+    os.close(fd)
+    try:
+        r = subprocess.run([cc, *flags, str(src), "-o", tmp, "-lm"], capture_output=True, text=True, timeout=300)
+        if r.returncode != 0:
+            raise RuntimeError(f"{cc} failed on {src.name}: {(r.stderr or r.stdout).strip()[-500:]}")
+        os.replace(tmp, lib)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return lib
 
 
 def _check_private(path: Path) -> None:

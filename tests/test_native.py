@@ -196,3 +196,30 @@ def test_native_calls_are_counted_for_the_benchmarks():
     nbytes = simple.NATIVE_COUNTS["bytes"] - before["bytes"]
     assert flops == 2 * n * H * H * 3
     assert nbytes == 4 * ((2 * H * n + 2 * n) + (3 * H * n + 2 * n + H * n + n))
+
+
+@needs_lib
+def test_a_compiler_without_openmp_builds_a_serial_kernel_with_the_same_results(tmp_path):
+    """A compiler that rejects -fopenmp (e.g. Apple clang) gets the kernel built without it: it
+    loads, and since the results do not depend on the thread count they equal the OpenMP build's."""
+    import shutil
+    real_cc = shutil.which("cc") or shutil.which("gcc")
+    wrapper = tmp_path / "cc-no-openmp"
+    log = tmp_path / "cc.log"
+    wrapper.write_text(f'#!/bin/sh\ncase " $* " in *" -fopenmp "*) echo refused >> {log}; exit 1;; *" -c "*|*-shared*) echo built >> {log};; esac\n'
+                       f'exec {real_cc} "$@"\n')
+    wrapper.chmod(0o755)
+    code = ("import torch\nfrom l2l_zoo.optimizers import simple\nfrom l2l_zoo import native\n"
+            "assert native.simple_cell() is not None\n"
+            "torch.manual_seed(0)\n"
+            "g, hT, wi, wh, wo = torch.randn(5000), torch.randn(10, 5000), torch.randn(10, 1), torch.randn(10, 10), torch.randn(10)\n"
+            "out = simple._cell_chunks(g, hT, wi, wh, wo, None, 100, True)\n"
+            "print(' '.join(float(o.double().sum()).hex() for o in out))\n")
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "L2L_ZOO_CACHE": str(tmp_path / "cache"), "CC": str(wrapper)}
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert log.read_text().split() == ["refused", "built"]
+    torch.manual_seed(0)
+    g, hT, wi, wh, wo = torch.randn(5000), torch.randn(10, 5000), torch.randn(10, 1), torch.randn(10, 10), torch.randn(10)
+    out = simple._cell_chunks(g, hT, wi, wh, wo, None, 100, True)
+    assert r.stdout.split() == [float(o.double().sum()).hex() for o in out]
