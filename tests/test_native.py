@@ -223,3 +223,47 @@ def test_a_compiler_without_openmp_builds_a_serial_kernel_with_the_same_results(
     g, hT, wi, wh, wo = torch.randn(5000), torch.randn(10, 5000), torch.randn(10, 1), torch.randn(10, 10), torch.randn(10)
     out = simple._cell_chunks(g, hT, wi, wh, wo, None, 100, True)
     assert r.stdout.split() == [float(o.double().sum()).hex() for o in out]
+
+
+@needs_lib
+@pytest.mark.parametrize("aggregation", [True, False])
+def test_network_segments_equals_vmapped_network_in_float64(aggregation, monkeypatch):
+    """SimpleOptimizer.network_segments (T problems through one fused call, the mean embedding per
+    problem) against torch.func.vmap of network: the update and its gradients w.r.t. the inputs and
+    every meta-parameter, twice on the same hidden state (the layout copy is reused) and once after
+    it changed in place; and the smoothness penalties of T steps batched through it against one step
+    at a time, in float64."""
+    from l2l_zoo.regularizers import SmoothnessConfig, SmoothnessRegularizer
+    torch.manual_seed(0)
+    lopt = l2l_zoo.create("simple", aggregation=aggregation).to(torch.float64)
+    T, k, H = 3, 1000, lopt.config["hidden_size"]
+    assert T * k >= lopt.native_min
+    F = torch.randn(T, k, 1, dtype=torch.float64)
+    Hs = torch.randn(T, k, H, dtype=torch.float64) * 0.5
+    calls = []
+    real = simple._native_backward
+    monkeypatch.setattr(simple, "_native_backward", lambda *a: calls.append(1) or real(*a))
+
+    def both():
+        res = []
+        for seg in (True, False):
+            f = F.clone().requires_grad_(True)
+            u = (lopt.network_segments(f, (Hs,)) if seg
+                 else torch.func.vmap(lambda a, b: lopt.network(a, (b,))[0])(f, Hs))
+            loss = (u * torch.linspace(-1, 1, T * k, dtype=torch.float64).reshape(T, k)).pow(2).sum()
+            res.append((u.detach(),) + torch.autograd.grad(loss, [f] + list(lopt.parameters())))
+        for a, b in zip(*res):
+            assert float(b.abs().max()) > 0
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-13)
+
+    both()
+    both()
+    Hs.mul_(-0.7)  # the same tensor changed in place: the cached layout must not be reused
+    both()
+    assert len(calls) == 3, "the fused native cell did not run"
+    reg = SmoothnessRegularizer(SmoothnessConfig(eps=0.1, steps=3, subsample=0))
+    g = torch.Generator().manual_seed(1)
+    prepared = [reg.prepare(lopt, F[t], (Hs[t],), g) for t in range(T)]
+    pb = reg.penalties(lopt, prepared, batched=True)
+    ps = reg.penalties(lopt, prepared, batched=False)
+    torch.testing.assert_close(pb, ps, rtol=1e-10, atol=1e-15)

@@ -129,6 +129,37 @@ class SimpleOptimizer(LearnedOptimizer):
             u = u + self.out.bias
         return u, (h,)
 
+    def network_segments(self, feats, hidden):
+        """``network``'s update for T independent problems stacked along a first dimension: ``feats``
+        (T, k, 1), ``hidden`` ((T, k, H),) -> u (T, k), equal to ``torch.func.vmap`` of ``network``
+        over T (the mean embedding stays per problem). The smoothness regularizer's batched PGD
+        calls it (``regularizers.smoothness``): the T·k coordinates go through the fused cell in one
+        call and only the per-problem mean is taken apart, where vmap runs the plain formulas."""
+        (h,) = hidden
+        T, k = feats.shape[:2]
+        H = h.shape[-1]
+        flat_f, flat_h = feats.reshape(T * k, 1), h.reshape(T * k, H)
+        if flat_h.stride(0) != 1:  # the fused cell reads the (H, n) layout; PGD passes the same
+            # hidden K + 2 times: copy it once. The memo holds h itself (so its memory cannot be
+            # reused by another tensor while it is there) and its version (in-place changes).
+            memo = getattr(self, "_segments_layout", None)
+            if memo is None or memo[0] is not h or memo[1] != h._version:
+                memo = (h, h._version, flat_h.t().contiguous().t())
+                self._segments_layout = memo
+            flat_h = memo[2]
+        if not (self.fused and self.bias_h is None and self.out.bias is None and fused_kernels_enabled()
+                and not _batched(feats, h) and _native_ok(self.native, flat_f, flat_h, self.weight_hh)
+                and T * k >= self.native_min):
+            return torch.func.vmap(lambda f, hd: self.network(f, (hd,))[0])(feats, h)
+        w = self.out.weight[0]
+        agg = self._config["aggregation"]
+        h_new, u, _ = _FusedCell.apply(flat_f, flat_h, self.weight_ih, self.weight_hh,
+                                       self.alpha * w[:H] if agg else w, self.fused_chunk, self.native)
+        u = u.reshape(T, k)
+        if agg:
+            u = u + self.beta * torch.mv(h_new.reshape(T, k, H).mean(1), w[H:])[:, None]
+        return u
+
     def _network_chunked(self, feats, h, chunk: int = 65536):
         """The same computation without autograd, on the (H, n) transpose of the hidden state in
         cache-sized chunks of coordinates with in-place kernels (used by the torch.optim adapter;
@@ -251,6 +282,8 @@ class _FusedCell(torch.autograd.Function):
     @staticmethod
     def forward(ctx, g, h, w_ih, w_hh, w_out, chunk, use_native=False):
         gv, hT = g.reshape(-1), h.t()
+        if _native_ok(use_native, gv, hT, w_hh):  # saved as the kernel reads them: no copy again
+            gv, hT = gv.contiguous(), hT.contiguous()
         newT, u, h_sum = _cell_chunks(gv, hT, w_ih, w_hh, w_out, None, chunk, use_native)
         ctx.native = use_native
         ctx.save_for_backward(gv, hT, newT, w_ih, w_hh, w_out)

@@ -185,7 +185,8 @@ class SmoothnessRegularizer:
         The T PGD problems are independent, so they run together: K network evaluations over all
         T steps instead of T·K small ones (on CPU the small ones are dominated by per-call overhead).
         A separable optimizer (rows independent) evaluates the T·k stacked coordinates in one
-        ordinary call; another vmappable one through ``torch.func.vmap`` over the steps (its
+        ordinary call; one with a ``network_segments(feats (T, k, F), hidden) -> u (T, k)`` method
+        (SimpleOptimizer) through that; another vmappable one through ``torch.func.vmap`` over the steps (its
         cross-coordinate terms stay per step); otherwise, or when the steps' shapes differ, one step
         at a time (also for an object without the ``vmappable`` flag: the regularizer needs only
         ``network`` and ``coordinatewise``, or with ``batched=False``: the reference)."""
@@ -211,6 +212,10 @@ class SmoothnessRegularizer:
                 fold = lambda t: t.reshape(T * k, *t.shape[2:])  # noqa: E731
                 u, _ = lopt.network(fold(f), tuple(map(fold, hd)))
                 return u.reshape(T, k), None
+        elif callable(getattr(lopt, "network_segments", None)):  # the optimizer's own stacked form
+
+            def network(f, hd):
+                return lopt.network_segments(f, hd), None
         else:
             vnet = torch.func.vmap(lambda f, hd: lopt.network(f, hd)[0])
 
