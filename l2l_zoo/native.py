@@ -45,13 +45,17 @@ def cache_dir() -> Path:
     return Path(root) / "native"
 
 
+def _cpu_capability() -> str:
+    """torch's CPU capability (e.g. "AVX2"): the instruction set the kernels may use."""
+    return torch.backends.cpu.get_cpu_capability() if hasattr(torch.backends, "cpu") else "DEFAULT"
+
+
 def _flags(openmp: bool = True) -> list:
     flags = ["-O3", "-std=c99", "-fPIC", "-shared", "-fno-math-errno", "-fno-trapping-math", "-ffp-contract=fast"]
     # without the OpenMP runtime its simd pragmas still apply (-fopenmp-simd): the same vectorised
     # reductions, so the serial build gives the same bits as the threaded one
     flags.append("-fopenmp" if openmp else "-fopenmp-simd")
-    cap = torch.backends.cpu.get_cpu_capability() if hasattr(torch.backends, "cpu") else "DEFAULT"
-    if cap in ("AVX2", "AVX512"):  # what torch's own kernels use on this CPU; nothing newer
+    if _cpu_capability() in ("AVX2", "AVX512"):  # what torch's own kernels use on this CPU; nothing newer
         flags += ["-mavx2", "-mfma"]
     return flags
 
@@ -76,8 +80,7 @@ def _build(src: Path):
 
 
 def _compile(src: Path, cc: str, version: str, flags: list) -> Path:
-    key = hashlib.sha256(src.read_bytes() + "\0".join([cc, version, *flags,
-                                                       torch.backends.cpu.get_cpu_capability()]).encode())
+    key = hashlib.sha256(src.read_bytes() + "\0".join([cc, version, *flags, _cpu_capability()]).encode())
     d = cache_dir()
     d.mkdir(parents=True, exist_ok=True, mode=0o700)
     _check_private(d)

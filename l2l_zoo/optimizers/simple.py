@@ -105,9 +105,9 @@ class SimpleOptimizer(LearnedOptimizer):
         H = h.shape[1]
         w = self.out.weight[0]
         agg = self._config["aggregation"]
-        if (self.fused and self.bias_h is None and fused_kernels_enabled() and not _batched(feats, h)
-                and h.shape[0] >= (min(self.fused_min, self.native_min)
-                                   if _native_ok(self.native, feats, h, self.weight_hh) else self.fused_min)):
+        if self._fusable(feats, h) and h.shape[0] >= (min(self.fused_min, self.native_min)
+                                                      if _native_ok(self.native, feats, h, self.weight_hh)
+                                                      else self.fused_min):
             # the same formulas in cache-sized chunks, backward hand-written (see _FusedCell)
             h_new, u, h_sum = _FusedCell.apply(feats, h, self.weight_ih, self.weight_hh,
                                                self.alpha * w[:H] if agg else w, self.fused_chunk,
@@ -119,7 +119,7 @@ class SimpleOptimizer(LearnedOptimizer):
         pre = torch.addmm(feats * self.weight_ih[:, 0], h, self.weight_hh.t())
         if self.bias_h is not None:
             pre = pre + self.bias_h
-        h = torch.tanh(pre)  # not features.fast_tanh: 2σ(2x) − 1 loses relative accuracy near 0
+        h = torch.tanh(pre)  # not 2σ(2x) − 1 (faster on CPU): it loses relative accuracy near 0
         # Same as out([α h, β mean(h)]) without materialising the (n, 2H) embedding.
         if agg:
             u = torch.mv(h, self.alpha * w[:H]) + self.beta * torch.dot(h.mean(0), w[H:])
@@ -128,6 +128,12 @@ class SimpleOptimizer(LearnedOptimizer):
         if self.out.bias is not None:
             u = u + self.out.bias
         return u, (h,)
+
+    def _fusable(self, feats, h) -> bool:
+        """Whether ``_FusedCell`` can compute this step at all (size thresholds aside): asked for, no
+        bias (``bias=True`` adds one to the RNN and the output layer together), fused kernels not
+        switched off (``reference_kernels``), not inside a ``torch.func`` transform."""
+        return self.fused and self.bias_h is None and fused_kernels_enabled() and not _batched(feats, h)
 
     def network_segments(self, feats, hidden):
         """``network``'s update for T independent problems stacked along a first dimension: ``feats``
@@ -139,6 +145,9 @@ class SimpleOptimizer(LearnedOptimizer):
         T, k = feats.shape[:2]
         H = h.shape[-1]
         flat_f, flat_h = feats.reshape(T * k, 1), h.reshape(T * k, H)
+        if not (self._fusable(feats, h) and _native_ok(self.native, flat_f, flat_h, self.weight_hh)
+                and T * k >= self.native_min):
+            return torch.func.vmap(lambda f, hd: self.network(f, (hd,))[0])(feats, h)
         if flat_h.stride(0) != 1:  # the fused cell reads the (H, n) layout; PGD passes the same
             # hidden K + 2 times: copy it once. The memo holds h itself (so its memory cannot be
             # reused by another tensor while it is there) and its version (in-place changes).
@@ -147,10 +156,6 @@ class SimpleOptimizer(LearnedOptimizer):
                 memo = (h, h._version, flat_h.t().contiguous().t())
                 self._segments_layout = memo
             flat_h = memo[2]
-        if not (self.fused and self.bias_h is None and self.out.bias is None and fused_kernels_enabled()
-                and not _batched(feats, h) and _native_ok(self.native, flat_f, flat_h, self.weight_hh)
-                and T * k >= self.native_min):
-            return torch.func.vmap(lambda f, hd: self.network(f, (hd,))[0])(feats, h)
         w = self.out.weight[0]
         agg = self._config["aggregation"]
         h_new, u, _ = _FusedCell.apply(flat_f, flat_h, self.weight_ih, self.weight_hh,
@@ -282,10 +287,12 @@ class _FusedCell(torch.autograd.Function):
     @staticmethod
     def forward(ctx, g, h, w_ih, w_hh, w_out, chunk, use_native=False):
         gv, hT = g.reshape(-1), h.t()
-        if _native_ok(use_native, gv, hT, w_hh):  # saved as the kernel reads them: no copy again
+        ctx.native = _native_ok(use_native, gv, hT, w_hh)
+        if ctx.native:  # saved as the kernel reads them, so the backward does not copy them again
             gv, hT = gv.contiguous(), hT.contiguous()
-        newT, u, h_sum = _cell_chunks(gv, hT, w_ih, w_hh, w_out, None, chunk, use_native)
-        ctx.native = use_native
+            newT, u, h_sum = _native_forward(gv, hT, w_ih, w_hh, w_out, None)
+        else:
+            newT, u, h_sum = _cell_chunks(gv, hT, w_ih, w_hh, w_out, None, chunk)
         ctx.save_for_backward(gv, hT, newT, w_ih, w_hh, w_out)
         ctx.chunk = chunk
         ctx.g_shape = g.shape
