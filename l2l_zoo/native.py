@@ -137,10 +137,10 @@ def simple_cell():
     if lib is not None and not getattr(lib, "_typed", False):
         for t in ("f32", "f64"):
             f = getattr(lib, f"simple_cell_forward_{t}")
-            f.argtypes = [_I64, _I64] + [_P] * 10 + [_INT]
+            f.argtypes = [_I64, _I64, _I64] + [_P] * 10 + [_INT]
             f.restype = None
             b = getattr(lib, f"simple_cell_backward_{t}")
-            b.argtypes = [_I64, _I64] + [_P] * 11 + [_INT] + [_P] * 4 + [_INT]
+            b.argtypes = [_I64, _I64, _I64] + [_P] * 11 + [_INT] + [_P] * 4 + [_INT]
             b.restype = None
         lib.simple_cell_tanh_f32.argtypes = [_I64, _P, _P]
         lib.simple_cell_tanh_f32.restype = None

@@ -267,3 +267,72 @@ def test_network_segments_equals_vmapped_network_in_float64(aggregation, monkeyp
     pb = reg.penalties(lopt, prepared, batched=True)
     ps = reg.penalties(lopt, prepared, batched=False)
     torch.testing.assert_close(pb, ps, rtol=1e-10, atol=1e-15)
+
+
+def _segment_cell(x, seg, dtype, use_native=True):
+    """_FusedCell with problems of ``seg`` coordinates: (g, h, w_ih, w_hh, w_out) leaves and the
+    outputs (h', u, per-problem sums)."""
+    n = x["gv"].shape[0]
+    ins = [t.to(dtype).clone().requires_grad_(True)
+           for t in (x["gv"].reshape(n, 1), x["hT"].t(), x["w_ih"], x["w_hh"], x["w_out"])]
+    return ins, simple._FusedCell.apply(*ins, 100, use_native, seg)
+
+
+@needs_lib
+@pytest.mark.parametrize("seg,dtype", [(512, torch.float32), (700, torch.float64), (256 * 3, torch.float64)])
+def test_segmented_cell_sums_and_gradients_per_problem(seg, dtype, monkeypatch):
+    """With segments the cell's sum of h' is one row per problem, and the gradient of a per-problem
+    weighting of those sums (with and without a gradient on h' and u) equals the torch formulas
+    applied problem by problem in float64. Whole blocks in float32 take the vector path with no d_h
+    (NULL); 700 cuts blocks at problem boundaries. The torch fallback of the backward (spreading the
+    per-problem d_sum over d_h) gives the same gradients."""
+    P = 3
+    x = _inputs(P * seg, 10, torch.float64, seed=2)
+    g = torch.Generator().manual_seed(3)
+    c = torch.randn(P, 10, generator=g, dtype=torch.float64)
+    b = torch.randn(P * seg, generator=g, dtype=torch.float64)
+    tol = dict(rtol=1e-10, atol=1e-13) if dtype == torch.float64 else dict(rtol=2e-5, atol=2e-6)
+    for with_u in (False, True):
+        ins, (hn, u, sums) = _segment_cell(x, seg, dtype)
+        assert sums.shape == (P, 10)
+        loss = (sums.double() * c).sum() + ((u.double() * b).sum() if with_u else 0)
+        got = torch.autograd.grad(loss, ins)
+        ref_ins = [t.detach().double().clone().requires_grad_(True) for t in ins]
+        ref_loss = 0
+        for p in range(P):
+            sl = slice(p * seg, (p + 1) * seg)
+            hn_p, u_p, s_p = simple._FusedCell.apply(ref_ins[0][sl], ref_ins[1][sl], *ref_ins[2:], 100, False)
+            torch.testing.assert_close(sums[p].double(), s_p.detach(), **tol)
+            ref_loss = ref_loss + (s_p * c[p]).sum() + ((u_p * b[sl]).sum() if with_u else 0)
+        ref = torch.autograd.grad(ref_loss, ref_ins)
+        for a, r in zip(got, ref):
+            torch.testing.assert_close(a.double(), r, **tol)
+    # the torch fallback of the backward, entered when the kernel does not apply there
+    ins, (hn, u, sums) = _segment_cell(x, seg, dtype)
+    loss = (sums.double() * c).sum() + (hn.double() ** 2).sum()
+    native_grads = torch.autograd.grad(loss, ins, retain_graph=True)
+    monkeypatch.setattr(simple, "_native_ok", lambda *a: False)
+    for a, r in zip(torch.autograd.grad(loss, ins), native_grads):
+        torch.testing.assert_close(a, r, **tol)
+
+
+@needs_lib
+def test_network_segments_passes_no_hidden_gradient_to_the_kernel(monkeypatch):
+    """The smoothness PGD's stacked problems give the kernel their per-problem mean gradient as
+    d_sum: no (T·k, H) broadcast of it is built and read (d_h is None), and float32 agrees with
+    float64 vmap of ``network``."""
+    seen = []
+    real = simple._native_backward
+    monkeypatch.setattr(simple, "_native_backward", lambda *a: seen.append((a[6], a[8].shape)) or real(*a))
+    torch.manual_seed(0)
+    lopt = l2l_zoo.create("simple")
+    T, k = 4, 512
+    F = torch.randn(T, k, 1) * 0.1
+    Hs = torch.randn(T, k, 10) * 0.5
+    f = F.clone().requires_grad_(True)
+    (grad,) = torch.autograd.grad(lopt.network_segments(f, (Hs,)).pow(2).sum(), f)
+    assert seen == [(None, (T, 10))]
+    l64 = lopt.to(torch.float64)
+    f64 = F.double().requires_grad_(True)
+    (ref,) = torch.autograd.grad(torch.func.vmap(lambda a, b: l64.network(a, (b,))[0])(f64, Hs.double()).pow(2).sum(), f64)
+    torch.testing.assert_close(grad.double(), ref, rtol=2e-4, atol=1e-7)

@@ -140,7 +140,8 @@ class SimpleOptimizer(LearnedOptimizer):
         (T, k, 1), ``hidden`` ((T, k, H),) -> u (T, k), equal to ``torch.func.vmap`` of ``network``
         over T (the mean embedding stays per problem). The smoothness regularizer's batched PGD
         calls it (``regularizers.smoothness``): the T·k coordinates go through the fused cell in one
-        call and only the per-problem mean is taken apart, where vmap runs the plain formulas."""
+        call, which also returns the T per-problem sums of h' (and takes their gradient back), where
+        vmap runs the plain formulas."""
         (h,) = hidden
         T, k = feats.shape[:2]
         H = h.shape[-1]
@@ -158,11 +159,11 @@ class SimpleOptimizer(LearnedOptimizer):
             flat_h = memo[2]
         w = self.out.weight[0]
         agg = self._config["aggregation"]
-        h_new, u, _ = _FusedCell.apply(flat_f, flat_h, self.weight_ih, self.weight_hh,
-                                       self.alpha * w[:H] if agg else w, self.fused_chunk, self.native)
+        _, u, h_sums = _FusedCell.apply(flat_f, flat_h, self.weight_ih, self.weight_hh,
+                                        self.alpha * w[:H] if agg else w, self.fused_chunk, self.native, k)
         u = u.reshape(T, k)
-        if agg:
-            u = u + self.beta * torch.mv(h_new.reshape(T, k, H).mean(1), w[H:])[:, None]
+        if agg:  # h' itself is not used: its gradient stays None, nothing of size (T·k, H) comes back
+            u = u + self.beta * torch.mv(h_sums / k, w[H:])[:, None]
         return u
 
     def _network_chunked(self, feats, h, chunk: int = 65536):
@@ -205,16 +206,21 @@ def _ptr(t):
     return None if t is None else t.data_ptr()
 
 
-def _native_forward(gv, hT, w_ih, w_hh, w_out, bias):
-    """``_cell_chunks``'s result from ``simple_cell.c`` (one pass over memory, see there)."""
+def _native_forward(gv, hT, w_ih, w_hh, w_out, bias, seg=None):
+    """``_cell_chunks``'s result from ``simple_cell.c`` (one pass over memory, see there). With
+    ``seg``, the n coordinates are n / seg problems of ``seg`` each and the sum of h' is per problem,
+    shape (n / seg, H)."""
     H, n = hT.shape
+    seg = n if seg is None else seg
     gv, hT = gv.contiguous(), hT.contiguous()
     w_ih, w_hh, w_out = (w.detach().reshape(s).contiguous() for w, s in ((w_ih, H), (w_hh, (H, H)), (w_out, H)))
     bias = None if bias is None else bias.detach().contiguous()
-    newT, u, h_sum = hT.new_empty(H, n), hT.new_empty(n), hT.new_empty(H)
-    part = hT.new_empty(-(-n // _BLK) * H)
+    nseg = n // seg
+    newT, u = hT.new_empty(H, n), hT.new_empty(n)
+    h_sum = hT.new_empty(nseg, H) if seg != n else hT.new_empty(H)
+    part = hT.new_empty(nseg * -(-seg // _BLK) * H)
     getattr(native.simple_cell(), "simple_cell_forward_" + _NATIVE_FN[hT.dtype])(
-        n, H, *map(_ptr, (gv, hT, w_ih, w_hh, w_out, bias, newT, u, h_sum, part)), torch.get_num_threads())
+        n, seg, H, *map(_ptr, (gv, hT, w_ih, w_hh, w_out, bias, newT, u, h_sum, part)), torch.get_num_threads())
     NATIVE_COUNTS["bytes"] += hT.element_size() * (2 * H * n + 2 * n)  # g, h read; h', u written
     NATIVE_COUNTS["flops"] += 2 * n * H * H
     return newT, u, h_sum
@@ -243,24 +249,27 @@ def _cell_chunks(gv, hT, w_ih, w_hh, w_out, bias, chunk, use_native=False):
     return newT, u, h_sum
 
 
-def _native_backward(gv, hT, newT, w_ih, w_hh, w_out, d_h, d_u, d_sum, need_g, need_h, need_w):
-    """``_FusedCell.backward``'s gradients from ``simple_cell.c``: (dg, dhT, dw_ih, dw_hh, dw_out)."""
+def _native_backward(gv, hT, newT, w_ih, w_hh, w_out, d_h, d_u, d_sum, need_g, need_h, need_w, seg=None):
+    """``_FusedCell.backward``'s gradients from ``simple_cell.c``: (dg, dhT, dw_ih, dw_hh, dw_out).
+    With ``seg``, ``d_sum`` is per problem of ``seg`` coordinates, shape (n / seg, H)."""
     H, n = newT.shape
+    seg = n if seg is None else seg
     # every tensor handed over is bound to a name here: a temporary could be freed before the call
     gv, hT, newT = gv.contiguous(), hT.contiguous(), newT.contiguous()
     w_ih, w_hh, w_out = w_ih.reshape(H).contiguous(), w_hh.contiguous(), w_out.contiguous()
-    # zeros for a missing incoming gradient: the kernel's fast block assumes all three
-    dT = newT.new_zeros(H, n) if d_h is None else d_h.t().contiguous()
+    # a missing d_h is passed as NULL (the kernel reads nothing); zeros for a missing d_u or d_sum,
+    # which the kernel's fast block needs (both small)
+    dT = None if d_h is None else d_h.t().contiguous()
     d_u = newT.new_zeros(n) if d_u is None else d_u.contiguous()
-    d_sum = newT.new_zeros(H) if d_sum is None else d_sum.contiguous()
+    d_sum = newT.new_zeros(n // seg, H) if d_sum is None else d_sum.contiguous()
     dg = gv.new_empty(n) if need_g else None
     dhT = newT.new_empty(H, n) if need_h else None
     dw_ih, dw_hh, dw_out = w_ih.new_zeros(H), w_hh.new_zeros(H, H), w_out.new_zeros(H)
-    part = newT.new_empty(-(-n // _BLK) * (H * H + 2 * H))
+    part = newT.new_empty(n // seg * -(-seg // _BLK) * (H * H + 2 * H))
     getattr(native.simple_cell(), "simple_cell_backward_" + _NATIVE_FN[newT.dtype])(
-        n, H, *map(_ptr, (gv, hT, newT, w_ih, w_hh, w_out, dT, d_u, d_sum, dg, dhT)),
+        n, seg, H, *map(_ptr, (gv, hT, newT, w_ih, w_hh, w_out, dT, d_u, d_sum, dg, dhT)),
         int(bool(need_w)), *map(_ptr, (dw_ih, dw_hh, dw_out, part)), torch.get_num_threads())
-    NATIVE_COUNTS["bytes"] += newT.element_size() * (3 * H * n + 2 * n + (H * n + n) * bool(need_h))
+    NATIVE_COUNTS["bytes"] += newT.element_size() * ((3 - (dT is None)) * H * n + 2 * n + (H * n + n) * bool(need_h))
     NATIVE_COUNTS["flops"] += 2 * n * H * H * (bool(need_w) + bool(need_h))
     return dg, dhT, dw_ih, dw_hh, dw_out
 
@@ -282,19 +291,27 @@ class _FusedCell(torch.autograd.Function):
     cache-resident, and the hidden states are kept (H, n) row-major, the layout of ``init_state``.
     The backward is the exact derivative (first order; double backward is not supported), tested
     against the plain formulas in float64 (``tests/test_fast_path.py``). On CPU in float32/float64
-    both directions run ``simple_cell.c`` instead (one pass over memory per direction; ``native``)."""
+    both directions run ``simple_cell.c`` instead (one pass over memory per direction; ``native``).
+
+    With ``seg`` (needs the native kernel), the n coordinates are n / seg independent problems of
+    ``seg`` each and ``s`` is their per-problem sums, (n / seg, H) (``network_segments``). An output
+    that is not used gets no gradient: its ``None`` is passed on, not a tensor of zeros."""
 
     @staticmethod
-    def forward(ctx, g, h, w_ih, w_hh, w_out, chunk, use_native=False):
+    def forward(ctx, g, h, w_ih, w_hh, w_out, chunk, use_native=False, seg=None):
+        ctx.set_materialize_grads(False)
         gv, hT = g.reshape(-1), h.t()
         ctx.native = _native_ok(use_native, gv, hT, w_hh)
+        if seg is not None and (not ctx.native or seg < 1 or gv.shape[0] % seg):
+            raise ValueError(f"_FusedCell: segments of {seg} need the native kernel and to divide n = {gv.shape[0]}")
         if ctx.native:  # saved as the kernel reads them, so the backward does not copy them again
             gv, hT = gv.contiguous(), hT.contiguous()
-            newT, u, h_sum = _native_forward(gv, hT, w_ih, w_hh, w_out, None)
+            newT, u, h_sum = _native_forward(gv, hT, w_ih, w_hh, w_out, None, seg)
         else:
             newT, u, h_sum = _cell_chunks(gv, hT, w_ih, w_hh, w_out, None, chunk)
         ctx.save_for_backward(gv, hT, newT, w_ih, w_hh, w_out)
         ctx.chunk = chunk
+        ctx.seg = seg
         ctx.g_shape = g.shape
         return newT.t(), u, h_sum
 
@@ -306,11 +323,15 @@ class _FusedCell(torch.autograd.Function):
         chunk = ctx.chunk
         need_g, need_h = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         need_w = ctx.needs_input_grad[2] or ctx.needs_input_grad[3]
+        if ctx.seg is not None and d_sum is not None and not _native_ok(ctx.native, newT, d_h, d_u, d_sum):
+            # the torch formulas below take one d_sum: spread the per-problem ones over d_h instead
+            spread = d_sum.to(newT.dtype).repeat_interleave(ctx.seg, 0)
+            d_h, d_sum = (spread if d_h is None else d_h + spread), None
         if _native_ok(ctx.native, gv, hT, newT, w_hh, d_h, d_u, d_sum):
             dg, dhT, dw_ih, dw_hh, dw_out = _native_backward(gv, hT, newT, w_ih, w_hh, w_out, d_h, d_u, d_sum,
-                                                             need_g, need_h, need_w)
+                                                             need_g, need_h, need_w, ctx.seg)
             return (None if dg is None else dg.reshape(ctx.g_shape), None if dhT is None else dhT.t(),
-                    dw_ih[:, None], dw_hh, dw_out, None, None)
+                    dw_ih[:, None], dw_hh, dw_out, None, None, None)
         dT = None if d_h is None else d_h.t()
         dg = gv.new_empty(n) if need_g else None
         dhT = newT.new_empty(H, n) if need_h else None
@@ -345,4 +366,4 @@ class _FusedCell(torch.autograd.Function):
             if need_h:
                 torch.mm(w_hh.t(), d, out=dhT[:, s:e])
         return (None if dg is None else dg.reshape(ctx.g_shape), None if dhT is None else dhT.t(),
-                dw_ih[:, None], dw_hh, dw_out, None, None)
+                dw_ih[:, None], dw_hh, dw_out, None, None, None)

@@ -122,7 +122,8 @@ static void bwd_block_f32_h10(int64_t n, int64_t s, const float *g, const float 
         _Pragma("GCC unroll 10")
         for (int k = 0; k < HV; k++) {
             vf v = vld(hn + k * n + i);
-            dd[k] = (vld(d_h + k * n + i) + vbc(w_out[k]) * du + vbc(d_sum[k])) * (vbc(1.0f) - v * v);
+            vf base = d_h ? vld(d_h + k * n + i) : vbc(0.0f);
+            dd[k] = (base + vbc(w_out[k]) * du + vbc(d_sum[k])) * (vbc(1.0f) - v * v);
             a_out[k] += v * du;
             vst(dbuf + k * BLK + (i - s), dd[k]);
             dgi += vbc(w_ih[k]) * dd[k];
@@ -160,15 +161,28 @@ static void bwd_block_f32_h10(int64_t n, int64_t s, const float *g, const float 
     }
 }
 
-/* forward: out (H, n) = tanh(W_hh h + w_ih g + b); u (n,); hsum (H,).
- * part: scratch of nblk * H values. bias may be NULL. */
+/* Coordinates come in segments of seg (n = nseg * seg; seg = n for one segment): the smoothness
+ * PGD stacks T independent problems, each with its own mean embedding, so the sums over coordinates
+ * (hsum, and the d_sum the backward receives) are per segment. Each segment is cut into
+ * nbs = ceil(seg / BLK) blocks from its own start, so no block straddles two segments; with one
+ * segment this is the plain cut of n into blocks of BLK. */
+static inline void block_range(int64_t b, int64_t seg, int64_t nbs, int64_t *s, int64_t *m, int64_t *q) {
+    int64_t r = b % nbs;
+    *q = b / nbs;
+    *s = *q * seg + r * BLK;
+    *m = seg - r * BLK < BLK ? seg - r * BLK : BLK;
+}
+
+/* forward: out (H, n) = tanh(W_hh h + w_ih g + b); u (n,); hsum (nseg, H), one row per segment.
+ * part: scratch of nblk * H values (nblk = nseg * ceil(seg / BLK)). bias may be NULL. */
 #define CELL_FORWARD(T, NAME, TANH, FAST)                                                                 \
-void NAME(int64_t n, int64_t H, const T *g, const T *h, const T *w_ih, const T *w_hh,                \
+void NAME(int64_t n, int64_t seg, int64_t H, const T *g, const T *h, const T *w_ih, const T *w_hh,   \
           const T *w_out, const T *bias, T *out, T *u, T *hsum, T *part, int nthreads) {             \
-    int64_t nblk = (n + BLK - 1) / BLK;                                                               \
+    int64_t nbs = (seg + BLK - 1) / BLK, nseg = n / seg, nblk = nseg * nbs;                           \
     _Pragma("omp parallel for schedule(static) num_threads(nthreads)")                               \
     for (int64_t b = 0; b < nblk; b++) {                                                              \
-        int64_t s = b * BLK, m = n - s < BLK ? n - s : BLK;                                           \
+        int64_t s, m, q;                                                                              \
+        block_range(b, seg, nbs, &s, &m, &q);                                                         \
         if (FAST && H == HV && m == BLK) {                                                            \
             fwd_block_f32_h10(n, s, (const float *)g, (const float *)h, (const float *)w_ih,           \
                               (const float *)w_hh, (const float *)w_out, (const float *)bias,          \
@@ -201,30 +215,35 @@ void NAME(int64_t n, int64_t H, const T *g, const T *h, const T *w_ih, const T *
         }                                                                                             \
         memcpy(u + s, ub, (size_t)m * sizeof(T));                                                     \
     }                                                                                                 \
-    for (int64_t k = 0; k < H; k++) hsum[k] = 0;                                                      \
-    for (int64_t b = 0; b < nblk; b++)                                                                \
-        for (int64_t k = 0; k < H; k++) hsum[k] += part[b * H + k];                                   \
+    for (int64_t q = 0; q < nseg; q++) {                                                              \
+        T *hq = hsum + q * H;                                                                         \
+        for (int64_t k = 0; k < H; k++) hq[k] = 0;                                                    \
+        for (int64_t b = q * nbs; b < (q + 1) * nbs; b++)                                             \
+            for (int64_t k = 0; k < H; k++) hq[k] += part[b * H + k];                                 \
+    }                                                                                                 \
 }
 
 /* backward of the forward above (no bias) given dL/dh' (d_h, (H, n) or NULL), dL/du (d_u or NULL)
- * and dL/ds (d_sum or NULL):
- *   d = (d_h + w_out d_u^T + d_sum 1^T) * (1 - h'^2)
+ * and dL/ds (d_sum, (nseg, H), or NULL):
+ *   d = (d_h + w_out d_u^T + d_sum[segment]) * (1 - h'^2)
  *   dg = d^T w_ih (n,)   dh = W_hh^T d (H, n)   dW_hh = d h^T   dw_ih = d g   dw_out = h' d_u
  * dg, dh may be NULL (not needed); need_w = 0 skips dW_hh and dw_ih.
  * part: scratch of nblk * (H*H + 2H) values; dw_*: outputs (overwritten). */
 #define CELL_BACKWARD(T, NAME, FAST)                                                                      \
-void NAME(int64_t n, int64_t H, const T *g, const T *h, const T *hn, const T *w_ih, const T *w_hh,   \
-          const T *w_out, const T *d_h, const T *d_u, const T *d_sum, T *dg, T *dh, int need_w,      \
-          T *dw_ih, T *dw_hh, T *dw_out, T *part, int nthreads) {                                     \
-    int64_t nblk = (n + BLK - 1) / BLK, W = H * H + 2 * H;                                            \
+void NAME(int64_t n, int64_t seg, int64_t H, const T *g, const T *h, const T *hn, const T *w_ih,    \
+          const T *w_hh, const T *w_out, const T *d_h, const T *d_u, const T *d_sum, T *dg, T *dh,   \
+          int need_w, T *dw_ih, T *dw_hh, T *dw_out, T *part, int nthreads) {                         \
+    int64_t nbs = (seg + BLK - 1) / BLK, nblk = (n / seg) * nbs, W = H * H + 2 * H;                   \
     _Pragma("omp parallel for schedule(static) num_threads(nthreads)")                               \
     for (int64_t b = 0; b < nblk; b++) {                                                              \
-        int64_t s = b * BLK, m = n - s < BLK ? n - s : BLK;                                           \
+        int64_t s, m, q;                                                                              \
+        block_range(b, seg, nbs, &s, &m, &q);                                                         \
+        const T *dsq = d_sum ? d_sum + q * H : NULL;                                                  \
         T *d = (T *)malloc((size_t)(H * BLK) * sizeof(T));                                            \
-        if (FAST && H == HV && m == BLK && d_h && d_u && d_sum) {                                     \
+        if (FAST && H == HV && m == BLK && d_u && dsq) {                                              \
             bwd_block_f32_h10(n, s, (const float *)g, (const float *)h, (const float *)hn,             \
                               (const float *)w_ih, (const float *)w_hh, (const float *)w_out,          \
-                              (const float *)d_h, (const float *)d_u, (const float *)d_sum,            \
+                              (const float *)d_h, (const float *)d_u, (const float *)dsq,              \
                               (float *)dg, (float *)dh, need_w, (float *)(part + b * W), (float *)d);   \
             free(d);                                                                                  \
             continue;                                                                                 \
@@ -233,7 +252,7 @@ void NAME(int64_t n, int64_t H, const T *g, const T *h, const T *hn, const T *w_
         for (int64_t k = 0; k < H; k++) {                                                             \
             T *dk = d + k * BLK;                                                                      \
             const T *hk = hn + k * n + s;                                                             \
-            T wo = w_out[k], ds = d_sum ? d_sum[k] : (T)0;                                            \
+            T wo = w_out[k], ds = dsq ? dsq[k] : (T)0;                                                \
             if (d_h) {                                                                                \
                 const T *dhk = d_h + k * n + s;                                                       \
                 _Pragma("omp simd")                                                                   \
