@@ -23,11 +23,12 @@ What is reported per case (medians over ``--repeats``):
   ``torch.utils.flop_counter.FlopCounterMode`` (elementwise work is not counted); ``gflops_per_s``
   achieved; ``matmul_time_ratio`` = truncation_s / the time a square float32 matrix multiply
   (``--matmul-size``) takes for the same FLOPs in this process. Includes ``native_flops``: the
-  matrix-product FLOPs that SimpleOptimizer's native kernel does in place of the torch formulas
-  (``l2l_zoo.optimizers.simple.NATIVE_COUNTS``; the counter cannot see inside it).
+  matrix-product FLOPs that the native kernels (SimpleOptimizer's cell, DM's and RNNProp's LSTM
+  layer) do in place of the torch formulas (``l2l_zoo.native.COUNTS``; the counter cannot see
+  inside them).
 * ``tensor_bytes``: the bytes every aten op of one truncation reads (its tensor inputs) and writes
   (its outputs that are not views of an input), counted by a dispatch mode: the traffic of the
-  unfused eager program, plus ``native_bytes``, what the native kernel reads and writes (each
+  unfused eager program, plus ``native_bytes``, what the native kernels read and write (each
   tensor once per call). ``bytes_per_s`` achieved and ``copy_bw_ratio`` = that against the
   bandwidth of a large ``Tensor.copy_`` (read + write) in this process.
 * ``saved_bytes``: bytes saved for the meta-backward during the unroll (autograd's saved-tensor
@@ -72,7 +73,6 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import l2l_zoo  # noqa: E402
 from l2l_zoo import native, runs  # noqa: E402
-from l2l_zoo.optimizers import simple as simple_cell  # noqa: E402
 from l2l_zoo.cli import ArgumentParser, UsageError, output_file, parse_autocast, resolve_device, run_main  # noqa: E402
 from l2l_zoo.meta import MetaTrainConfig, MetaTrainer  # noqa: E402
 from l2l_zoo.regularizers import parse_smooth  # noqa: E402
@@ -297,14 +297,14 @@ def measure(case: str, a, device, tasks: dict, mm_rate: float, copy_bw: float) -
     # counted on one further truncation each (the counters slow it down; not timed)
     from torch.utils.flop_counter import FlopCounterMode
     fc = FlopCounterMode(display=False)
-    counts0 = dict(simple_cell.NATIVE_COUNTS)
+    counts0 = dict(native.COUNTS)
     truncation(tr, device, mode=fc)
-    native_flops = simple_cell.NATIVE_COUNTS["flops"] - counts0["flops"]
+    native_flops = native.COUNTS["flops"] - counts0["flops"]
     flops = fc.get_total_flops() + native_flops
     bc = ByteCounter()
-    counts0 = dict(simple_cell.NATIVE_COUNTS)
+    counts0 = dict(native.COUNTS)
     truncation(tr, device, mode=bc)
-    native_bytes = simple_cell.NATIVE_COUNTS["bytes"] - counts0["bytes"]  # the kernel's reads + writes
+    native_bytes = native.COUNTS["bytes"] - counts0["bytes"]  # the kernel's reads + writes
     traffic = bc.total + native_bytes
     saved = SavedBytes()
     run = tr._new_run()
@@ -406,7 +406,7 @@ def _main(a, cases, device) -> int:
     t_start = time.perf_counter()
     mm_rate = matmul_rate(a.matmul_size, device)
     copy_bw = copy_bandwidth(a.copy_mb, device)
-    native_on = native.simple_cell() is not None
+    native_on = native.simple_cell() is not None and native.lstm_cell() is not None
     print(f"device {device}, {torch.get_num_threads()} threads: square matmul n={a.matmul_size} "
           f"{mm_rate / 1e9:.1f} GFLOP/s; copy of {a.copy_mb} MB {copy_bw / 1e9:.1f} GB/s (read + write); "
           f"native kernels {'on' if native_on else 'off (torch fallback)'}")

@@ -1,7 +1,8 @@
 """Native (C) kernels, compiled at first use with the machine's C compiler and loaded with ctypes.
 
 Only kernels whose torch formulation is memory-bound and makes many passes over the same data live
-here (today: SimpleOptimizer's cell, ``optimizers/simple_cell.c``). Each has a torch fallback that
+here (today: SimpleOptimizer's cell, ``optimizers/simple_cell.c``, and one layer of DMOptimizer's and
+RNNProp's coordinate-wise LSTM, ``optimizers/lstm_cell.c``). Each has a torch fallback that
 is also its reference, and nothing depends on a kernel being present: without a C compiler, with
 ``L2L_ZOO_NATIVE=0``, or when compilation fails (reported once as a warning), the torch code runs.
 
@@ -27,9 +28,12 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["simple_cell", "enabled", "cache_dir"]
+__all__ = ["simple_cell", "lstm_cell", "enabled", "cache_dir", "COUNTS"]
 
 _SRC = Path(__file__).parent / "optimizers" / "simple_cell.c"
+_LSTM_SRC = Path(__file__).parent / "optimizers" / "lstm_cell.c"
+#: headers the sources include: hashed into every library's name, so a change rebuilds them
+_HEADERS = (Path(__file__).parent / "optimizers" / "native_math.h",)
 _LOCK = threading.Lock()
 _LIBS: dict = {}
 
@@ -80,7 +84,8 @@ def _build(src: Path):
 
 
 def _compile(src: Path, cc: str, version: str, flags: list) -> Path:
-    key = hashlib.sha256(src.read_bytes() + "\0".join([cc, version, *flags, _cpu_capability()]).encode())
+    key = hashlib.sha256(b"".join(f.read_bytes() for f in (src, *_HEADERS))
+                         + "\0".join([cc, version, *flags, _cpu_capability()]).encode())
     d = cache_dir()
     d.mkdir(parents=True, exist_ok=True, mode=0o700)
     _check_private(d)
@@ -114,7 +119,7 @@ def _check_private(path: Path) -> None:
 
 def _load(src: Path):
     """The library built from ``src``, or None (fallback) if native kernels are off or cannot be
-    built; a build failure is reported once per process."""
+    built; a build failure is reported once per process (the first source that fails)."""
     if not enabled():
         return None
     with _LOCK:
@@ -122,13 +127,19 @@ def _load(src: Path):
             try:
                 _LIBS[src] = _build(src)
             except (OSError, RuntimeError, subprocess.SubprocessError) as e:
-                warnings.warn(f"l2l_zoo: native kernels unavailable, using the torch code instead ({e})",
-                              RuntimeWarning, stacklevel=3)
+                if not any(v is None for v in _LIBS.values()):  # one warning per process, not per source
+                    warnings.warn(f"l2l_zoo: native kernels unavailable, using the torch code instead ({e})",
+                                  RuntimeWarning, stacklevel=3)
                 _LIBS[src] = None
         return _LIBS[src]
 
 
 _I64, _INT, _P = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p
+
+#: what the native kernel calls did, for benchmarks (torch's FLOP and byte counters cannot see inside
+#: them): tensor bytes read + written, and the FLOPs of the matrix products they replace.
+#: ``benchmarks/metatrain_speed.py`` adds the difference over a counted truncation.
+COUNTS = {"bytes": 0, "flops": 0}
 
 
 def simple_cell():
@@ -144,5 +155,22 @@ def simple_cell():
             b.restype = None
         lib.simple_cell_tanh_f32.argtypes = [_I64, _P, _P]
         lib.simple_cell_tanh_f32.restype = None
+        lib._typed = True
+    return lib
+
+
+def lstm_cell():
+    """The coordinate-wise LSTM layer kernels as a ctypes library with argument types set, or None."""
+    lib = _load(_LSTM_SRC)
+    if lib is not None and not getattr(lib, "_typed", False):
+        for t in ("f32", "f64"):
+            f = getattr(lib, f"lstm_forward_{t}")
+            f.argtypes = [_I64] * 3 + [_P, _INT] * 3 + [_P] * 4 + [_INT]
+            f.restype = None
+            b = getattr(lib, f"lstm_backward_{t}")
+            b.argtypes = [_I64] * 3 + [_P, _INT] * 3 + [_P] * 2 + [_P, _INT] * 2 + [_P] * 3 + [_INT] + [_P] * 3 + [_INT]
+            b.restype = None
+        lib.lstm_sigmoid_f32.argtypes = [_I64, _P, _P]
+        lib.lstm_sigmoid_f32.restype = None
         lib._typed = True
     return lib

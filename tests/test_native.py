@@ -336,3 +336,135 @@ def test_network_segments_passes_no_hidden_gradient_to_the_kernel(monkeypatch):
     f64 = F.double().requires_grad_(True)
     (ref,) = torch.autograd.grad(torch.func.vmap(lambda a, b: l64.network(a, (b,))[0])(f64, Hs.double()).pow(2).sum(), f64)
     torch.testing.assert_close(grad.double(), ref, rtol=2e-4, atol=1e-7)
+
+
+# ------------------------------------------------------------------ the coordinate-wise LSTM layer
+
+from l2l_zoo.base import reference_kernels  # noqa: E402
+from l2l_zoo.optimizers import features  # noqa: E402
+
+lstm_lib = native.lstm_cell()
+needs_lstm = pytest.mark.skipif(lstm_lib is None, reason="native kernels could not be built here (no C compiler)")
+
+
+def _lstm_run(m, x, hidden, reference, outputs=(0, 1, 2, 3, 4), seed=1):
+    """CoordLSTM ``m``'s outputs (top h, then h1, c1, h2, c2) and the gradients of a random weighting
+    of the ``outputs`` chosen w.r.t. the input, the hidden state and every weight."""
+    leaves = [x] + list(hidden)
+    with (reference_kernels() if reference else torch.enable_grad()):
+        top, new = m(x, hidden)
+    outs = (top,) + new
+    g = torch.Generator().manual_seed(seed)
+    loss = sum((outs[i] * torch.randn(outs[i].shape, generator=g, dtype=torch.float64).to(x.dtype)).sum()
+               for i in outputs)
+    grads = torch.autograd.grad(loss, leaves + list(m.parameters()), allow_unused=True)
+    return [o.detach() for o in outs] + list(grads)
+
+
+def _lstm_inputs(n, d, dtype, seed=0, column_major=False):
+    """A CoordLSTM and inputs; ``column_major``: x and the hidden state as (k, n) transposes, the
+    layout the kernel writes (read in place for whole blocks)."""
+    torch.manual_seed(seed)
+    m = features.CoordLSTM(d, 20, 2).to(dtype)
+    mk = (lambda k, s: (torch.randn(k, n, dtype=dtype) * s).t()) if column_major else (
+        lambda k, s: torch.randn(n, k, dtype=dtype) * s)
+    x = mk(d, 1.0).requires_grad_(True)
+    hidden = tuple(mk(20, 0.7).requires_grad_(True) for _ in range(4))
+    return m, x, hidden
+
+
+@needs_lstm
+@pytest.mark.parametrize("n,d,column_major", [(64, 2, False), (1000, 2, False), (1000, 2, True),
+                                              (64 * 16 * 2 + 5, 20, False), (64 * 16 * 2 + 5, 20, True)])
+def test_native_lstm_layer_equals_torch_formulas_in_float64(n, d, column_major, monkeypatch):
+    """The two-layer CoordLSTM through the native layer kernel against the torch formulas (the
+    reference path): outputs and every gradient to float64 rounding, for one block, a partial last
+    block, and several super-blocks (the unit of the ordered weight-gradient sums), with inputs in
+    either layout; also with only some outputs used (missing incoming gradients: None, not zeros)."""
+    calls = []
+    real = features._NativeLSTMLayer.apply
+    monkeypatch.setattr(features._NativeLSTMLayer, "apply", lambda *a: calls.append(1) or real(*a))
+    m, x, hidden = _lstm_inputs(n, d, torch.float64, column_major=column_major)
+    m.native_min = 0
+    for outputs in [(0, 1, 2, 3, 4), (0,), (2, 4), (1,)]:
+        got, ref = _lstm_run(m, x, hidden, False, outputs), _lstm_run(m, x, hidden, True, outputs)
+        for a, b in zip(got, ref):
+            if b is None:
+                assert a is None or float(a.abs().max()) == 0
+            else:
+                assert float(b.abs().max()) > 0
+                torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    assert len(calls) == 2 * 4  # two layers, four times; the reference path never called it
+
+
+@needs_lstm
+def test_native_lstm_float32_and_thread_count():
+    """float32: within rounding of the float64 torch formulas; and bit-identical on 1 and 2 threads."""
+    m, x, hidden = _lstm_inputs(3000, 2, torch.float64)
+    m.native_min = 0
+    ref = _lstm_run(m, x, hidden, True)
+    m32 = m.float()
+    x32, h32 = x.detach().float().requires_grad_(True), tuple(h.detach().float().requires_grad_(True) for h in hidden)
+    old = torch.get_num_threads()
+    try:
+        res = []
+        for t in (1, 2):
+            torch.set_num_threads(t)
+            res.append(_lstm_run(m32, x32, h32, False))
+    finally:
+        torch.set_num_threads(old)
+    for a, b in zip(*res):
+        assert torch.equal(a, b)
+    for a, b in zip(res[0], ref):
+        assert float((a.double() - b).abs().max()) <= 2e-5 * float(b.abs().max())
+
+
+@needs_lstm
+def test_native_sigmoid32_is_accurate_everywhere():
+    """The kernel's float32 sigmoid: relative error ≤ 3e-7 over [-87, 87] (small values keep their
+    relative accuracy), NaN stays NaN, ±inf gives 1 and a tiny positive value."""
+    x = torch.cat([torch.linspace(-100, 100, 400000), torch.tensor([0.0, -0.0, float("inf"), -float("inf"),
+                                                                     float("nan"), 1e-30, -1e-30, 87.5])])
+    y = torch.empty_like(x)
+    lstm_lib.lstm_sigmoid_f32(x.numel(), x.data_ptr(), y.data_ptr())
+    ref = torch.sigmoid(x.double())
+    fin = torch.isfinite(x) & (x.abs() < 87)
+    assert float(((y.double() - ref) / ref)[fin].abs().max()) <= 3e-7
+    assert y[-6] == 1 and 0 < float(y[-5]) < 1e-37 and torch.isnan(y[-4]) and y[-1] == 1
+
+
+@needs_lstm
+@pytest.mark.parametrize("name", ["dm", "rnnprop"])
+def test_dm_and_rnnprop_meta_train_through_the_native_layer(name, monkeypatch):
+    """A meta-gradient of DM and RNNProp (one unrolled optimizer step on a quadratic) goes through the
+    native layer and equals the reference path's in float64; inside torch.func.vmap, and below
+    ``native_min``, the torch formulas run."""
+    calls = []
+    real = features._NativeLSTMLayer.apply
+    monkeypatch.setattr(features._NativeLSTMLayer, "apply", lambda *a: calls.append(1) or real(*a))
+    torch.manual_seed(0)
+    lopt = l2l_zoo.create(name).to(torch.float64)
+    lopt.lstm.native_min = 2000
+    n = 3000
+    A = torch.rand(n, dtype=torch.float64) + 0.1
+
+    def meta_grad(reference):
+        theta = torch.randn(n, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+        state = lopt.init_state(n, dtype=torch.float64)
+        with (reference_kernels() if reference else torch.enable_grad()):
+            for _ in range(3):
+                grad = A * theta
+                step = lopt.step(grad, state)
+                theta, state = theta + step.updates, step.state
+            return torch.autograd.grad((A * theta * theta).sum(), list(lopt.parameters()))
+
+    got, ref = meta_grad(False), meta_grad(True)
+    assert len(calls) == 2 * 3
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+    calls.clear()
+    f = torch.randn(2, 100, lopt.lstm.cells[0].input_size, dtype=torch.float64)
+    h = tuple(torch.zeros(2, 100, 20, dtype=torch.float64) for _ in range(4))
+    lopt.lstm.native_min = 0
+    torch.func.vmap(lambda a, *b: lopt.lstm(a, b)[0])(f, *h)
+    assert calls == []

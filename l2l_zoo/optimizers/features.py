@@ -9,6 +9,9 @@ import math
 import torch
 from torch import nn
 
+from .. import native
+from ..base import fused_kernels_enabled
+
 __all__ = ["log_sign_preprocess", "adam_features", "CoordLSTM", "lstm_cell"]
 
 
@@ -68,14 +71,93 @@ def lstm_cell(x, h, c, w_t, b):
     return h_new, c_new
 
 
+class _NativeLSTMLayer(torch.autograd.Function):
+    """One LSTM layer over n coordinates, ``(x (n, d), h, c (n, H), W (4H, d + H), b (4H)) -> (h', c')``,
+    through ``lstm_cell.c``: forward and exact backward fused per block of 64 coordinates. The
+    backward recomputes the gates from the saved inputs, so no (n, 4H) activation is stored or read
+    again; the torch formulas (:func:`lstm_cell`) keep five. h' and c' (and the input gradients) are
+    column-major, (H, n) transposes, which is what the kernel reads fastest at the next step; inputs
+    may be either layout. First order only (as ``_FusedCell``); an output that is not used passes
+    ``None`` on (no zeros are built)."""
+
+    @staticmethod
+    def forward(ctx, x, h, c, W, b):
+        ctx.set_materialize_grads(False)
+        (x, x_cm), (h, h_cm), (c, c_cm) = map(_kernel_layout, (x, h, c))
+        W, b = W.detach().contiguous(), b.detach().contiguous()
+        (n, d), H = x.shape, h.shape[1]
+        h_out, c_out = h.new_empty(H, n).t(), h.new_empty(H, n).t()
+        getattr(native.lstm_cell(), "lstm_forward_" + _NATIVE_FN[x.dtype])(
+            n, d, H, x.data_ptr(), x_cm, h.data_ptr(), h_cm, c.data_ptr(), c_cm,
+            *(t.data_ptr() for t in (W, b, h_out, c_out)), torch.get_num_threads())
+        native.COUNTS["bytes"] += x.element_size() * n * (d + 4 * H)
+        native.COUNTS["flops"] += 2 * n * 4 * H * (d + H)
+        ctx.save_for_backward(x, h, c, W, b)
+        ctx.cm = (x_cm, h_cm, c_cm)
+        return h_out, c_out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dh_out, dc_out):
+        x, h, c, W, b = ctx.saved_tensors
+        (n, d), H = x.shape, h.shape[1]
+        need_x, need_h, need_c = ctx.needs_input_grad[:3]
+        need_w = ctx.needs_input_grad[3] or ctx.needs_input_grad[4]
+        # every tensor handed over is bound to a name here: a temporary could be freed before the call
+        (dh_out, dho_cm), (dc_out, dco_cm) = (_kernel_layout(t.to(x.dtype)) if t is not None else (None, 0)
+                                              for t in (dh_out, dc_out))
+        dx = x.new_empty(d, n).t() if need_x else None
+        dh = x.new_empty(H, n).t() if need_h else None
+        dc = x.new_empty(H, n).t() if need_c else None
+        dW, db = torch.empty_like(W), torch.empty_like(b)
+        part = x.new_empty(-(-n // (64 * 16)) * (W.numel() + b.numel()) if need_w else 1)
+        ptr = lambda t: None if t is None else t.data_ptr()  # noqa: E731
+        (x_cm, h_cm, c_cm) = ctx.cm
+        getattr(native.lstm_cell(), "lstm_backward_" + _NATIVE_FN[x.dtype])(
+            n, d, H, x.data_ptr(), x_cm, h.data_ptr(), h_cm, c.data_ptr(), c_cm, W.data_ptr(), b.data_ptr(),
+            ptr(dh_out), dho_cm, ptr(dc_out), dco_cm, *map(ptr, (dx, dh, dc)), int(bool(need_w)),
+            *map(ptr, (dW, db, part)), torch.get_num_threads())
+        native.COUNTS["bytes"] += x.element_size() * n * (2 * d + 6 * H)
+        native.COUNTS["flops"] += 2 * n * 4 * H * (d + H) * (bool(need_x or need_h) + bool(need_w))
+        return dx, dh, dc, (dW if need_w else None), (db if need_w else None)
+
+
+def _kernel_layout(t):
+    """``(t as lstm_cell.c reads it, cm)``: a column-major (n, k) tensor (the (k, n) transpose, what the
+    kernel writes) as it is with cm = 1, anything else row-major contiguous with cm = 0."""
+    t = t.detach()
+    if t.shape[1] > 1 and t.t().is_contiguous():
+        return t, 1
+    return t.contiguous(), 0
+
+
+_NATIVE_FN = {torch.float32: "f32", torch.float64: "f64"}
+
+
+def _functorch_wrapped(*ts) -> bool:
+    """True inside ``torch.func`` transforms (vmap, grad), where a custom kernel's Function does not run."""
+    is_f = getattr(torch._C._functorch, "is_functorch_wrapped_tensor", None)
+    is_b = getattr(torch._C._functorch, "is_batchedtensor", None)
+    return any((is_b is not None and is_b(t)) or (is_f is not None and is_f(t)) for t in ts)
+
+
 class CoordLSTM(nn.Module):
     """A stack of LSTM cells applied independently to every coordinate (rows share weights).
 
     Parameters are stored as ``nn.LSTMCell`` modules (same names, shapes and initialisation), so
     weights interchange with a plain ``nn.LSTMCell`` reference; the computation uses fused kernels.
     Without autograd the coordinates are processed in cache-sized chunks with in-place kernels,
-    which is 2-3x faster than ``nn.LSTMCell`` on CPU for ~10^5-10^6 coordinates.
+    which is 2-3x faster than ``nn.LSTMCell`` on CPU for ~10^5-10^6 coordinates. With autograd on
+    CPU (meta-training) each layer runs ``lstm_cell.c`` from ``native_min`` coordinates on
+    (:class:`_NativeLSTMLayer`; ``native = False`` or ``L2L_ZOO_NATIVE=0``: the torch formulas, which
+    stay the reference, ``tests/test_native.py``). The kernel computes tanh exactly where the torch
+    formulas use 2σ(2x) − 1 (a rounding-level difference in float32).
     """
+
+    #: the autograd path runs the native layer kernel where it can be built
+    native: bool = True
+    #: from this many coordinates (below it the torch formulas' per-call overhead is no larger)
+    native_min: int = 1024
 
     def __init__(self, input_size: int, hidden_size: int, num_layers: int = 2, chunk: int = 8192):
         super().__init__()
@@ -90,9 +172,18 @@ class CoordLSTM(nn.Module):
 
     def forward(self, x: torch.Tensor, hidden: tuple) -> tuple[torch.Tensor, tuple]:
         """``x``: (n, d_in); ``hidden``: (h_1, c_1, ..., h_L, c_L). Returns (top h, new hidden)."""
-        fused = [_fused_weights(cell) for cell in self.cells]
         if torch.is_grad_enabled() and (x.requires_grad or any(t.requires_grad for t in hidden)
                                         or any(p.requires_grad for p in self.parameters())):
+            if self._native_ok(x, hidden):
+                new, inp = [], x
+                for layer, cell in enumerate(self.cells):
+                    W = torch.cat((cell.weight_ih, cell.weight_hh), dim=1)
+                    h, c = _NativeLSTMLayer.apply(inp, hidden[2 * layer], hidden[2 * layer + 1], W,
+                                                  cell.bias_ih + cell.bias_hh)
+                    new += [h, c]
+                    inp = h
+                return inp, tuple(new)
+            fused = [_fused_weights(cell) for cell in self.cells]
             new, inp = [], x
             for layer, (w_t, b) in enumerate(fused):
                 h, c = lstm_cell(inp, hidden[2 * layer], hidden[2 * layer + 1], w_t, b)
@@ -100,7 +191,16 @@ class CoordLSTM(nn.Module):
                 inp = h
             return inp, tuple(new)
         with torch.no_grad():
-            return self._forward_chunked(x, hidden, fused)
+            return self._forward_chunked(x, hidden, [_fused_weights(cell) for cell in self.cells])
+
+    def _native_ok(self, x, hidden) -> bool:
+        """Whether the native layer kernel applies: asked for, fused kernels on (not
+        ``reference_kernels``), CPU, float32/float64 throughout, not inside a ``torch.func``
+        transform, at least ``native_min`` coordinates, and buildable."""
+        ts = (x, *hidden, self.cells[0].weight_ih)
+        return (self.native and fused_kernels_enabled() and x.shape[0] >= self.native_min
+                and x.dtype in _NATIVE_FN and all(t.device.type == "cpu" and t.dtype == x.dtype for t in ts)
+                and not _functorch_wrapped(*ts) and native.lstm_cell() is not None)
 
     def _forward_chunked(self, x, hidden, fused):
         n, H = x.shape[0], self.hidden_size

@@ -193,12 +193,10 @@ def _native_ok(use, *ts) -> bool:
 
 _NATIVE_FN = {torch.float32: "f32", torch.float64: "f64"}
 
-#: what the native kernel calls did, for benchmarks (torch's FLOP and byte counters cannot see inside
-#: them): tensor bytes read + written and the FLOPs of the matrix products they replace (those with
-#: W_hh, which the torch formulas run as mm/addmm; the rank-1 and matrix-vector products with w_ih
-#: and w_out are not counted there either).
-#: ``benchmarks/metatrain_speed.py`` adds the difference over a counted truncation.
-NATIVE_COUNTS = {"bytes": 0, "flops": 0}
+#: the native kernels' byte and FLOP counters (``native.COUNTS``); the FLOPs counted here are the
+#: products with W_hh, which the torch formulas run as mm/addmm (the rank-1 and matrix-vector products
+#: with w_ih and w_out are not counted there either)
+NATIVE_COUNTS = native.COUNTS
 _BLK = 256  # simple_cell.c's block of coordinates
 
 

@@ -20,32 +20,9 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "native_math.h"
+
 #define BLK 256
-
-/* tanh in float32, vectorisable: an odd Taylor polynomial for |x| < 0.25 (truncation error below
- * 1e-10), else (1 - e) / (1 + e) with e = exp(-2|x|) = 2^k p(f) (Cody-Waite split, degree-7
- * polynomial for 2^f on [-0.5, 0.5], error below 1e-8); saturates at |x| >= 9. */
-static inline float tanh32(float x) {
-    float ax = fabsf(x);
-    float z = ax > 9.0f ? 9.0f : ax;  /* NaN stays NaN */
-    float t = -2.0f * 1.4426950408889634f * z;
-    float k = (t + 12582912.0f) - 12582912.0f;  /* round to nearest (|t| < 2^22; no -ffast-math) */
-    float f = (t - k) * 0.6931471805599453f;
-    float p = 1.0f + f * (1.0f + f * (0.5f + f * (1.6666666666666666e-1f + f * (4.1666666666666664e-2f
-              + f * (8.3333333333333332e-3f + f * (1.3888888888888889e-3f + f * 1.9841269841269841e-4f))))));
-    int32_t bits = ((int32_t)k + 127) << 23;
-    float sc;
-    memcpy(&sc, &bits, sizeof sc);
-    float e = p * sc;
-    float big = (1.0f - e) / (1.0f + e);
-    float x2 = x * x;
-    float small = ax * (1.0f + x2 * (-3.3333333333333331e-1f + x2 * (1.3333333333333333e-1f
-                  + x2 * (-5.3968253968253971e-2f + x2 * (2.1869488536155203e-2f + x2 * -8.8632355299021973e-3f)))));
-    float r = ax < 0.25f ? small : big;
-    return copysignf(r, x);
-}
-
-static inline double tanh64(double x) { return tanh(x); }
 
 /* float32 blocks for the default hidden size H = 10, written with GCC/Clang vector extensions (8
  * lanes, one AVX register; narrower hardware gets the same code lowered by the compiler): the state
@@ -53,37 +30,6 @@ static inline double tanh64(double x) { return tanh(x); }
  * this path; a partial last block and other H use the generic loops. Same formulas and tanh32. */
 #define HV 10
 #define VL 8
-typedef float vf __attribute__((vector_size(32)));
-typedef int32_t vi __attribute__((vector_size(32)));
-
-static inline vf vld(const float *p) { vf v; memcpy(&v, p, sizeof v); return v; }
-static inline void vst(float *p, vf v) { memcpy(p, &v, sizeof v); }
-static inline vf vbc(float a) { vf v = {a, a, a, a, a, a, a, a}; return v; }
-static inline vi ibc(int32_t a) { vi v = {a, a, a, a, a, a, a, a}; return v; }
-static inline float vsum(vf v) {
-    return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7]));
-}
-static inline vf vsel(vi mask, vf a, vf b) { return (vf)((mask & (vi)a) | (~mask & (vi)b)); }
-
-/* tanh32 on eight lanes: the same operations as the scalar tanh32 */
-static inline vf vtanh32(vf x) {
-    vi sign = (vi)x & ibc((int32_t)0x80000000);
-    vf ax = (vf)((vi)x & ibc(0x7fffffff));
-    vf z = vsel(ax > vbc(9.0f), vbc(9.0f), ax);
-    vf t = vbc(-2.0f * 1.4426950408889634f) * z;
-    vf k = (t + vbc(12582912.0f)) - vbc(12582912.0f);
-    vf f = (t - k) * vbc(0.6931471805599453f);
-    vf p = vbc(1.0f) + f * (vbc(1.0f) + f * (vbc(0.5f) + f * (vbc(1.6666666666666666e-1f) + f * (vbc(4.1666666666666664e-2f)
-           + f * (vbc(8.3333333333333332e-3f) + f * (vbc(1.3888888888888889e-3f) + f * vbc(1.9841269841269841e-4f)))))));
-    vi bits = (__builtin_convertvector(k, vi) + ibc(127)) << 23;
-    vf e = p * (vf)bits;
-    vf big = (vbc(1.0f) - e) / (vbc(1.0f) + e);
-    vf x2 = x * x;
-    vf small = ax * (vbc(1.0f) + x2 * (vbc(-3.3333333333333331e-1f) + x2 * (vbc(1.3333333333333333e-1f)
-               + x2 * (vbc(-5.3968253968253971e-2f) + x2 * (vbc(2.1869488536155203e-2f) + x2 * vbc(-8.8632355299021973e-3f))))));
-    return (vf)((vi)vsel(ax < vbc(0.25f), small, big) | sign);
-}
-
 static void fwd_block_f32_h10(int64_t n, int64_t s, const float *g, const float *h, const float *w_ih,
                               const float *w_hh, const float *w_out, const float *bias, float *out,
                               float *u, float *pb) {
