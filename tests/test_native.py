@@ -9,7 +9,8 @@ import torch
 
 import l2l_zoo
 from l2l_zoo import native
-from l2l_zoo.optimizers import simple
+from l2l_zoo.base import reference_kernels
+from l2l_zoo.optimizers import features, simple
 
 lib = native.simple_cell()
 needs_lib = pytest.mark.skipif(lib is None, reason="native kernels could not be built here (no C compiler)")
@@ -200,8 +201,8 @@ def test_native_calls_are_counted_for_the_benchmarks():
 
 @needs_lib
 def test_a_compiler_without_openmp_builds_a_serial_kernel_with_the_same_results(tmp_path):
-    """A compiler that rejects -fopenmp (e.g. Apple clang) gets the kernel built without it: it
-    loads, and since the results do not depend on the thread count they equal the OpenMP build's."""
+    """A compiler that rejects -fopenmp (e.g. Apple clang) gets the kernels built without it: they
+    load, and since the results do not depend on the thread count they equal the OpenMP builds'."""
     import shutil
     real_cc = shutil.which("cc") or shutil.which("gcc")
     wrapper = tmp_path / "cc-no-openmp"
@@ -214,14 +215,19 @@ def test_a_compiler_without_openmp_builds_a_serial_kernel_with_the_same_results(
             "torch.manual_seed(0)\n"
             "g, hT, wi, wh, wo = torch.randn(5000), torch.randn(10, 5000), torch.randn(10, 1), torch.randn(10, 10), torch.randn(10)\n"
             "out = simple._cell_chunks(g, hT, wi, wh, wo, None, 100, True)\n"
+            "from l2l_zoo.optimizers import features\n"
+            "x, hc, W, b = torch.randn(3000, 2), torch.randn(3000, 20), torch.randn(80, 22), torch.randn(80)\n"
+            "out = out + features._NativeLSTMLayer.apply(x, hc, hc, W, b)\n"
             "print(' '.join(float(o.double().sum()).hex() for o in out))\n")
     env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "L2L_ZOO_CACHE": str(tmp_path / "cache"), "CC": str(wrapper)}
     r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
-    assert log.read_text().split() == ["refused", "built"]
+    assert log.read_text().split() == ["refused", "built", "refused", "built"]  # simple_cell.c, lstm_cell.c
     torch.manual_seed(0)
     g, hT, wi, wh, wo = torch.randn(5000), torch.randn(10, 5000), torch.randn(10, 1), torch.randn(10, 10), torch.randn(10)
     out = simple._cell_chunks(g, hT, wi, wh, wo, None, 100, True)
+    x, hc, W, b = torch.randn(3000, 2), torch.randn(3000, 20), torch.randn(80, 22), torch.randn(80)
+    out = out + features._NativeLSTMLayer.apply(x, hc, hc, W, b)
     assert r.stdout.split() == [float(o.double().sum()).hex() for o in out]
 
 
@@ -340,8 +346,6 @@ def test_network_segments_passes_no_hidden_gradient_to_the_kernel(monkeypatch):
 
 # ------------------------------------------------------------------ the coordinate-wise LSTM layer
 
-from l2l_zoo.base import reference_kernels  # noqa: E402
-from l2l_zoo.optimizers import features  # noqa: E402
 
 lstm_lib = native.lstm_cell()
 needs_lstm = pytest.mark.skipif(lstm_lib is None, reason="native kernels could not be built here (no C compiler)")
