@@ -1,6 +1,6 @@
-"""The native SimpleOptimizer cell (``l2l_zoo/optimizers/simple_cell.c`` via ``l2l_zoo.native``)
-against the torch formulas it replaces, its tanh against float64 tanh, thread-count independence,
-and the fallback when it cannot be built."""
+"""The native kernels (``l2l_zoo/optimizers/simple_cell.c`` and ``lstm_cell.c`` via ``l2l_zoo.native``)
+against the torch formulas they replace, their tanh and sigmoid against float64, thread-count
+independence, and the fallback when they cannot be built."""
 import subprocess
 import sys
 
