@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["simple_cell", "lstm_cell", "enabled", "cache_dir", "COUNTS"]
+__all__ = ["simple_cell", "lstm_cell", "enabled", "cache_dir", "COUNTS", "SUFFIX", "functorch_wrapped"]
 
 _SRC = Path(__file__).parent / "optimizers" / "simple_cell.c"
 _LSTM_SRC = Path(__file__).parent / "optimizers" / "lstm_cell.c"
@@ -140,6 +140,17 @@ _I64, _INT, _P = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p
 #: them): tensor bytes read + written, and the FLOPs of the matrix products they replace.
 #: ``benchmarks/metatrain_speed.py`` adds the difference over a counted truncation.
 COUNTS = {"bytes": 0, "flops": 0}
+
+#: the kernels' function-name suffix per dtype (the dtypes they are built for)
+SUFFIX = {torch.float32: "f32", torch.float64: "f64"}
+
+
+def functorch_wrapped(*ts) -> bool:
+    """True for tensors inside ``torch.func`` transforms (vmap, grad), where a kernel's autograd
+    Function does not run: callers use their torch formulas instead."""
+    is_b = getattr(torch._C._functorch, "is_batchedtensor", None)
+    is_f = getattr(torch._C._functorch, "is_functorch_wrapped_tensor", None)
+    return any(t is not None and ((is_b is not None and is_b(t)) or (is_f is not None and is_f(t))) for t in ts)
 
 
 def simple_cell():

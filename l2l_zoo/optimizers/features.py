@@ -87,7 +87,7 @@ class _NativeLSTMLayer(torch.autograd.Function):
         W, b = W.detach().contiguous(), b.detach().contiguous()
         (n, d), H = x.shape, h.shape[1]
         h_out, c_out = h.new_empty(H, n).t(), h.new_empty(H, n).t()
-        getattr(native.lstm_cell(), "lstm_forward_" + _NATIVE_FN[x.dtype])(
+        getattr(native.lstm_cell(), "lstm_forward_" + native.SUFFIX[x.dtype])(
             n, d, H, x.data_ptr(), x_cm, h.data_ptr(), h_cm, c.data_ptr(), c_cm,
             *(t.data_ptr() for t in (W, b, h_out, c_out)), torch.get_num_threads())
         native.COUNTS["bytes"] += x.element_size() * n * (d + 4 * H)
@@ -113,7 +113,7 @@ class _NativeLSTMLayer(torch.autograd.Function):
         part = x.new_empty(-(-n // (64 * 16)) * (W.numel() + b.numel()) if need_w else 1)
         ptr = lambda t: None if t is None else t.data_ptr()  # noqa: E731
         (x_cm, h_cm, c_cm) = ctx.cm
-        getattr(native.lstm_cell(), "lstm_backward_" + _NATIVE_FN[x.dtype])(
+        getattr(native.lstm_cell(), "lstm_backward_" + native.SUFFIX[x.dtype])(
             n, d, H, x.data_ptr(), x_cm, h.data_ptr(), h_cm, c.data_ptr(), c_cm, W.data_ptr(), b.data_ptr(),
             ptr(dh_out), dho_cm, ptr(dc_out), dco_cm, *map(ptr, (dx, dh, dc)), int(bool(need_w)),
             *map(ptr, (dW, db, part)), torch.get_num_threads())
@@ -129,16 +129,6 @@ def _kernel_layout(t):
     if t.shape[1] > 1 and t.t().is_contiguous():
         return t, 1
     return t.contiguous(), 0
-
-
-_NATIVE_FN = {torch.float32: "f32", torch.float64: "f64"}
-
-
-def _functorch_wrapped(*ts) -> bool:
-    """True inside ``torch.func`` transforms (vmap, grad), where a custom kernel's Function does not run."""
-    is_f = getattr(torch._C._functorch, "is_functorch_wrapped_tensor", None)
-    is_b = getattr(torch._C._functorch, "is_batchedtensor", None)
-    return any((is_b is not None and is_b(t)) or (is_f is not None and is_f(t)) for t in ts)
 
 
 class CoordLSTM(nn.Module):
@@ -199,8 +189,8 @@ class CoordLSTM(nn.Module):
         transform, at least ``native_min`` coordinates, and buildable."""
         ts = (x, *hidden, self.cells[0].weight_ih)
         return (self.native and fused_kernels_enabled() and x.shape[0] >= self.native_min
-                and x.dtype in _NATIVE_FN and all(t.device.type == "cpu" and t.dtype == x.dtype for t in ts)
-                and not _functorch_wrapped(*ts) and native.lstm_cell() is not None)
+                and x.dtype in native.SUFFIX and all(t.device.type == "cpu" and t.dtype == x.dtype for t in ts)
+                and not native.functorch_wrapped(*ts) and native.lstm_cell() is not None)
 
     def _forward_chunked(self, x, hidden, fused):
         n, H = x.shape[0], self.hidden_size

@@ -133,7 +133,7 @@ class SimpleOptimizer(LearnedOptimizer):
         """Whether ``_FusedCell`` can compute this step at all (size thresholds aside): asked for, no
         bias (``bias=True`` adds one to the RNN and the output layer together), fused kernels not
         switched off (``reference_kernels``), not inside a ``torch.func`` transform."""
-        return self.fused and self.bias_h is None and fused_kernels_enabled() and not _batched(feats, h)
+        return self.fused and self.bias_h is None and fused_kernels_enabled() and not native.functorch_wrapped(feats, h)
 
     def network_segments(self, feats, hidden):
         """``network``'s update for T independent problems stacked along a first dimension: ``feats``
@@ -186,12 +186,11 @@ def _native_ok(use, *ts) -> bool:
     """Whether the native cell kernels apply: asked for (``use``), CPU, float32 or float64, one dtype,
     and buildable (l2l_zoo.native)."""
     t0 = ts[0]
-    return (use and t0.device.type == "cpu" and t0.dtype in _NATIVE_FN
+    return (use and t0.device.type == "cpu" and t0.dtype in native.SUFFIX
             and all(t is None or (t.device.type == "cpu" and t.dtype == t0.dtype) for t in ts)
             and native.simple_cell() is not None)
 
 
-_NATIVE_FN = {torch.float32: "f32", torch.float64: "f64"}
 
 #: the native kernels' byte and FLOP counters (``native.COUNTS``); the FLOPs counted here are the
 #: products with W_hh, which the torch formulas run as mm/addmm (the rank-1 and matrix-vector products
@@ -217,7 +216,7 @@ def _native_forward(gv, hT, w_ih, w_hh, w_out, bias, seg=None):
     newT, u = hT.new_empty(H, n), hT.new_empty(n)
     h_sum = hT.new_empty(nseg, H) if seg != n else hT.new_empty(H)
     part = hT.new_empty(nseg * -(-seg // _BLK) * H)
-    getattr(native.simple_cell(), "simple_cell_forward_" + _NATIVE_FN[hT.dtype])(
+    getattr(native.simple_cell(), "simple_cell_forward_" + native.SUFFIX[hT.dtype])(
         n, seg, H, *map(_ptr, (gv, hT, w_ih, w_hh, w_out, bias, newT, u, h_sum, part)), torch.get_num_threads())
     NATIVE_COUNTS["bytes"] += hT.element_size() * (2 * H * n + 2 * n)  # g, h read; h', u written
     NATIVE_COUNTS["flops"] += 2 * n * H * H
@@ -264,19 +263,12 @@ def _native_backward(gv, hT, newT, w_ih, w_hh, w_out, d_h, d_u, d_sum, need_g, n
     dhT = newT.new_empty(H, n) if need_h else None
     dw_ih, dw_hh, dw_out = w_ih.new_zeros(H), w_hh.new_zeros(H, H), w_out.new_zeros(H)
     part = newT.new_empty(n // seg * -(-seg // _BLK) * (H * H + 2 * H))
-    getattr(native.simple_cell(), "simple_cell_backward_" + _NATIVE_FN[newT.dtype])(
+    getattr(native.simple_cell(), "simple_cell_backward_" + native.SUFFIX[newT.dtype])(
         n, seg, H, *map(_ptr, (gv, hT, newT, w_ih, w_hh, w_out, dT, d_u, d_sum, dg, dhT)),
         int(bool(need_w)), *map(_ptr, (dw_ih, dw_hh, dw_out, part)), torch.get_num_threads())
     NATIVE_COUNTS["bytes"] += newT.element_size() * ((3 - (dT is None)) * H * n + 2 * n + (H * n + n) * bool(need_h))
     NATIVE_COUNTS["flops"] += 2 * n * H * H * (bool(need_w) + bool(need_h))
     return dg, dhT, dw_ih, dw_hh, dw_out
-
-
-def _batched(*ts) -> bool:
-    """True inside ``torch.func`` transforms (vmap), where the fused cell's Function does not run."""
-    is_b = getattr(torch._C._functorch, "is_batchedtensor", None)
-    is_f = getattr(torch._C._functorch, "is_functorch_wrapped_tensor", None)
-    return any((is_b is not None and is_b(t)) or (is_f is not None and is_f(t)) for t in ts)
 
 
 class _FusedCell(torch.autograd.Function):
