@@ -115,15 +115,15 @@ def _mnist_simple(name: str, flags: tuple, summary: str, paper: str) -> ZooEntry
 
 
 ENTRIES: dict[str, ZooEntry] = {e.name: e for e in (
-    _mnist_simple("simple-smooth/mnist-mlp", ("--smooth", "eps=0.1"),
+    _mnist_simple("simple-smooth/mnist-mlp", ("--smooth", "eps=0.1", "--meta-steps", "360"),
                   "SimpleOptimizer (bias-free, embedding sharing, weighted-difference meta-loss) meta-trained "
                   "360 meta-steps with the smoothness regularizer (eps=0.1) on the MNIST MLP 784-500-10: "
-                  "the README's flagship",
+                  "the README's flagship until 2026-12-07 (now meta-trained 720 meta-steps)",
                   "Chen et al. 2020 (SimpleOptimizer, §3); the smoothness paper (§4, Algorithm 1)"),
-    _mnist_simple("simple/mnist-mlp", (),
+    _mnist_simple("simple/mnist-mlp", ("--meta-steps", "360"),
                   "SimpleOptimizer meta-trained 360 meta-steps without smoothing on the MNIST MLP 784-500-10",
                   "Chen et al. 2020 (SimpleOptimizer, §3)"),
-    _mnist_simple("simple-sumloss/mnist-mlp", ("--meta-loss", "sum"),
+    _mnist_simple("simple-sumloss/mnist-mlp", ("--meta-loss", "sum", "--meta-steps", "360"),
                   "SimpleOptimizer meta-trained 360 meta-steps with the plain sum of losses as meta-loss (the "
                   "DM meta-loss; Chen et al.'s ablation, which beats their weighted difference on this task) "
                   "on the MNIST MLP 784-500-10: the best learned optimizer of the zoo here",
