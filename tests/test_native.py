@@ -473,3 +473,23 @@ def test_dm_and_rnnprop_meta_train_through_the_native_layer(name, monkeypatch):
     lopt.lstm.native_min = 0
     torch.func.vmap(lambda a, *b: lopt.lstm(a, b)[0])(f, *h)
     assert calls == []
+
+
+@needs_lstm
+def test_native_lstm_with_frozen_weights_needs_no_weight_gradient_scratch():
+    """Weights that do not require grad (need_w = 0): the kernel gets a one-value scratch buffer and
+    must not write its weight-gradient partial sums there; the input and state gradients still
+    equal the torch formulas in float64 (several super-blocks)."""
+    m, x, hidden = _lstm_inputs(64 * 16 * 3 + 7, 2, torch.float64)
+    m.native_min = 0
+    m.requires_grad_(False)
+
+    def run(reference):
+        with (reference_kernels() if reference else torch.enable_grad()):
+            top, new = m(x, hidden)
+        w = torch.randn(top.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+        return [top.detach()] + list(torch.autograd.grad((top * w).sum() + new[1].sum(), [x, *hidden]))
+
+    for a, b in zip(run(False), run(True)):
+        assert float(b.abs().max()) > 0
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)

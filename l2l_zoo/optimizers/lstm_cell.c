@@ -118,7 +118,8 @@ void lstm_forward_##SFX(int64_t n, int64_t d, int64_t H, const T *x, int x_cm, c
  *   dp = [dc_tot g i(1-i), dc_tot c f(1-f), dc_tot i (1-g^2), dh' tanh(c') o(1-o)]                   \
  *   [dx, dh] = W^T dp     dW = dp z^T     db = sum dp                                                \
  * dx, dh, dc (column-major) may be NULL (not needed); need_w = 0 skips dW and db (outputs,           \
- * overwritten). part: scratch of nsup * (4H K + 4H) values, nsup = ceil(n / (LB SB)). */             \
+ * overwritten) and does not touch part, else scratch of nsup * (4H K + 4H) values,                   \
+ * nsup = ceil(n / (LB SB)). */                                                                       \
 void lstm_backward_##SFX(int64_t n, int64_t d, int64_t H, const T *x, int x_cm, const T *h, int h_cm, \
                          const T *c, int c_cm, const T *W, const T *b, const T *dh_out, int dho_cm,   \
                          const T *dc_out, int dco_cm, T *dx, T *dh, T *dc, int need_w, T *dW, T *db,  \
@@ -136,7 +137,7 @@ void lstm_backward_##SFX(int64_t n, int64_t d, int64_t H, const T *x, int x_cm, 
         T *pv = (T *)malloc((size_t)(WS * L) * sizeof(T));  /* WS vectors, unaligned: VLD/VST */      \
         _Pragma("omp for schedule(static)")                                                           \
         for (int64_t sup = 0; sup < nsup; sup++) {                                                    \
-            for (int64_t q = 0; q < WS * L; q++) pv[q] = 0;                                           \
+            if (need_w) for (int64_t q = 0; q < WS * L; q++) pv[q] = 0;                               \
             int64_t bend = (sup + 1) * SB < nblk ? (sup + 1) * SB : nblk;                             \
             for (int64_t blk = sup * SB; blk < bend; blk++) {                                         \
                 int64_t s = blk * LB, m = n - s < LB ? n - s : LB;                                    \
@@ -192,7 +193,7 @@ void lstm_backward_##SFX(int64_t n, int64_t d, int64_t H, const T *x, int x_cm, 
                     }                                                                                 \
                 }                                                                                     \
             }                                                                                         \
-            for (int64_t q = 0; q < WS; q++) part[sup * WS + q] = VSUM(VLD(pv + q * L));              \
+            if (need_w) for (int64_t q = 0; q < WS; q++) part[sup * WS + q] = VSUM(VLD(pv + q * L));  \
         }                                                                                             \
         free(pv);                                                                                     \
         free(Z);                                                                                      \

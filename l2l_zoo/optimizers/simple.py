@@ -191,7 +191,6 @@ def _native_ok(use, *ts) -> bool:
             and native.simple_cell() is not None)
 
 
-
 #: the native kernels' byte and FLOP counters (``native.COUNTS``); the FLOPs counted here are the
 #: products with W_hh, which the torch formulas run as mm/addmm (the rank-1 and matrix-vector products
 #: with w_ih and w_out are not counted there either)
