@@ -20,7 +20,6 @@ import os
 from collections import Counter
 from typing import Iterable, Sequence
 
-from . import runs
 from .zoo import LOAD_PREFIX
 
 __all__ = ["LeaderboardError", "SETUP_KEYS", "build", "to_markdown"]

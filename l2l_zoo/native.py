@@ -28,7 +28,8 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["simple_cell", "lstm_cell", "enabled", "cache_dir", "COUNTS", "SUFFIX", "functorch_wrapped"]
+__all__ = ["simple_cell", "lstm_cell", "enabled", "cache_dir", "COUNTS", "SUFFIX", "functorch_wrapped", "ptr",
+           "plain_cpu"]
 
 _SRC = Path(__file__).parent / "optimizers" / "simple_cell.c"
 _LSTM_SRC = Path(__file__).parent / "optimizers" / "lstm_cell.c"
@@ -145,6 +146,18 @@ COUNTS = {"bytes": 0, "flops": 0}
 SUFFIX = {torch.float32: "f32", torch.float64: "f64"}
 
 
+def ptr(t) -> int | None:
+    """A tensor's data pointer for a kernel argument; None (NULL) for an absent tensor."""
+    return None if t is None else t.data_ptr()
+
+
+def plain_cpu(*ts) -> bool:
+    """Whether tensors suit the kernels: on the CPU, all of the first one's dtype, and that dtype one
+    they are built for (``SUFFIX``); None entries (absent tensors) are skipped."""
+    t0 = ts[0]
+    return t0.dtype in SUFFIX and all(t is None or (t.device.type == "cpu" and t.dtype == t0.dtype) for t in ts)
+
+
 def functorch_wrapped(*ts) -> bool:
     """True for tensors inside ``torch.func`` transforms (vmap, grad), where a kernel's autograd
     Function does not run: callers use their torch formulas instead."""
@@ -166,6 +179,8 @@ def simple_cell():
             b.restype = None
         lib.simple_cell_tanh_f32.argtypes = [_I64, _P, _P]
         lib.simple_cell_tanh_f32.restype = None
+        for f in (lib.simple_cell_forward_scratch, lib.simple_cell_backward_scratch):
+            f.argtypes, f.restype = [_I64] * 3, _I64
         lib._typed = True
     return lib
 
@@ -183,5 +198,6 @@ def lstm_cell():
             b.restype = None
         lib.lstm_sigmoid_f32.argtypes = [_I64, _P, _P]
         lib.lstm_sigmoid_f32.restype = None
+        lib.lstm_backward_scratch.argtypes, lib.lstm_backward_scratch.restype = [_I64] * 3, _I64
         lib._typed = True
     return lib

@@ -8,7 +8,6 @@ of hidden size 20 with both PyTorch bias vectors, Linear(20→1): 1920 + 3360 + 
 """
 from __future__ import annotations
 
-import torch
 from torch import nn
 
 from ..base import LearnedOptimizer, MetaDefaults, OptState

@@ -110,10 +110,12 @@ class _NativeLSTMLayer(torch.autograd.Function):
         dh = x.new_empty(H, n).t() if need_h else None
         dc = x.new_empty(H, n).t() if need_c else None
         dW, db = torch.empty_like(W), torch.empty_like(b)
-        part = x.new_empty(-(-n // (64 * 16)) * (W.numel() + b.numel()) if need_w else 1)
-        ptr = lambda t: None if t is None else t.data_ptr()  # noqa: E731
+        lib = native.lstm_cell()
+        # the kernel's ordered weight-gradient partial sums (it does not touch part when need_w = 0)
+        part = x.new_empty(lib.lstm_backward_scratch(n, d, H)) if need_w else None
+        ptr = native.ptr
         (x_cm, h_cm, c_cm) = ctx.cm
-        getattr(native.lstm_cell(), "lstm_backward_" + native.SUFFIX[x.dtype])(
+        getattr(lib, "lstm_backward_" + native.SUFFIX[x.dtype])(
             n, d, H, x.data_ptr(), x_cm, h.data_ptr(), h_cm, c.data_ptr(), c_cm, W.data_ptr(), b.data_ptr(),
             ptr(dh_out), dho_cm, ptr(dc_out), dco_cm, *map(ptr, (dx, dh, dc)), int(bool(need_w)),
             *map(ptr, (dW, db, part)), torch.get_num_threads())
@@ -189,7 +191,7 @@ class CoordLSTM(nn.Module):
         transform, at least ``native_min`` coordinates, and buildable."""
         ts = (x, *hidden, self.cells[0].weight_ih)
         return (self.native and fused_kernels_enabled() and x.shape[0] >= self.native_min
-                and x.dtype in native.SUFFIX and all(t.device.type == "cpu" and t.dtype == x.dtype for t in ts)
+                and native.plain_cpu(*ts)
                 and not native.functorch_wrapped(*ts) and native.lstm_cell() is not None)
 
     def _forward_chunked(self, x, hidden, fused):

@@ -210,6 +210,12 @@ void lstm_backward_##SFX(int64_t n, int64_t d, int64_t H, const T *x, int x_cm, 
 LSTM_KERNELS(float, vf, 8, f32, vld, vst, vbc, vsum, vtanh32, vsigmoid32)
 LSTM_KERNELS(double, vd, 4, f64, vldd, vstd, vbcd, vsumd, vtanh64, vsigmoid64)
 
+/* the scratch (values) that lstm_backward's part must hold when need_w = 1 */
+int64_t lstm_backward_scratch(int64_t n, int64_t d, int64_t H) {
+    int64_t nsup = ((n + LB - 1) / LB + SB - 1) / SB;
+    return nsup * (4 * H * (d + H) + 4 * H);
+}
+
 /* the float32 sigmoid alone, so that its accuracy is tested (tests/test_native.py); n a multiple of 8 */
 void lstm_sigmoid_f32(int64_t n, const float *x, float *y) {
     for (int64_t i = 0; i + 8 <= n; i += 8) vst(y + i, vsigmoid32(vld(x + i)));

@@ -185,21 +185,13 @@ class SimpleOptimizer(LearnedOptimizer):
 def _native_ok(use, *ts) -> bool:
     """Whether the native cell kernels apply: asked for (``use``), CPU, float32 or float64, one dtype,
     and buildable (l2l_zoo.native)."""
-    t0 = ts[0]
-    return (use and t0.device.type == "cpu" and t0.dtype in native.SUFFIX
-            and all(t is None or (t.device.type == "cpu" and t.dtype == t0.dtype) for t in ts)
-            and native.simple_cell() is not None)
+    return use and native.plain_cpu(*ts) and native.simple_cell() is not None
 
 
 #: the native kernels' byte and FLOP counters (``native.COUNTS``); the FLOPs counted here are the
 #: products with W_hh, which the torch formulas run as mm/addmm (the rank-1 and matrix-vector products
 #: with w_ih and w_out are not counted there either)
 NATIVE_COUNTS = native.COUNTS
-_BLK = 256  # simple_cell.c's block of coordinates
-
-
-def _ptr(t):
-    return None if t is None else t.data_ptr()
 
 
 def _native_forward(gv, hT, w_ih, w_hh, w_out, bias, seg=None):
@@ -214,9 +206,10 @@ def _native_forward(gv, hT, w_ih, w_hh, w_out, bias, seg=None):
     nseg = n // seg
     newT, u = hT.new_empty(H, n), hT.new_empty(n)
     h_sum = hT.new_empty(nseg, H) if seg != n else hT.new_empty(H)
-    part = hT.new_empty(nseg * -(-seg // _BLK) * H)
-    getattr(native.simple_cell(), "simple_cell_forward_" + native.SUFFIX[hT.dtype])(
-        n, seg, H, *map(_ptr, (gv, hT, w_ih, w_hh, w_out, bias, newT, u, h_sum, part)), torch.get_num_threads())
+    lib = native.simple_cell()
+    part = hT.new_empty(lib.simple_cell_forward_scratch(n, seg, H))
+    getattr(lib, "simple_cell_forward_" + native.SUFFIX[hT.dtype])(
+        n, seg, H, *map(native.ptr, (gv, hT, w_ih, w_hh, w_out, bias, newT, u, h_sum, part)), torch.get_num_threads())
     NATIVE_COUNTS["bytes"] += hT.element_size() * (2 * H * n + 2 * n)  # g, h read; h', u written
     NATIVE_COUNTS["flops"] += 2 * n * H * H
     return newT, u, h_sum
@@ -261,10 +254,11 @@ def _native_backward(gv, hT, newT, w_ih, w_hh, w_out, d_h, d_u, d_sum, need_g, n
     dg = gv.new_empty(n) if need_g else None
     dhT = newT.new_empty(H, n) if need_h else None
     dw_ih, dw_hh, dw_out = w_ih.new_zeros(H), w_hh.new_zeros(H, H), w_out.new_zeros(H)
-    part = newT.new_empty(n // seg * -(-seg // _BLK) * (H * H + 2 * H))
-    getattr(native.simple_cell(), "simple_cell_backward_" + native.SUFFIX[newT.dtype])(
-        n, seg, H, *map(_ptr, (gv, hT, newT, w_ih, w_hh, w_out, dT, d_u, d_sum, dg, dhT)),
-        int(bool(need_w)), *map(_ptr, (dw_ih, dw_hh, dw_out, part)), torch.get_num_threads())
+    lib = native.simple_cell()
+    part = newT.new_empty(lib.simple_cell_backward_scratch(n, seg, H))
+    getattr(lib, "simple_cell_backward_" + native.SUFFIX[newT.dtype])(
+        n, seg, H, *map(native.ptr, (gv, hT, newT, w_ih, w_hh, w_out, dT, d_u, d_sum, dg, dhT)),
+        int(bool(need_w)), *map(native.ptr, (dw_ih, dw_hh, dw_out, part)), torch.get_num_threads())
     NATIVE_COUNTS["bytes"] += newT.element_size() * ((3 - (dT is None)) * H * n + 2 * n + (H * n + n) * bool(need_h))
     NATIVE_COUNTS["flops"] += 2 * n * H * H * (bool(need_w) + bool(need_h))
     return dg, dhT, dw_ih, dw_hh, dw_out

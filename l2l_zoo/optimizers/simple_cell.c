@@ -274,6 +274,14 @@ CELL_FORWARD(double, simple_cell_forward_f64, tanh64, 0)
 CELL_BACKWARD(float, simple_cell_backward_f32, 1)
 CELL_BACKWARD(double, simple_cell_backward_f64, 0)
 
+/* the scratch (values) that part must hold: the Python side allocates it, the kernels define it */
+int64_t simple_cell_forward_scratch(int64_t n, int64_t seg, int64_t H) {
+    return (n / seg) * ((seg + BLK - 1) / BLK) * H;
+}
+int64_t simple_cell_backward_scratch(int64_t n, int64_t seg, int64_t H) {
+    return (n / seg) * ((seg + BLK - 1) / BLK) * (H * H + 2 * H);
+}
+
 /* the float32 tanh alone, so that its accuracy is tested (tests/test_native.py) */
 void simple_cell_tanh_f32(int64_t n, const float *x, float *y) {
     _Pragma("omp simd")
