@@ -24,7 +24,8 @@ Methods (every run: same initialisation and data order per seed):
   meta-test gate layout) for thirds of training, γ from the training perplexity at each switch;
 * ``SGD + Val Strategy`` / ``Adam + Val Strategy`` (paper: α0 20 and 0.01 with β1 = 0): divide the rate
   by 4 when the validation loss did not decrease over an epoch; α0 tuned over ``--sgd-grid`` /
-  ``--adam-grid`` by final validation perplexity on the first seed.
+  ``--adam-grid`` by final validation perplexity on the first seed (``--baselines`` picks which run;
+  ``none`` meta-trains and evaluates MLR-SNet alone).
 
 Under ``torchrun`` (``torchrun --nproc_per_node P benchmarks/mlrsnet_ptb.py``, ``--batch-size`` a
 multiple of P) MLR-SNet's meta-training is data-parallel: each process trains on its share of the
@@ -79,6 +80,7 @@ class Config:
     meta_lr: float
     sgd_grid: list
     adam_grid: list
+    baselines: list
     official: bool
     transfer: list
     seeds: list
@@ -90,6 +92,10 @@ class Config:
     out: str
     resume: bool
     progress: bool
+
+
+#: the tuned Val Strategy baselines (``--baselines``)
+BASELINES = ("sgd", "adam")
 
 
 def build_parser() -> ArgumentParser:
@@ -109,6 +115,8 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--sgd-grid", default="20,10", help="initial rates tried for SGD + Val Strategy (paper: 20)")
     p.add_argument("--adam-grid", default="0.01,0.003",
                    help="initial rates tried for Adam + Val Strategy (paper: 0.01)")
+    p.add_argument("--baselines", default=",".join(BASELINES),
+                   help=f"the Val Strategy baselines to tune and run: none or a comma list from {list(BASELINES)}")
     p.add_argument("--no-official", action="store_true", help="skip the authors' released nets")
     p.add_argument("--transfer", default=None, metavar="PATHS",
                    help="comma list of our saved MLR-SNet nets (e.g. from mlrsnet_cifar.py) to transfer too")
@@ -143,6 +151,10 @@ def parse_config(argv=None) -> Config:
             raise UsageError(f"{flag} must be > 0, got {val}")
     if not (math.isfinite(a.weight_decay) and a.weight_decay >= 0):
         raise UsageError(f"--weight-decay must be >= 0, got {a.weight_decay}")
+    baselines = [] if a.baselines.strip() == "none" else [b.strip() for b in a.baselines.split(",") if b.strip()]
+    bad = [b for b in baselines if b not in BASELINES]
+    if bad or not baselines and a.baselines.strip() != "none":
+        raise UsageError(f"--baselines must be 'none' or a comma list from {list(BASELINES)}, got {a.baselines!r}")
     transfer = [s.strip() for s in (a.transfer or "").split(",") if s.strip()]
     for t in transfer:
         if not os.path.isfile(t):
@@ -164,7 +176,8 @@ def parse_config(argv=None) -> Config:
     return Config(epochs=a.epochs, hidden=a.hidden, layers=a.layers, dropout=a.dropout, batch_size=a.batch_size,
                   bptt=a.bptt, clip=a.clip, weight_decay=a.weight_decay, val_fraction=a.val_fraction, t_val=a.t_val,
                   meta_lr=a.meta_lr, sgd_grid=parse_floats(a.sgd_grid, "--sgd-grid"),
-                  adam_grid=parse_floats(a.adam_grid, "--adam-grid"), official=not a.no_official,
+                  adam_grid=parse_floats(a.adam_grid, "--adam-grid"), baselines=baselines,
+                  official=not a.no_official,
                   transfer=transfer, seeds=parse_seeds(a.seeds), evals=a.evals,
                   autocast=autocast_dtype, threads=a.threads, device=a.device,
                   data_dir=a.data_dir, out=a.out, resume=a.resume, progress=not a.no_progress)
@@ -293,7 +306,7 @@ class ValStrategy:
 # ---------------------------------------------------------------------------------- runs
 
 # Which results each field decides (a test checks that every field is classified).
-SELECTION_KEYS = ("seeds", "official", "transfer", "sgd_grid", "adam_grid")
+SELECTION_KEYS = ("seeds", "official", "transfer", "sgd_grid", "adam_grid", "baselines")
 NO_RESULT_KEYS = ("out", "resume", "progress")
 DIVERGENCE_LOSS = 1e4
 
@@ -449,6 +462,8 @@ def _main(cfg: Config, worker: bool = False) -> int:
 
     # 3. Tuned baselines with the Val Strategy.
     for name, grid in (("SGD", cfg.sgd_grid), ("Adam", cfg.adam_grid)):
+        if name.lower() not in cfg.baselines:
+            continue
         def make_b(lr, name=name):
             def make(model):
                 opt = (torch.optim.SGD(model.parameters(), lr=lr, weight_decay=cfg.weight_decay) if name == "SGD" else

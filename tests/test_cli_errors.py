@@ -162,6 +162,7 @@ CASES = [
     ("mlrsnet_ptb", "--transfer {text}", "text file"),
     ("mlrsnet_ptb", "--transfer {dm_opt}", "holds a 'dm' optimizer, not an MLR-SNet"),
     ("mlrsnet_ptb", "--val-fraction 0.9", "--val-fraction must be in (0, 0.5)"),
+    ("mlrsnet_ptb", "--baselines sgd,lion", "--baselines must be 'none' or a comma list from ['sgd', 'adam'], got 'sgd,lion'"),
     ("mlrsnet_ptb", "--out {file}", "is an existing file"),
     # ------------------------------------------------------------------ mlrsnet_overhead
     ("mlrsnet_overhead", "--steps 2 --warmup 0", "--warmup + --steps must be >= 3"),

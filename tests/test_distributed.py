@@ -469,12 +469,13 @@ def test_torchrun_mlrsnet_ptb_meta_trains_like_one_process(data_dir, tmp_path):
     first 5 steps, 1e-4 over 20: at SGD rate ~20 rounding differences grow fast), and rank 0 alone
     writes --out."""
     flags = ["--epochs", "1", "--hidden", "16", "--layers", "1", "--dropout", "0", "--no-official",
-             "--sgd-grid", "10", "--adam-grid", "0.01", "--evals", "1", "--no-progress", "--data-dir", data_dir]
+             "--baselines", "none", "--evals", "1", "--no-progress", "--data-dir", data_dir]
     two, one = _two_and_one(tmp_path, os.path.join(ROOT, "benchmarks", "mlrsnet_ptb.py"), flags,
                             29500 + os.getpid() % 190)
     key = "ptb/MLR-SNet (meta-train)"
     ra, rb = two["runs"][key][0], one["runs"][key][0]
     assert ra["world_size"] == 2 and rb["world_size"] == 1
+    assert sorted(two["runs"]) == sorted(one["runs"]) == [key]  # --baselines none: no SGD or Adam runs
     a, b = ra["step_log"], rb["step_log"]
     assert len(a["loss"]) == len(b["loss"]) > 20
     for k in ("loss", "lr"):  # rounding grows at SGD rate ~20: 1e-6 over 5 steps, ~3e-5 by step 13 (measured)
