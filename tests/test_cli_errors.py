@@ -101,6 +101,17 @@ CASES = [
     ("mnist_mlp", "--opt sgd --seeds -1", "--seeds must be"),
     ("mnist_mlp", "--opt sgd --lr-grid 0.1,abc", "--lr-grid must be a comma list of numbers"),
     ("mnist_mlp", "--opt sgd --eval-steps abc", "invalid int value: 'abc'"),
+    # (formerly tests/test_cli.py, one subprocess each: the entry point itself is checked below)
+    ("mnist_mlp", "--opt simple --smooth eps=abc", "eps must be a number, got 'abc'"),
+    ("mnist_mlp", "--opt simple --smooth eps=0.1,gamma=2", "unknown key 'gamma'"),
+    ("mnist_mlp", "--opt simple --task resnet", "--task must be one of"),
+    ("mnist_mlp", "--opt simple --seeds 0,x", "--seeds must be"),
+    ("mnist_mlp", "--opt simple --meta-loss mean", "--meta-loss must be one of"),
+    ("mnist_mlp", "--opt sgd --smooth eps=0.1", "--smooth applies to learned optimizers"),
+    ("mnist_mlp", "--opt prodigy --smooth eps=0.1", "--smooth applies to learned optimizers"),
+    ("mnist_mlp", "--opt simple --baselines sgd,lion", "--baselines must be 'none' or a comma list from "
+     "['sgd', 'sgdm', 'adam', 'prodigy', 'sf-adamw'], got ['lion']"),
+    ("mnist_mlp", "--opt simple --opt-config hiden=3 --meta-steps 1", "unknown option(s) ['hiden']"),
     # ------------------------------------------------------------------ simple_ablation
     ("simple_ablation", "--variants full,nope", "--variants must be"),
     ("simple_ablation", "--meta-steps 0", "--meta-steps must be >= 1"),
