@@ -62,7 +62,8 @@ import l2l_zoo  # noqa: E402
 from l2l_zoo import MLRSNet  # noqa: E402
 from l2l_zoo import runs  # noqa: E402
 from l2l_zoo.cli import (ArgumentParser, UsageError, distributed_main, parse_autocast,  # noqa: E402
-                         parse_floats, parse_seeds, resolve_device, run_main, torchrun_world_size)
+                         parse_choices, parse_floats, parse_seeds, resolve_device, run_main,
+                         torchrun_world_size)
 from l2l_zoo.meta.distributed import dist_world, my_share  # noqa: E402
 from l2l_zoo.meta.mlrsnet import MLRSNetMetaTrainer, MLRSNetTrainConfig, select_snapshots  # noqa: E402
 from l2l_zoo.schedules.baselines import BASELINES as HAND_DESIGNED, make_baseline  # noqa: E402
@@ -155,16 +156,6 @@ def build_parser() -> ArgumentParser:
     return p
 
 
-def _list(spec: str, allowed, flag: str) -> list:
-    if spec.strip() == "none":
-        return []
-    vals = [s.strip() for s in spec.split(",") if s.strip()]
-    bad = [v for v in vals if v not in allowed]
-    if bad or not vals:
-        raise UsageError(f"{flag} must be 'none' or a comma list from {list(allowed)}, got {spec!r}")
-    return vals
-
-
 def parse_config(argv=None) -> Config:
     a = build_parser().parse_args(argv)
     for flag, val, lo in (("--epochs", a.epochs, 1), ("--batch-size", a.batch_size, 1), ("--channels", a.channels, 1),
@@ -201,9 +192,9 @@ def parse_config(argv=None) -> Config:
     return Config(epochs=a.epochs, batch_size=a.batch_size, arch=a.arch, channels=a.channels, momentum=a.momentum,
                   weight_decay=a.weight_decay, t_val=a.t_val, meta_lr=a.meta_lr,
                   meta_weight_decay=a.meta_weight_decay, n_meta=a.n_meta, layout=a.layout, k=a.k,
-                  transfers=_list(a.transfers, TRANSFERS, "--transfers"), long_factor=a.long_factor,
+                  transfers=parse_choices(a.transfers, TRANSFERS, "--transfers"), long_factor=a.long_factor,
                   lr_grid=parse_floats(a.lr_grid, "--lr-grid"),
-                  schedules=_list(a.schedules, HAND_DESIGNED, "--schedules"),
+                  schedules=parse_choices(a.schedules, HAND_DESIGNED, "--schedules"),
                   baseline_momentum=a.momentum if a.baseline_momentum is None else a.baseline_momentum,
                   official=not a.no_official, seeds=parse_seeds(a.seeds), meta_seed=a.meta_seed,
                   data_seed=a.data_seed, evals=a.evals, threads=a.threads,

@@ -57,7 +57,8 @@ import l2l_zoo  # noqa: E402
 from l2l_zoo import MLRSNet  # noqa: E402
 from l2l_zoo import runs  # noqa: E402
 from l2l_zoo.cli import (ArgumentParser, UsageError, distributed_main, parse_autocast,  # noqa: E402
-                         parse_floats, parse_seeds, resolve_device, run_main, torchrun_world_size)
+                         parse_choices, parse_floats, parse_seeds, resolve_device, run_main,
+                         torchrun_world_size)
 from l2l_zoo.meta.distributed import all_sum, dist_world, my_share, rank0_decides  # noqa: E402
 from l2l_zoo.meta.mlrsnet import MLRSNetMetaTrainer, MLRSNetTrainConfig  # noqa: E402
 from l2l_zoo.schedules.mlrsnet import MLRSNetController  # noqa: E402
@@ -151,10 +152,6 @@ def parse_config(argv=None) -> Config:
             raise UsageError(f"{flag} must be > 0, got {val}")
     if not (math.isfinite(a.weight_decay) and a.weight_decay >= 0):
         raise UsageError(f"--weight-decay must be >= 0, got {a.weight_decay}")
-    baselines = [] if a.baselines.strip() == "none" else [b.strip() for b in a.baselines.split(",") if b.strip()]
-    bad = [b for b in baselines if b not in BASELINES]
-    if bad or not baselines and a.baselines.strip() != "none":
-        raise UsageError(f"--baselines must be 'none' or a comma list from {list(BASELINES)}, got {a.baselines!r}")
     transfer = [s.strip() for s in (a.transfer or "").split(",") if s.strip()]
     for t in transfer:
         if not os.path.isfile(t):
@@ -176,7 +173,7 @@ def parse_config(argv=None) -> Config:
     return Config(epochs=a.epochs, hidden=a.hidden, layers=a.layers, dropout=a.dropout, batch_size=a.batch_size,
                   bptt=a.bptt, clip=a.clip, weight_decay=a.weight_decay, val_fraction=a.val_fraction, t_val=a.t_val,
                   meta_lr=a.meta_lr, sgd_grid=parse_floats(a.sgd_grid, "--sgd-grid"),
-                  adam_grid=parse_floats(a.adam_grid, "--adam-grid"), baselines=baselines,
+                  adam_grid=parse_floats(a.adam_grid, "--adam-grid"), baselines=parse_choices(a.baselines, BASELINES, "--baselines"),
                   official=not a.no_official,
                   transfer=transfer, seeds=parse_seeds(a.seeds), evals=a.evals,
                   autocast=autocast_dtype, threads=a.threads, device=a.device,

@@ -16,7 +16,7 @@ import torch
 from . import runs
 from .runs import environment, read_json, write_json
 
-__all__ = ["ArgumentParser", "UsageError", "parse_seeds", "parse_floats", "parse_kv", "parse_autocast",
+__all__ = ["ArgumentParser", "UsageError", "parse_seeds", "parse_floats", "parse_choices", "parse_kv", "parse_autocast",
            "resolve_device", "torchrun_world_size", "output_folder", "output_file", "write_json", "read_json",
            "environment", "run_main", "plot_curves"]
 
@@ -72,6 +72,16 @@ def parse_floats(spec: str, flag: str, *, positive: bool = True) -> list[float]:
     if not vals or any(not math.isfinite(v) or (positive and v <= 0) for v in vals):
         raise UsageError(f"{flag} must be a non-empty list of {'positive ' if positive else ''}numbers, "
                          f"got {spec!r}")
+    return vals
+
+
+def parse_choices(spec: str, allowed, flag: str) -> list[str]:
+    """``none`` (an empty list) or a comma list of names from ``allowed``."""
+    if spec.strip() == "none":
+        return []
+    vals = [v.strip() for v in spec.split(",") if v.strip()]
+    if not vals or any(v not in allowed for v in vals):
+        raise UsageError(f"{flag} must be 'none' or a comma list from {list(allowed)}, got {spec!r}")
     return vals
 
 

@@ -477,8 +477,8 @@ def test_dm_and_rnnprop_meta_train_through_the_native_layer(name, monkeypatch):
 
 @needs_lstm
 def test_native_lstm_with_frozen_weights_needs_no_weight_gradient_scratch():
-    """Weights that do not require grad (need_w = 0): the kernel gets a one-value scratch buffer and
-    must not write its weight-gradient partial sums there; the input and state gradients still
+    """Weights that do not require grad (need_w = 0): the kernel gets no scratch buffer (NULL) and
+    must not write its weight-gradient partial sums; the input and state gradients still
     equal the torch formulas in float64 (several super-blocks)."""
     m, x, hidden = _lstm_inputs(64 * 16 * 3 + 7, 2, torch.float64)
     m.native_min = 0
